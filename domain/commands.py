@@ -1,0 +1,226 @@
+"""Named transitions: validate a wire event's ``data`` and call the Story's command method.
+
+This is the single dispatch used by the API, the CLI and the runners, so every client drives
+the state machine through the same guards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from domain.errors import InvalidCommand, UnknownEvent
+from domain.stages import AgentOutcome, AgentRole, MergeFailureKind, Stage
+from domain.story import Story
+from domain.transitions import EVENT_NAMES
+
+MAX_OUTPUT = 2_000_000
+"""Gate and merge output is stored whole, up to this many characters (the tail is kept)."""
+
+ShortText = Annotated[str, Field(max_length=4096)]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoData(_Data):
+    pass
+
+
+class WorktreeReadyData(_Data):
+    path: ShortText
+    branch: ShortText
+
+
+class SpawnAgentData(_Data):
+    role: AgentRole = AgentRole.CODER
+    agent: Annotated[str, Field(min_length=1, max_length=64)]
+    runtime: Annotated[str, Field(min_length=1, max_length=64)]
+    model: Annotated[str, Field(max_length=200)] | None = None
+    purpose: Annotated[str, Field(max_length=64)] = "code"
+    resume_session_id: Annotated[str, Field(max_length=200)] | None = None
+    argv: Annotated[list[Annotated[str, Field(max_length=200_000)]], Field(max_length=500)] = []
+    log_path: ShortText | None = None
+
+
+class AgentStartedData(_Data):
+    role: AgentRole = AgentRole.CODER
+    attempt: Annotated[int, Field(ge=1)]
+    pid: Annotated[int, Field(ge=1, le=2**31)]
+
+
+class AgentExitedData(_Data):
+    role: AgentRole = AgentRole.CODER
+    attempt: Annotated[int, Field(ge=1)]
+    outcome: AgentOutcome
+    exit_code: int | None = None
+    signal: int | None = None
+    session_id: Annotated[str, Field(max_length=200)] | None = None
+    turns: Annotated[int, Field(ge=0)] = 0
+    tokens_in: Annotated[int, Field(ge=0)] = 0
+    tokens_out: Annotated[int, Field(ge=0)] = 0
+    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    log_path: ShortText | None = None
+
+
+class UncommittedData(_Data):
+    paths: Annotated[list[ShortText], Field(max_length=10_000)] = []
+
+
+class StartGatesData(_Data):
+    commits_ahead: Annotated[int, Field(ge=0)] = 0
+
+
+class GatesPassedData(_Data):
+    feature_branch: ShortText
+    commits_ahead: Annotated[int, Field(ge=0)]
+    output: str = ""
+
+
+class GatesFailedData(_Data):
+    output: str
+
+
+class StartMergeData(_Data):
+    base_sha: Annotated[str, Field(max_length=64)] | None = None
+
+
+class MergeSucceededData(_Data):
+    merge_commit: Annotated[str, Field(min_length=1, max_length=64)]
+    base_branch: ShortText
+
+
+class MergeFailedData(_Data):
+    kind: MergeFailureKind
+    details: str = ""
+    conflicts: Annotated[list[ShortText], Field(max_length=10_000)] = []
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The configuration values that guards need (from ``storyline.toml``)."""
+
+    max_retries: int = 3
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= MAX_OUTPUT else text[-MAX_OUTPUT:]
+
+
+Handler = Callable[[Story, str, str | None, Any, Policy, Mapping[str, Stage | None]], None]
+
+
+def _spec(model: type[_Data], handler: Handler) -> tuple[type[_Data], Handler]:
+    return model, handler
+
+
+COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
+    "start_coding": _spec(
+        NoData, lambda s, a, r, d, p, deps: s.start_coding(actor=a, reason=r, dependency_stages=deps)
+    ),
+    "worktree_ready": _spec(
+        WorktreeReadyData,
+        lambda s, a, r, d, p, deps: s.worktree_ready(actor=a, path=d.path, branch=d.branch),
+    ),
+    "spawn_agent": _spec(
+        SpawnAgentData,
+        lambda s, a, r, d, p, deps: s.request_agent_spawn(actor=a, reason=r, **d.model_dump()),
+    ),
+    "agent_started": _spec(
+        AgentStartedData,
+        lambda s, a, r, d, p, deps: s.agent_started(actor=a, **d.model_dump()),
+    ),
+    "agent_exited": _spec(
+        AgentExitedData,
+        lambda s, a, r, d, p, deps: s.agent_exited(actor=a, reason=r, **d.model_dump()),
+    ),
+    "uncommitted_changes_found": _spec(
+        UncommittedData,
+        lambda s, a, r, d, p, deps: s.uncommitted_changes_found(actor=a, paths=d.paths),
+    ),
+    "start_gates": _spec(
+        StartGatesData,
+        lambda s, a, r, d, p, deps: s.start_gates(actor=a, reason=r, commits_ahead=d.commits_ahead),
+    ),
+    "gates_passed": _spec(
+        GatesPassedData,
+        lambda s, a, r, d, p, deps: s.pass_gates(
+            actor=a,
+            feature_branch=d.feature_branch,
+            commits_ahead=d.commits_ahead,
+            output=_tail(d.output),
+        ),
+    ),
+    "gates_failed": _spec(
+        GatesFailedData,
+        lambda s, a, r, d, p, deps: s.fail_gates(
+            actor=a, output=_tail(d.output), max_retries=p.max_retries
+        ),
+    ),
+    "start_merge": _spec(
+        StartMergeData, lambda s, a, r, d, p, deps: s.start_merge(actor=a, base_sha=d.base_sha)
+    ),
+    "merge_succeeded": _spec(
+        MergeSucceededData,
+        lambda s, a, r, d, p, deps: s.succeed_merge(
+            actor=a, merge_commit=d.merge_commit, base_branch=d.base_branch
+        ),
+    ),
+    "merge_failed": _spec(
+        MergeFailedData,
+        lambda s, a, r, d, p, deps: s.fail_merge(
+            actor=a, reason=r, kind=d.kind, details=_tail(d.details), conflicts=d.conflicts
+        ),
+    ),
+    "request_fixup": _spec(NoData, lambda s, a, r, d, p, deps: s.request_fixup(actor=a, reason=r)),
+    "requeue_merge": _spec(NoData, lambda s, a, r, d, p, deps: s.requeue_merge(actor=a, reason=r)),
+    "merge_resolved": _spec(
+        NoData, lambda s, a, r, d, p, deps: s.requeue_merge(actor=a, reason=r, resolved=True)
+    ),
+    "merge_gave_up": _spec(
+        NoData, lambda s, a, r, d, p, deps: s.mergemaster_gave_up(actor=a, reason=r)
+    ),
+    "block": _spec(NoData, lambda s, a, r, d, p, deps: s.block(actor=a, reason=r)),
+    "unblock": _spec(NoData, lambda s, a, r, d, p, deps: s.unblock(actor=a, reason=r)),
+    "demote": _spec(NoData, lambda s, a, r, d, p, deps: s.demote(actor=a, reason=r)),
+    "archive": _spec(NoData, lambda s, a, r, d, p, deps: s.archive(actor=a, reason=r)),
+}
+
+assert set(COMMANDS) == set(EVENT_NAMES), "every transition needs a command handler"
+
+
+def parse_data(event: str, data: Mapping[str, Any] | None) -> _Data:
+    """Validate ``data`` for ``event``; raise a DomainError that names the bad field."""
+    if event not in COMMANDS:
+        raise UnknownEvent(event, EVENT_NAMES)
+    model, _ = COMMANDS[event]
+    try:
+        return model.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'data'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidCommand(f"invalid data for event {event!r}: {problems}") from None
+
+
+def apply_named(
+    story: Story,
+    event: str,
+    *,
+    actor: str,
+    reason: str | None,
+    data: Mapping[str, Any] | None,
+    policy: Policy,
+    dependency_stages: Mapping[str, Stage | None] | None = None,
+) -> None:
+    """Run the named transition on ``story`` (pending events are left on the story)."""
+    parsed = parse_data(event, data)
+    if reason is not None and len(reason) > 10_000:
+        raise InvalidCommand("reason is longer than 10000 characters")
+    _, handler = COMMANDS[event]
+    handler(story, actor, reason, parsed, policy, dependency_stages or {})

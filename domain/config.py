@@ -1,0 +1,204 @@
+"""Configuration models for a project's ``storyline.toml``.
+
+Pure pydantic: parsing the TOML file (I/O) lives in ``service.config_file``. Every model
+forbids unknown keys so that a typo is an error naming the key instead of a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from domain.ids import validate_branch_name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Command = list[str]
+"""One command as an argv list. Strings in the TOML file are split with shlex, never run
+through a shell."""
+
+
+def _to_argv(value: object) -> object:
+    if isinstance(value, str):
+        argv = shlex.split(value)
+        if not argv:
+            raise ValueError("a command must not be empty")
+        return argv
+    return value
+
+
+def _commands(value: object) -> object:
+    if isinstance(value, list):
+        return [_to_argv(item) for item in value]
+    return value
+
+
+class GatesConfig(_Strict):
+    """Quality gates run by the server in a story's worktree after a completed agent run."""
+
+    commands: list[Command] = Field(default_factory=list)
+    timeout_secs: Annotated[float, Field(gt=0, le=24 * 3600)] = 600.0
+
+    @field_validator("commands", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _commands(value)
+
+    @field_validator("commands")
+    @classmethod
+    def _non_empty(cls, value: list[Command]) -> list[Command]:
+        for argv in value:
+            if not argv or not argv[0]:
+                raise ValueError("a gate command must not be empty")
+        return value
+
+
+class MergeGatesConfig(GatesConfig):
+    """Gates run in the merge workspace on the squashed result, before the base moves."""
+
+    fixup_patterns: list[str] = Field(
+        default_factory=lambda: [
+            "would reformat",
+            "Would reformat",
+            "files would be reformatted",
+            "Found \\d+ errors?",
+            "\\[\\*\\] \\d+ fixable",
+        ]
+    )
+    """Regular expressions: a merge-gate output matching one is a self-evident failure
+    (formatter diff, lint finding) and sends the story back to coding as a fixup."""
+
+    @field_validator("fixup_patterns")
+    @classmethod
+    def _compile(cls, value: list[str]) -> list[str]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        return value
+
+
+class FixupCaps(_Strict):
+    max_turns: Annotated[int, Field(ge=1, le=10_000)] = 20
+    max_budget_usd: Annotated[float, Field(gt=0, le=10_000)] = 1.0
+
+
+AgentStage = Literal["coder", "mergemaster"]
+AgentRuntime = Literal["claude-code", "cli", "openai"]
+
+
+class AgentConfig(_Strict):
+    """One ``[[agent]]`` entry."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    stage: AgentStage = "coder"
+    runtime: AgentRuntime = "claude-code"
+    model: str | None = None
+    command: Annotated[str, Field(min_length=1)] = "claude"
+    """Executable for the ``cli``/``claude-code`` runtimes (looked up on PATH)."""
+    args: list[str] = Field(
+        default_factory=lambda: [
+            "-p",
+            "{{prompt}}",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+        ]
+    )
+    """Argument templates: ``{{story_id}}``, ``{{worktree_path}}``, ``{{base_branch}}``,
+    ``{{prompt}}``, ``{{model}}`` are substituted, each as one argv element."""
+    prompt: str = (
+        "You are working on story {{story_id}} in the git worktree {{worktree_path}}. "
+        "Implement it, make the quality gates pass, and commit your work on the current branch."
+    )
+    max_turns: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    max_budget_usd: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    base_url: str | None = None
+    """``openai`` runtime: the OpenAI-compatible endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
+    api_key_env: str | None = None
+    """``openai`` runtime: name of the environment variable holding the key (never the key)."""
+    command_timeout_secs: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    """``openai`` runtime: timeout of one ``run_command`` tool call."""
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> AgentConfig:
+        if self.runtime == "openai" and not self.base_url:
+            raise ValueError("base_url is required for runtime 'openai'")
+        return self
+
+
+Role = Literal["read", "write", "admin"]
+
+
+class TokenConfig(_Strict):
+    """An API token. ``token`` holds it inline; ``token_env`` names an environment variable."""
+
+    actor: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[a-z]+:[A-Za-z0-9_.@-]+$")]
+    role: Role = "write"
+    token: Annotated[str, Field(min_length=16)] | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenConfig:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("give exactly one of token or token_env")
+        return self
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    tokens: list[TokenConfig] = Field(default_factory=list)
+
+
+class StorylineConfig(_Strict):
+    """The whole ``storyline.toml``."""
+
+    base_branch: Annotated[str, Field(min_length=1, max_length=200)] = "main"
+    max_coders: Annotated[int, Field(ge=1, le=256)] = 2
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 3
+    max_mergemasters: Annotated[int, Field(ge=1, le=64)] = 1
+    abort_respawn_cap: Annotated[int, Field(ge=1, le=100)] = 5
+    mergemaster_respawn_cap: Annotated[int, Field(ge=1, le=100)] = 3
+    inactivity_timeout_secs: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
+    worktree_parallelism: Annotated[int, Field(ge=1, le=64)] = 4
+    prompt_file: str = ".storyline/prompt.md"
+    """Project-local prompt file, appended to every coder prompt when it exists."""
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    merge_gates: MergeGatesConfig = Field(default_factory=MergeGatesConfig)
+    fixup: FixupCaps = Field(default_factory=FixupCaps)
+    agent: list[AgentConfig] = Field(default_factory=list)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    epics: dict[str, str] = Field(default_factory=dict)
+    """Epic name -> context text prepended to the prompt of that epic's stories."""
+
+    @field_validator("base_branch")
+    @classmethod
+    def _branch(cls, value: str) -> str:
+        return validate_branch_name(value)
+
+    @field_validator("agent")
+    @classmethod
+    def _unique_names(cls, value: list[AgentConfig]) -> list[AgentConfig]:
+        names = [a.name for a in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate agent names: {', '.join(dupes)}")
+        return value
+
+    def agent_for(self, stage: AgentStage) -> AgentConfig | None:
+        """The first configured agent for a stage, or None."""
+        for agent in self.agent:
+            if agent.stage == stage:
+                return agent
+        return None

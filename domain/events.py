@@ -1,0 +1,349 @@
+"""The typed, immutable events of a story.
+
+Each event is a pydantic model with a pinned ``TOPIC`` (``storyline.<Name>.v<N>``) so stored
+events never depend on module paths. Each event's ``apply`` is the only place where a
+story's state changes; the guards that decide whether an event may happen live in
+``domain.story``. Changing an event's shape means a new ``class_version`` and an
+``upcast_vN_vN+1`` static method (the library calls them when reading old events).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from eventsourcing.domain import CanInitAggregate, CanMutateAggregate
+from eventsourcing.utils import register_topic
+from pydantic import BaseModel, ConfigDict, Field
+
+from domain.stages import AgentOutcome, AgentRole, MergeFailureKind, Stage
+
+if TYPE_CHECKING:
+    from domain.story import Story
+
+Actor = Annotated[str, Field(min_length=1, max_length=200)]
+Reason = Annotated[str, Field(max_length=10_000)]
+
+
+class StoryEvent(BaseModel, CanMutateAggregate[str]):
+    """Common fields of every story event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    TOPIC: ClassVar[str]
+    originator_id: str
+    originator_version: int
+    timestamp: datetime
+    actor: Actor
+    reason: Reason | None = None
+    from_stage: Stage | None = None
+    to_stage: Stage | None = None
+
+    def apply(self, aggregate: Any) -> None:
+        story: Story = aggregate
+        if self.to_stage is not None:
+            story.stage = self.to_stage
+        story.last_event = type(self).__name__
+        self.apply_to(story)
+
+    def apply_to(self, story: Story) -> None:
+        """Event-specific state change; the stage itself is set by :meth:`apply`."""
+
+
+class StoryCreated(StoryEvent, CanInitAggregate[str]):
+    TOPIC: ClassVar[str] = "storyline.StoryCreated.v1"
+    originator_topic: str
+    name: str
+    description: str
+    acceptance_criteria: list[str]
+    depends_on: list[str]
+    epic: str | None = None
+    priority: int = 0
+
+    def apply_to(self, story: Story) -> None:
+        story.name = self.name
+        story.description = self.description
+        story.acceptance_criteria = list(self.acceptance_criteria)
+        story.depends_on = list(self.depends_on)
+        story.epic = self.epic
+        story.priority = self.priority
+
+
+class CodingStarted(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.CodingStarted.v1"
+
+
+class WorktreeReady(StoryEvent):
+    """The runner created (or verified) the story's worktree and feature branch."""
+
+    TOPIC: ClassVar[str] = "storyline.WorktreeReady.v1"
+    path: str
+    branch: str
+
+    def apply_to(self, story: Story) -> None:
+        story.worktree_path = self.path
+        story.feature_branch = self.branch
+
+
+class AgentSpawnRequested(StoryEvent):
+    """A runner is about to start an agent process: one request = one attempt."""
+
+    TOPIC: ClassVar[str] = "storyline.AgentSpawnRequested.v1"
+    role: AgentRole
+    attempt: int
+    agent: str
+    runtime: str
+    model: str | None = None
+    purpose: str = "code"
+    """``code``, ``retry``, ``fixup``, ``commit_leftovers``, ``abort_respawn``, ``mergemaster``."""
+    resume_session_id: str | None = None
+    argv: list[str] = Field(default_factory=list)
+    log_path: str | None = None
+
+    def apply_to(self, story: Story) -> None:
+        story.running_agent = {
+            "role": self.role.value,
+            "attempt": self.attempt,
+            "agent": self.agent,
+            "started": False,
+            "pid": None,
+        }
+        if self.role is AgentRole.CODER:
+            story.coder_attempts = max(story.coder_attempts, self.attempt)
+        else:
+            story.mergemaster_attempts = max(story.mergemaster_attempts, self.attempt)
+
+
+class AgentStarted(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.AgentStarted.v1"
+    role: AgentRole
+    attempt: int
+    pid: int
+
+    def apply_to(self, story: Story) -> None:
+        if story.running_agent is not None:
+            story.running_agent = {**story.running_agent, "started": True, "pid": self.pid}
+
+
+class AgentExited(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.AgentExited.v1"
+    role: AgentRole
+    attempt: int
+    outcome: AgentOutcome
+    exit_code: int | None = None
+    signal: int | None = None
+    session_id: str | None = None
+    turns: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    log_path: str | None = None
+
+    def apply_to(self, story: Story) -> None:
+        story.running_agent = None
+        story.tokens_in += self.tokens_in
+        story.tokens_out += self.tokens_out
+        story.cost_usd += self.cost_usd
+        if self.role is AgentRole.CODER:
+            story.last_coder_outcome = self.outcome
+        if self.outcome is AgentOutcome.ABORTED_BEFORE_SESSION:
+            story.abort_respawns += 1
+            # A crash before any session: stored sessions are pruned so the respawn is cold.
+            story.sessions.pop(self.role.value, None)
+        else:
+            story.abort_respawns = 0
+            if self.session_id:
+                story.sessions[self.role.value] = self.session_id
+        if (
+            self.role is AgentRole.MERGEMASTER
+            and story.stage is Stage.MERGE_FAILURE
+            and not story.final
+        ):
+            # Still in merge_failure after the mergemaster left: it neither resolved nor
+            # gave up, so this exit was transient.
+            story.mergemaster_spawns += 1
+
+
+class UncommittedChangesFound(StoryEvent):
+    """The coder exited leaving uncommitted changes; it is respawned once to commit them."""
+
+    TOPIC: ClassVar[str] = "storyline.UncommittedChangesFound.v1"
+    paths: list[str]
+
+    def apply_to(self, story: Story) -> None:
+        story.leftover_respawns += 1
+
+
+class GatesStarted(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.GatesStarted.v1"
+    commits_ahead: int = 0
+
+
+class GatesPassed(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.GatesPassed.v1"
+    feature_branch: str
+    commits_ahead: Annotated[int, Field(ge=1)]
+    output: str = ""
+
+    def apply_to(self, story: Story) -> None:
+        story.feature_branch = self.feature_branch
+        story.commits_ahead = self.commits_ahead
+        story.fixup_pending = False
+        story.merging = False
+        story.queued_at = self.timestamp
+        story.merge_failure_kind = None
+        story.merge_failure_details = None
+
+
+class GatesFailed(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.GatesFailed.v1"
+    output: str
+    retry_count: int
+    """The story's retry count after this failure."""
+    exhausted: bool = False
+
+    def apply_to(self, story: Story) -> None:
+        story.retry_count = self.retry_count
+        story.last_gate_output = self.output
+        if self.exhausted:
+            story.blocked_from = Stage.CODING
+            story.blocked_reason = self.reason
+
+
+class MergeStarted(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.MergeStarted.v1"
+    base_sha: str | None = None
+    resolved: bool = False
+
+    def apply_to(self, story: Story) -> None:
+        story.merging = True
+        story.queued_at = None
+
+
+class MergeSucceeded(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.MergeSucceeded.v1"
+    merge_commit: str
+    base_branch: str
+
+    def apply_to(self, story: Story) -> None:
+        story.merging = False
+        story.merge_commit = self.merge_commit
+        story.mergemaster_spawns = 0
+        story.merge_failure_kind = None
+        story.merge_failure_details = None
+        story.final = False
+
+
+class MergeFailed(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.MergeFailed.v1"
+    kind: MergeFailureKind
+    details: str = ""
+    conflicts: list[str] = Field(default_factory=list)
+
+    def apply_to(self, story: Story) -> None:
+        story.merging = False
+        story.merge_failure_kind = self.kind
+        story.merge_failure_details = self.details
+        story.conflicts = list(self.conflicts)
+        story.final = False
+        story.mergemaster_spawns = 0
+
+
+class FixupRequested(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.FixupRequested.v1"
+
+    def apply_to(self, story: Story) -> None:
+        story.fixup_pending = True
+        story.retry_count = 0
+        story.last_gate_output = story.merge_failure_details
+        story.merge_failure_kind = None
+
+
+class MergeRequeued(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.MergeRequeued.v1"
+    resolved: bool = False
+    """True when a mergemaster resolved the conflict: the resolved workspace is merged next."""
+
+    def apply_to(self, story: Story) -> None:
+        story.resolved_pending = self.resolved
+        story.queued_at = self.timestamp
+        story.final = False
+
+
+class MergemasterAttempted(StoryEvent):
+    """A mergemaster gave up genuinely; the story now needs a person."""
+
+    TOPIC: ClassVar[str] = "storyline.MergemasterAttempted.v1"
+
+    def apply_to(self, story: Story) -> None:
+        story.final = True
+
+
+class StoryBlocked(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.StoryBlocked.v1"
+    blocked_from: Stage
+
+    def apply_to(self, story: Story) -> None:
+        story.blocked_from = self.blocked_from
+        story.blocked_reason = self.reason
+        story.merging = False
+        story.queued_at = None
+
+
+class StoryUnblocked(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.StoryUnblocked.v1"
+
+    def apply_to(self, story: Story) -> None:
+        story.blocked_from = None
+        story.blocked_reason = None
+        story.retry_count = 0
+        story.abort_respawns = 0
+        story.mergemaster_spawns = 0
+        story.final = False
+        if self.to_stage is Stage.MERGE:
+            story.queued_at = self.timestamp
+
+
+class StoryDemoted(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.StoryDemoted.v1"
+
+    def apply_to(self, story: Story) -> None:
+        story.blocked_from = None
+        story.blocked_reason = None
+        story.merging = False
+        story.queued_at = None
+        story.fixup_pending = False
+
+
+class StoryArchived(StoryEvent):
+    TOPIC: ClassVar[str] = "storyline.StoryArchived.v1"
+    abandoned: bool = False
+
+
+EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
+    StoryCreated,
+    CodingStarted,
+    WorktreeReady,
+    AgentSpawnRequested,
+    AgentStarted,
+    AgentExited,
+    UncommittedChangesFound,
+    GatesStarted,
+    GatesPassed,
+    GatesFailed,
+    MergeStarted,
+    MergeSucceeded,
+    MergeFailed,
+    FixupRequested,
+    MergeRequeued,
+    MergemasterAttempted,
+    StoryBlocked,
+    StoryUnblocked,
+    StoryDemoted,
+    StoryArchived,
+)
+
+EVENTS_BY_NAME: dict[str, type[StoryEvent]] = {cls.__name__: cls for cls in EVENT_CLASSES}
+
+for _cls in EVENT_CLASSES:
+    register_topic(_cls.TOPIC, _cls)

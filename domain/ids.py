@@ -1,0 +1,60 @@
+"""Validation of identifiers that end up in paths, branch names and URLs."""
+
+from __future__ import annotations
+
+import re
+
+from domain.errors import InvalidStoryId
+
+STORY_ID_MAX = 64
+_STORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def validate_story_id(value: object) -> str:
+    """Return ``value`` if it is a safe story id, else raise :class:`InvalidStoryId`.
+
+    A story id becomes a directory name (``.storyline/worktrees/<id>``), part of a branch
+    name (``feature/story-<id>``) and a URL path segment, so only a conservative alphabet is
+    accepted: letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit, no
+    ``..``, at most 64 characters, and not ending in ``.lock`` or ``.``.
+    """
+    if not isinstance(value, str):
+        raise InvalidStoryId(repr(value), "a story id must be a string")
+    shown = value if len(value) <= STORY_ID_MAX else value[:STORY_ID_MAX] + "..."
+    shown = shown.encode("unicode_escape").decode("ascii")
+    if not value:
+        raise InvalidStoryId(shown, "a story id must not be empty")
+    if len(value) > STORY_ID_MAX:
+        raise InvalidStoryId(shown, f"a story id is at most {STORY_ID_MAX} characters")
+    if not _STORY_ID.match(value):
+        raise InvalidStoryId(
+            shown,
+            "a story id may hold only letters, digits, '.', '_' and '-', "
+            "and must start with a letter or digit",
+        )
+    if ".." in value or value.endswith(".") or value.endswith(".lock"):
+        raise InvalidStoryId(shown, "a story id must not contain '..' or end in '.' or '.lock'")
+    return value
+
+
+def validate_branch_name(value: str) -> str:
+    """Reject branch names git would refuse or that could be read as options."""
+    if (
+        not value
+        or value.startswith("-")
+        or value.startswith("/")
+        or value.endswith("/")
+        or value.endswith(".lock")
+        or value.endswith(".")
+        or ".." in value
+        or "//" in value
+        or "@{" in value
+        or _BRANCH_FORBIDDEN.search(value)
+    ):
+        raise ValueError(f"not a valid git branch name: {value!r}")
+    return value
+
+
+def feature_branch(story_id: str) -> str:
+    return f"feature/story-{validate_story_id(story_id)}"

@@ -1,0 +1,534 @@
+"""The Story aggregate: state derived from events, and the guards of the state machine.
+
+Command methods check their guard and then trigger exactly one event; the event's ``apply``
+(in ``domain.events``) is the state change, so replaying stored events rebuilds the same
+state without re-running any guard. A refused command raises a :class:`DomainError` and
+leaves the story untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar
+
+from eventsourcing.domain import BaseAggregate
+
+from domain.errors import DependenciesNotDone, IllegalTransition, InvalidCommand
+from domain.events import (
+    AgentExited,
+    AgentSpawnRequested,
+    AgentStarted,
+    CodingStarted,
+    FixupRequested,
+    GatesFailed,
+    GatesPassed,
+    GatesStarted,
+    MergeFailed,
+    MergemasterAttempted,
+    MergeRequeued,
+    MergeStarted,
+    MergeSucceeded,
+    StoryArchived,
+    StoryBlocked,
+    StoryCreated,
+    StoryDemoted,
+    StoryEvent,
+    StoryUnblocked,
+    UncommittedChangesFound,
+    WorktreeReady,
+)
+from domain.ids import validate_story_id
+from domain.stages import (
+    FINISHED_STAGES,
+    AgentOutcome,
+    AgentRole,
+    MergeFailureKind,
+    Stage,
+)
+from domain.transitions import legal_events_from
+
+MAX_NAME = 200
+MAX_TEXT = 20_000
+MAX_CRITERIA = 100
+MAX_DEPENDENCIES = 100
+
+
+def _clean_text(value: str, field: str, *, max_len: int, allow_newlines: bool) -> str:
+    if not isinstance(value, str):
+        raise InvalidCommand(f"{field} must be a string")
+    if len(value) > max_len:
+        raise InvalidCommand(f"{field} is longer than {max_len} characters")
+    for ch in value:
+        if ch in "\n\t" and allow_newlines:
+            continue
+        if ord(ch) < 32 or ord(ch) == 127:
+            raise InvalidCommand(f"{field} contains a control character ({ord(ch):#04x})")
+    return value
+
+
+def _require_reason(reason: str | None, what: str) -> str:
+    if reason is None or not reason.strip():
+        raise InvalidCommand(f"{what} needs a reason")
+    return _clean_text(reason, "reason", max_len=10_000, allow_newlines=True)
+
+
+class Story(BaseAggregate[str]):
+    """A unit of work on a git repository, moved through typed stages."""
+
+    TOPIC: ClassVar[str] = "storyline.Story.v1"
+
+    def __init__(self) -> None:
+        self.stage: Stage = Stage.BACKLOG
+        self.name = ""
+        self.description = ""
+        self.acceptance_criteria: list[str] = []
+        self.depends_on: list[str] = []
+        self.epic: str | None = None
+        self.priority = 0
+        self.last_event = ""
+        # Counters and sub-states, all derived from events.
+        self.retry_count = 0
+        self.abort_respawns = 0
+        self.mergemaster_spawns = 0
+        self.leftover_respawns = 0
+        self.fixup_pending = False
+        self.final = False
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.cost_usd = 0.0
+        self.coder_attempts = 0
+        self.mergemaster_attempts = 0
+        self.running_agent: dict[str, Any] | None = None
+        self.last_coder_outcome: AgentOutcome | None = None
+        self.sessions: dict[str, str] = {}
+        self.last_gate_output: str | None = None
+        self.worktree_path: str | None = None
+        self.feature_branch: str | None = None
+        self.commits_ahead = 0
+        self.merging = False
+        self.queued_at: datetime | None = None
+        self.resolved_pending = False
+        self.merge_commit: str | None = None
+        self.merge_failure_kind: MergeFailureKind | None = None
+        self.merge_failure_details: str | None = None
+        self.conflicts: list[str] = []
+        self.blocked_from: Stage | None = None
+        self.blocked_reason: str | None = None
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        story_id: str,
+        name: str,
+        description: str,
+        acceptance_criteria: list[str],
+        depends_on: list[str],
+        actor: str,
+        epic: str | None = None,
+        priority: int = 0,
+        reason: str | None = None,
+    ) -> Story:
+        validate_story_id(story_id)
+        name = _clean_text(name, "name", max_len=MAX_NAME, allow_newlines=False)
+        if not name.strip():
+            raise InvalidCommand("name must not be empty")
+        description = _clean_text(description, "description", max_len=MAX_TEXT, allow_newlines=True)
+        if not acceptance_criteria:
+            raise InvalidCommand("a story needs at least one acceptance criterion")
+        if len(acceptance_criteria) > MAX_CRITERIA:
+            raise InvalidCommand(f"at most {MAX_CRITERIA} acceptance criteria")
+        criteria = [
+            _clean_text(c, "acceptance criterion", max_len=MAX_TEXT, allow_newlines=True)
+            for c in acceptance_criteria
+        ]
+        if any(not c.strip() for c in criteria):
+            raise InvalidCommand("acceptance criteria must not be empty")
+        if len(depends_on) > MAX_DEPENDENCIES:
+            raise InvalidCommand(f"at most {MAX_DEPENDENCIES} dependencies")
+        deps = [validate_story_id(d) for d in depends_on]
+        if story_id in deps:
+            raise InvalidCommand(f"story {story_id!r} cannot depend on itself")
+        if len(set(deps)) != len(deps):
+            raise InvalidCommand("depends_on lists a story twice")
+        if epic is not None:
+            epic = _clean_text(epic, "epic", max_len=MAX_NAME, allow_newlines=False)
+        if not -1_000_000 <= priority <= 1_000_000:
+            raise InvalidCommand("priority must be between -1000000 and 1000000")
+        return cls._create(
+            StoryCreated,
+            id=story_id,
+            actor=actor,
+            reason=reason,
+            to_stage=Stage.BACKLOG,
+            name=name,
+            description=description,
+            acceptance_criteria=criteria,
+            depends_on=deps,
+            epic=epic,
+            priority=priority,
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def legal_events(self) -> list[str]:
+        return legal_events_from(self.stage)
+
+    def _refuse(self, event: str, why: str = "") -> IllegalTransition:
+        return IllegalTransition(self.id, self.stage.value, event, self.legal_events, why)
+
+    def _require_stage(self, event: str, *stages: Stage) -> None:
+        if self.stage not in stages:
+            raise self._refuse(event)
+
+    def _move(
+        self,
+        event_cls: type[StoryEvent],
+        *,
+        actor: str,
+        to_stage: Stage | None = None,
+        reason: str | None = None,
+        **fields: Any,
+    ) -> None:
+        self.trigger_event(
+            event_cls,
+            actor=actor,
+            reason=reason,
+            from_stage=self.stage,
+            to_stage=to_stage if to_stage is not None else self.stage,
+            **fields,
+        )
+
+    # ------------------------------------------------------------------ coding
+
+    def start_coding(
+        self, *, actor: str, dependency_stages: Mapping[str, Stage | None], reason: str | None = None
+    ) -> None:
+        """``dependency_stages`` maps each ``depends_on`` id to its stage (None if missing)."""
+        self._require_stage("start_coding", Stage.BACKLOG)
+        unfinished = {
+            dep: (stage.value if stage is not None else "missing")
+            for dep in self.depends_on
+            if (stage := dependency_stages.get(dep)) not in FINISHED_STAGES
+        }
+        if unfinished:
+            raise DependenciesNotDone(
+                self.id, self.stage.value, "start_coding", self.legal_events, unfinished
+            )
+        self._move(CodingStarted, actor=actor, to_stage=Stage.CODING, reason=reason)
+
+    def worktree_ready(self, *, actor: str, path: str, branch: str) -> None:
+        self._require_stage("worktree_ready", Stage.CODING)
+        self._move(WorktreeReady, actor=actor, path=path, branch=branch)
+
+    def request_agent_spawn(
+        self,
+        *,
+        actor: str,
+        role: AgentRole,
+        agent: str,
+        runtime: str,
+        model: str | None = None,
+        purpose: str = "code",
+        resume_session_id: str | None = None,
+        argv: list[str] | None = None,
+        log_path: str | None = None,
+        reason: str | None = None,
+    ) -> int:
+        """Record that an agent is about to be spawned; returns the attempt number."""
+        event = "spawn_agent"
+        if self.running_agent is not None:
+            raise self._refuse(
+                event, f"attempt {self.running_agent['attempt']} is still running"
+            )
+        if role is AgentRole.CODER:
+            self._require_stage(event, Stage.CODING)
+            attempt = self.coder_attempts + 1
+        else:
+            self._require_stage(event, Stage.MERGE_FAILURE)
+            if self.merge_failure_kind is not MergeFailureKind.CONFLICT_DETECTED:
+                raise self._refuse(event, "a mergemaster only works on conflict_detected")
+            if self.final:
+                raise self._refuse(event, "a mergemaster already gave up on this story")
+            attempt = self.mergemaster_attempts + 1
+        self._move(
+            AgentSpawnRequested,
+            actor=actor,
+            reason=reason,
+            role=role,
+            attempt=attempt,
+            agent=agent,
+            runtime=runtime,
+            model=model,
+            purpose=purpose,
+            resume_session_id=resume_session_id,
+            argv=list(argv or []),
+            log_path=log_path,
+        )
+        return attempt
+
+    def _require_running(self, event: str, role: AgentRole, attempt: int) -> dict[str, Any]:
+        running = self.running_agent
+        if running is None or running["role"] != role.value or running["attempt"] != attempt:
+            raise self._refuse(event, f"no {role.value} attempt {attempt} is running")
+        return running
+
+    def agent_started(self, *, actor: str, role: AgentRole, attempt: int, pid: int) -> None:
+        running = self._require_running("agent_started", role, attempt)
+        if running["started"]:
+            raise self._refuse("agent_started", f"attempt {attempt} was already started")
+        if pid <= 0:
+            raise InvalidCommand("pid must be positive")
+        self._move(AgentStarted, actor=actor, role=role, attempt=attempt, pid=pid)
+
+    def agent_exited(
+        self,
+        *,
+        actor: str,
+        role: AgentRole,
+        attempt: int,
+        outcome: AgentOutcome,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        session_id: str | None = None,
+        turns: int = 0,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+        cost_usd: float = 0.0,
+        log_path: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self._require_running("agent_exited", role, attempt)
+        if turns < 0 or tokens_in < 0 or tokens_out < 0 or cost_usd < 0:
+            raise InvalidCommand("turns, tokens and cost must not be negative")
+        self._move(
+            AgentExited,
+            actor=actor,
+            reason=reason,
+            role=role,
+            attempt=attempt,
+            outcome=outcome,
+            exit_code=exit_code,
+            signal=signal,
+            session_id=session_id,
+            turns=turns,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=cost_usd,
+            log_path=log_path,
+        )
+
+    def uncommitted_changes_found(self, *, actor: str, paths: list[str]) -> None:
+        self._require_stage("uncommitted_changes_found", Stage.CODING)
+        if self.running_agent is not None:
+            raise self._refuse("uncommitted_changes_found", "an agent is still running")
+        self._move(UncommittedChangesFound, actor=actor, paths=list(paths)[:1000])
+
+    # ------------------------------------------------------------------ gates
+
+    def start_gates(self, *, actor: str, commits_ahead: int = 0, reason: str | None = None) -> None:
+        event = "start_gates"
+        self._require_stage(event, Stage.CODING)
+        if self.running_agent is not None:
+            raise self._refuse(event, "an agent is still running")
+        if self.last_coder_outcome is not AgentOutcome.COMPLETED:
+            raise self._refuse(event, "the last coder run did not complete")
+        self._move(
+            GatesStarted, actor=actor, reason=reason, to_stage=Stage.GATES, commits_ahead=commits_ahead
+        )
+
+    def pass_gates(
+        self, *, actor: str, feature_branch: str, commits_ahead: int, output: str = ""
+    ) -> None:
+        event = "gates_passed"
+        self._require_stage(event, Stage.GATES)
+        if commits_ahead < 1:
+            raise self._refuse(event, "the feature branch has no commits ahead of base")
+        self._move(
+            GatesPassed,
+            actor=actor,
+            to_stage=Stage.MERGE,
+            feature_branch=feature_branch,
+            commits_ahead=commits_ahead,
+            output=output,
+        )
+
+    def fail_gates(self, *, actor: str, output: str, max_retries: int) -> None:
+        """Back to coding with the failure stored, or blocked once retries are exhausted."""
+        self._require_stage("gates_failed", Stage.GATES)
+        retry_count = self.retry_count + 1
+        if retry_count > max_retries:
+            self._move(
+                GatesFailed,
+                actor=actor,
+                to_stage=Stage.BLOCKED,
+                reason=(
+                    f"retries exhausted: gates failed {retry_count} times "
+                    f"(max_retries is {max_retries})"
+                ),
+                output=output,
+                retry_count=retry_count,
+                exhausted=True,
+            )
+        else:
+            self._move(
+                GatesFailed,
+                actor=actor,
+                to_stage=Stage.CODING,
+                reason=f"gates failed (retry {retry_count} of {max_retries})",
+                output=output,
+                retry_count=retry_count,
+            )
+
+    # ------------------------------------------------------------------ merge
+
+    def start_merge(self, *, actor: str, base_sha: str | None = None) -> None:
+        event = "start_merge"
+        self._require_stage(event, Stage.MERGE)
+        if self.merging:
+            raise self._refuse(event, "a merge of this story is already running")
+        self._move(
+            MergeStarted, actor=actor, base_sha=base_sha, resolved=self.resolved_pending
+        )
+
+    def succeed_merge(self, *, actor: str, merge_commit: str, base_branch: str) -> None:
+        event = "merge_succeeded"
+        self._require_stage(event, Stage.MERGE)
+        if not self.merging:
+            raise self._refuse(event, "no merge was started")
+        self._move(
+            MergeSucceeded,
+            actor=actor,
+            to_stage=Stage.DONE,
+            merge_commit=merge_commit,
+            base_branch=base_branch,
+        )
+
+    def fail_merge(
+        self,
+        *,
+        actor: str,
+        kind: MergeFailureKind,
+        details: str = "",
+        conflicts: list[str] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        event = "merge_failed"
+        self._require_stage(event, Stage.MERGE)
+        if not self.merging:
+            raise self._refuse(event, "no merge was started")
+        self._move(
+            MergeFailed,
+            actor=actor,
+            to_stage=Stage.MERGE_FAILURE,
+            reason=reason or f"merge failed: {kind.value}",
+            kind=kind,
+            details=details,
+            conflicts=list(conflicts or []),
+        )
+
+    def request_fixup(self, *, actor: str, reason: str | None = None) -> None:
+        event = "request_fixup"
+        self._require_stage(event, Stage.MERGE_FAILURE)
+        if self.running_agent is not None:
+            raise self._refuse(event, "a mergemaster is still running")
+        self._move(FixupRequested, actor=actor, to_stage=Stage.CODING, reason=reason)
+
+    def requeue_merge(self, *, actor: str, resolved: bool = False, reason: str | None = None) -> None:
+        event = "merge_resolved" if resolved else "requeue_merge"
+        self._require_stage(event, Stage.MERGE_FAILURE)
+        if resolved and self.merge_failure_kind is not MergeFailureKind.CONFLICT_DETECTED:
+            raise self._refuse(event, "only a conflict_detected merge can be resolved")
+        self._move(MergeRequeued, actor=actor, to_stage=Stage.MERGE, reason=reason, resolved=resolved)
+
+    def mergemaster_gave_up(self, *, actor: str, reason: str | None) -> None:
+        event = "merge_gave_up"
+        self._require_stage(event, Stage.MERGE_FAILURE)
+        if self.final:
+            raise self._refuse(event, "a mergemaster already gave up on this story")
+        reason = _require_reason(reason, "giving up a merge")
+        self._move(MergemasterAttempted, actor=actor, reason=reason)
+
+    # ------------------------------------------------------------------ operator
+
+    def block(self, *, actor: str, reason: str | None) -> None:
+        self._require_stage(
+            "block", Stage.BACKLOG, Stage.CODING, Stage.GATES, Stage.MERGE, Stage.MERGE_FAILURE
+        )
+        reason = _require_reason(reason, "blocking a story")
+        self._move(
+            StoryBlocked, actor=actor, to_stage=Stage.BLOCKED, reason=reason, blocked_from=self.stage
+        )
+
+    def unblock(self, *, actor: str, reason: str | None = None) -> None:
+        self._require_stage("unblock", Stage.BLOCKED)
+        target = self.blocked_from or Stage.CODING
+        # A merge that was interrupted by the block restarts from the queue.
+        self._move(StoryUnblocked, actor=actor, to_stage=target, reason=reason)
+
+    def demote(self, *, actor: str, reason: str | None = None) -> None:
+        self._require_stage("demote", Stage.CODING, Stage.GATES, Stage.MERGE, Stage.BLOCKED)
+        self._move(StoryDemoted, actor=actor, to_stage=Stage.BACKLOG, reason=reason)
+
+    def archive(self, *, actor: str, reason: str | None = None) -> None:
+        self._require_stage("archive", Stage.DONE, Stage.BACKLOG, Stage.BLOCKED)
+        abandoned = self.stage is not Stage.DONE
+        if abandoned:
+            reason = _require_reason(reason, "abandoning a story that is not done")
+        self._move(
+            StoryArchived, actor=actor, to_stage=Stage.ARCHIVED, reason=reason, abandoned=abandoned
+        )
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def in_merge_queue(self) -> bool:
+        return self.stage is Stage.MERGE and not self.merging
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able view of the whole state (used by the API, CLI and tests)."""
+        return {
+            "id": self.id,
+            "version": self.version,
+            "stage": self.stage.value,
+            "name": self.name,
+            "description": self.description,
+            "acceptance_criteria": list(self.acceptance_criteria),
+            "depends_on": list(self.depends_on),
+            "epic": self.epic,
+            "priority": self.priority,
+            "retry_count": self.retry_count,
+            "abort_respawns": self.abort_respawns,
+            "mergemaster_spawns": self.mergemaster_spawns,
+            "fixup_pending": self.fixup_pending,
+            "final": self.final,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cost_usd": round(self.cost_usd, 6),
+            "coder_attempts": self.coder_attempts,
+            "mergemaster_attempts": self.mergemaster_attempts,
+            "running_agent": dict(self.running_agent) if self.running_agent else None,
+            "last_coder_outcome": self.last_coder_outcome.value if self.last_coder_outcome else None,
+            "sessions": dict(self.sessions),
+            "worktree_path": self.worktree_path,
+            "feature_branch": self.feature_branch,
+            "commits_ahead": self.commits_ahead,
+            "merging": self.merging,
+            "in_merge_queue": self.in_merge_queue,
+            "resolved_pending": self.resolved_pending,
+            "merge_commit": self.merge_commit,
+            "merge_failure_kind": self.merge_failure_kind.value if self.merge_failure_kind else None,
+            "merge_failure_details": self.merge_failure_details,
+            "conflicts": list(self.conflicts),
+            "blocked_from": self.blocked_from.value if self.blocked_from else None,
+            "blocked_reason": self.blocked_reason,
+            "last_gate_output": self.last_gate_output,
+            "last_event": self.last_event,
+            "created_on": self.created_on.isoformat(),
+            "modified_on": self.modified_on.isoformat(),
+            "legal_events": self.legal_events,
+        }

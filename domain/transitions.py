@@ -1,0 +1,43 @@
+"""The transition table: which named events may be sent from which stage.
+
+Names are the snake_case wire names used by the API, the CLI and the runners. Finer guards
+(dependencies, a running agent, retries) are checked by the Story's command methods; this
+table answers "what could happen from here", which every refusal lists.
+"""
+
+from __future__ import annotations
+
+from domain.stages import Stage
+
+_ACTIVE = (Stage.BACKLOG, Stage.CODING, Stage.GATES, Stage.MERGE, Stage.MERGE_FAILURE)
+
+TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
+    # name: (event class, stages it may be sent from)
+    "start_coding": ("CodingStarted", (Stage.BACKLOG,)),
+    "worktree_ready": ("WorktreeReady", (Stage.CODING,)),
+    "spawn_agent": ("AgentSpawnRequested", (Stage.CODING, Stage.MERGE_FAILURE)),
+    "agent_started": ("AgentStarted", (Stage.CODING, Stage.MERGE_FAILURE)),
+    "agent_exited": ("AgentExited", (Stage.CODING, Stage.MERGE_FAILURE)),
+    "uncommitted_changes_found": ("UncommittedChangesFound", (Stage.CODING,)),
+    "start_gates": ("GatesStarted", (Stage.CODING,)),
+    "gates_passed": ("GatesPassed", (Stage.GATES,)),
+    "gates_failed": ("GatesFailed", (Stage.GATES,)),
+    "start_merge": ("MergeStarted", (Stage.MERGE,)),
+    "merge_succeeded": ("MergeSucceeded", (Stage.MERGE,)),
+    "merge_failed": ("MergeFailed", (Stage.MERGE,)),
+    "request_fixup": ("FixupRequested", (Stage.MERGE_FAILURE,)),
+    "requeue_merge": ("MergeRequeued", (Stage.MERGE_FAILURE,)),
+    "merge_resolved": ("MergeRequeued", (Stage.MERGE_FAILURE,)),
+    "merge_gave_up": ("MergemasterAttempted", (Stage.MERGE_FAILURE,)),
+    "block": ("StoryBlocked", _ACTIVE),
+    "unblock": ("StoryUnblocked", (Stage.BLOCKED,)),
+    "demote": ("StoryDemoted", (Stage.CODING, Stage.GATES, Stage.MERGE, Stage.BLOCKED)),
+    "archive": ("StoryArchived", (Stage.DONE, Stage.BACKLOG, Stage.BLOCKED)),
+}
+
+EVENT_NAMES: tuple[str, ...] = tuple(TRANSITIONS)
+
+
+def legal_events_from(stage: Stage) -> list[str]:
+    """Wire names of the events that may be sent from ``stage`` (before finer guards)."""
+    return [name for name, (_, stages) in TRANSITIONS.items() if stage in stages]

@@ -1,0 +1,322 @@
+"""The application layer: the one door to the Story model.
+
+Commands (create, transition) load a story, run the domain's guard and save the new event
+with optimistic concurrency; queries (get, as-of, history, the global log) replay or read the
+event store. The API, the CLI and the runners all call this class.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent
+
+from domain.commands import Policy, apply_named
+from domain.errors import StoryExists, StoryNotFound, VersionConflict
+from domain.events import StoryCreated, StoryEvent
+from domain.ids import validate_story_id
+from domain.stages import Stage
+from domain.story import Story
+from service.codec import OrjsonTranscoder, PydanticMapper
+from service.events_log import LoggedEvent, decode_row
+from service.settings import Database
+
+
+
+def events_table(db: Database) -> str:
+    """The library names the SQLite table itself; on PostgreSQL it follows the app name."""
+    return "storyline_events" if db.kind == "postgres" else "stored_events"
+
+
+def position_column(db: Database) -> str:
+    return "notification_id" if db.kind == "postgres" else "rowid"
+
+
+def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
+    """The eventsourcing library's environment for ``db``; tables are never created here."""
+    common = {"ORIGINATOR_ID_TYPE": "text", "CREATE_TABLE": "no"}
+    if db.kind == "sqlite":
+        return {
+            **common,
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(db.sqlite_path),
+            "SQLITE_LOCK_TIMEOUT": "30",
+        }
+    return {
+        **common,
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": db.dbname,
+        "POSTGRES_HOST": db.host,
+        "POSTGRES_PORT": str(db.port),
+        "POSTGRES_USER": db.user,
+        "POSTGRES_PASSWORD": db.password,
+        "POSTGRES_ENABLE_DB_FUNCTIONS": "yes",
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": "10",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "POSTGRES_SCHEMA": "public",
+    }
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The result of a command: the story after it and the log position of its event."""
+
+    story: Story
+    position: int
+
+
+@dataclass
+class _IdAllocator:
+    next_id: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StorylineApplication(Application[str]):
+    name = "storyline"
+
+    def __init__(self, db: Database, *, policy: Policy | None = None, pool_size: int = 5) -> None:
+        self.db = db
+        self.policy = policy or Policy()
+        self._ids = _IdAllocator()
+        env = persistence_env(db, pool_size=pool_size)
+        super().__init__(env)
+
+    def construct_mapper(self) -> Mapper[str]:
+        return PydanticMapper(transcoder=OrjsonTranscoder())
+
+    # ------------------------------------------------------------------ SQL helpers
+
+    @property
+    def _is_postgres(self) -> bool:
+        return self.db.kind == "postgres"
+
+    @property
+    def _events(self) -> str:
+        return events_table(self.db)
+
+    @property
+    def _pos(self) -> str:
+        return position_column(self.db)
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s") if self._is_postgres else statement
+
+    def _fetch(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        datastore: Any = self.recorder.datastore  # type: ignore[attr-defined]
+        with datastore.transaction(commit=False) as curs:
+            curs.execute(self._sql(statement), tuple(params))
+            return list(curs.fetchall())
+
+    # ------------------------------------------------------------------ commands
+
+    def create_story(
+        self,
+        *,
+        name: str,
+        description: str,
+        acceptance_criteria: list[str],
+        actor: str,
+        depends_on: Sequence[str] = (),
+        epic: str | None = None,
+        priority: int = 0,
+        story_id: str | None = None,
+        reason: str | None = None,
+    ) -> Committed:
+        """Create a story; without ``story_id`` the next free number is allocated."""
+        deps = list(depends_on)
+        for dep in deps:
+            validate_story_id(dep)
+            if not self._exists(dep):
+                raise StoryNotFound(dep)
+        attempts = 0
+        while True:
+            sid = story_id if story_id is not None else self._allocate_id()
+            story = Story.create(
+                story_id=sid,
+                name=name,
+                description=description,
+                acceptance_criteria=list(acceptance_criteria),
+                depends_on=deps,
+                epic=epic,
+                priority=priority,
+                actor=actor,
+                reason=reason,
+            )
+            try:
+                recordings = self.save(story)
+            except IntegrityError:
+                if story_id is not None or attempts >= 20:
+                    raise StoryExists(sid) from None
+                attempts += 1
+                with self._ids.lock:
+                    self._ids.next_id = None
+                continue
+            return Committed(story, recordings[-1].notification.id)
+
+    def transition(
+        self,
+        story_id: str,
+        event: str,
+        *,
+        actor: str,
+        expected_version: int | None = None,
+        reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Committed:
+        """Apply the named transition; a stale ``expected_version`` is a VersionConflict."""
+        story = self.get_story(story_id)
+        if expected_version is not None and story.version != expected_version:
+            raise VersionConflict(story_id, expected_version, story.version)
+        loaded_version = story.version
+        dependency_stages: dict[str, Stage | None] = {}
+        if event == "start_coding":
+            dependency_stages = {dep: self._stage_of(dep) for dep in story.depends_on}
+        apply_named(
+            story,
+            event,
+            actor=actor,
+            reason=reason,
+            data=data,
+            policy=self.policy,
+            dependency_stages=dependency_stages,
+        )
+        try:
+            recordings = self.save(story)
+        except IntegrityError:
+            current = self._current_version(story_id)
+            raise VersionConflict(
+                story_id,
+                expected_version if expected_version is not None else loaded_version,
+                current,
+            ) from None
+        return Committed(story, recordings[-1].notification.id)
+
+    # ------------------------------------------------------------------ queries
+
+    def get_story(self, story_id: str) -> Story:
+        validate_story_id(story_id)
+        try:
+            story: Story = self.repository.get(story_id)
+        except AggregateNotFoundError:
+            raise StoryNotFound(story_id) from None
+        return story
+
+    def get_story_as_of(
+        self, story_id: str, *, position: int | None = None, at: datetime | None = None
+    ) -> Story:
+        """The story as it was after the log position ``position`` or at time ``at``."""
+        validate_story_id(story_id)
+        story: Story | None = None
+        for logged, domain_event in self._story_events(story_id):
+            if position is not None and logged.position > position:
+                break
+            if at is not None and logged.timestamp > at:
+                break
+            story = domain_event.mutate(story)  # type: ignore[arg-type]
+        if story is None:
+            raise StoryNotFound(story_id)
+        return story
+
+    def history(self, story_id: str) -> list[LoggedEvent]:
+        """Every event of the story, oldest first, with its global position."""
+        validate_story_id(story_id)
+        rows = self._fetch(
+            f"SELECT {self._pos} AS position, originator_id, originator_version, topic, state "
+            f"FROM {self._events} WHERE originator_id = ? ORDER BY originator_version",
+            (story_id,),
+        )
+        if not rows:
+            raise StoryNotFound(story_id)
+        return [decode_row(row) for row in rows]
+
+    def events_after(self, position: int, limit: int = 100) -> list[LoggedEvent]:
+        """The global log after ``position`` (exclusive), oldest first."""
+        rows = self._fetch(
+            f"SELECT {self._pos} AS position, originator_id, originator_version, topic, state "
+            f"FROM {self._events} WHERE {self._pos} > ? ORDER BY {self._pos} LIMIT ?",
+            (position, limit),
+        )
+        return [decode_row(row) for row in rows]
+
+    def max_position(self) -> int:
+        rows = self._fetch(f"SELECT MAX({self._pos}) AS m FROM {self._events}")
+        value = rows[0]["m"] if rows else None
+        return int(value or 0)
+
+    def story_ids(self) -> list[str]:
+        rows = self._fetch(
+            f"SELECT originator_id FROM {self._events} WHERE originator_version = 1 "
+            f"ORDER BY {self._pos}"
+        )
+        return [str(row["originator_id"]) for row in rows]
+
+    def iter_stories(self) -> Iterator[Story]:
+        for sid in self.story_ids():
+            yield self.get_story(sid)
+
+    # ------------------------------------------------------------------ internals
+
+    def _story_events(self, story_id: str) -> Iterator[tuple[LoggedEvent, StoryEvent]]:
+        rows = self._fetch(
+            f"SELECT {self._pos} AS position, originator_id, originator_version, topic, state "
+            f"FROM {self._events} WHERE originator_id = ? ORDER BY originator_version",
+            (story_id,),
+        )
+        for row in rows:
+            stored = StoredEvent(
+                originator_id=str(row["originator_id"]),
+                originator_version=int(row["originator_version"]),
+                topic=str(row["topic"]),
+                state=bytes(row["state"]),
+            )
+            domain_event = self.mapper.to_domain_event(stored)
+            yield decode_row(row), domain_event  # type: ignore[misc]
+
+    def _exists(self, story_id: str) -> bool:
+        rows = self._fetch(
+            f"SELECT 1 AS one FROM {self._events} WHERE originator_id = ? AND originator_version = 1",
+            (story_id,),
+        )
+        return bool(rows)
+
+    def _current_version(self, story_id: str) -> int:
+        rows = self._fetch(
+            f"SELECT MAX(originator_version) AS v FROM {self._events} WHERE originator_id = ?",
+            (story_id,),
+        )
+        return int(rows[0]["v"] or 0) if rows else 0
+
+    def _stage_of(self, story_id: str) -> Stage | None:
+        try:
+            return self.get_story(story_id).stage
+        except StoryNotFound:
+            return None
+
+    def _allocate_id(self) -> str:
+        with self._ids.lock:
+            if self._ids.next_id is None:
+                if self._is_postgres:
+                    statement = (
+                        f"SELECT MAX(originator_id::bigint) AS m FROM {self._events} "
+                        "WHERE originator_version = 1 AND originator_id ~ '^[0-9]{1,18}$'"
+                    )
+                else:
+                    statement = (
+                        f"SELECT MAX(CAST(originator_id AS INTEGER)) AS m FROM {self._events} "
+                        "WHERE originator_version = 1 AND originator_id GLOB '[0-9]*' "
+                        "AND originator_id NOT GLOB '*[^0-9]*' AND length(originator_id) <= 18"
+                    )
+                rows = self._fetch(statement)
+                self._ids.next_id = int(rows[0]["m"] or 0) + 1
+            allocated = self._ids.next_id
+            self._ids.next_id += 1
+            return str(allocated)
+
+
+__all__ = ["Committed", "LoggedEvent", "StorylineApplication", "StoryCreated", "persistence_env"]
