@@ -120,7 +120,8 @@ def _spec(model: type[_Data], handler: Handler) -> tuple[type[_Data], Handler]:
 
 COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     "start_coding": _spec(
-        NoData, lambda s, a, r, d, p, deps: s.start_coding(actor=a, reason=r, dependency_stages=deps)
+        NoData,
+        lambda s, a, r, d, p, deps: s.start_coding(actor=a, reason=r, dependency_stages=deps),
     ),
     "worktree_ready": _spec(
         WorktreeReadyData,

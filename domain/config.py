@@ -99,7 +99,9 @@ AgentRuntime = Literal["claude-code", "cli", "openai"]
 class AgentConfig(_Strict):
     """One ``[[agent]]`` entry."""
 
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[
+        str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    ]
     stage: AgentStage = "coder"
     runtime: AgentRuntime = "claude-code"
     model: str | None = None

@@ -80,7 +80,12 @@ class DependenciesNotDone(IllegalTransition):
     code = "dependencies_not_done"
 
     def __init__(
-        self, story_id: str, stage: str, event: str, legal: Sequence[str], unfinished: dict[str, str]
+        self,
+        story_id: str,
+        stage: str,
+        event: str,
+        legal: Sequence[str],
+        unfinished: dict[str, str],
     ) -> None:
         listed = ", ".join(f"{dep} ({stage_})" for dep, stage_ in sorted(unfinished.items()))
         super().__init__(story_id, stage, event, legal, why=f"unfinished dependencies: {listed}")

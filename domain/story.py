@@ -206,7 +206,11 @@ class Story(BaseAggregate[str]):
     # ------------------------------------------------------------------ coding
 
     def start_coding(
-        self, *, actor: str, dependency_stages: Mapping[str, Stage | None], reason: str | None = None
+        self,
+        *,
+        actor: str,
+        dependency_stages: Mapping[str, Stage | None],
+        reason: str | None = None,
     ) -> None:
         """``dependency_stages`` maps each ``depends_on`` id to its stage (None if missing)."""
         self._require_stage("start_coding", Stage.BACKLOG)
@@ -242,9 +246,7 @@ class Story(BaseAggregate[str]):
         """Record that an agent is about to be spawned; returns the attempt number."""
         event = "spawn_agent"
         if self.running_agent is not None:
-            raise self._refuse(
-                event, f"attempt {self.running_agent['attempt']} is still running"
-            )
+            raise self._refuse(event, f"attempt {self.running_agent['attempt']} is still running")
         if role is AgentRole.CODER:
             self._require_stage(event, Stage.CODING)
             attempt = self.coder_attempts + 1
@@ -338,7 +340,11 @@ class Story(BaseAggregate[str]):
         if self.last_coder_outcome is not AgentOutcome.COMPLETED:
             raise self._refuse(event, "the last coder run did not complete")
         self._move(
-            GatesStarted, actor=actor, reason=reason, to_stage=Stage.GATES, commits_ahead=commits_ahead
+            GatesStarted,
+            actor=actor,
+            reason=reason,
+            to_stage=Stage.GATES,
+            commits_ahead=commits_ahead,
         )
 
     def pass_gates(
@@ -391,9 +397,7 @@ class Story(BaseAggregate[str]):
         self._require_stage(event, Stage.MERGE)
         if self.merging:
             raise self._refuse(event, "a merge of this story is already running")
-        self._move(
-            MergeStarted, actor=actor, base_sha=base_sha, resolved=self.resolved_pending
-        )
+        self._move(MergeStarted, actor=actor, base_sha=base_sha, resolved=self.resolved_pending)
 
     def succeed_merge(self, *, actor: str, merge_commit: str, base_branch: str) -> None:
         event = "merge_succeeded"
@@ -438,12 +442,16 @@ class Story(BaseAggregate[str]):
             raise self._refuse(event, "a mergemaster is still running")
         self._move(FixupRequested, actor=actor, to_stage=Stage.CODING, reason=reason)
 
-    def requeue_merge(self, *, actor: str, resolved: bool = False, reason: str | None = None) -> None:
+    def requeue_merge(
+        self, *, actor: str, resolved: bool = False, reason: str | None = None
+    ) -> None:
         event = "merge_resolved" if resolved else "requeue_merge"
         self._require_stage(event, Stage.MERGE_FAILURE)
         if resolved and self.merge_failure_kind is not MergeFailureKind.CONFLICT_DETECTED:
             raise self._refuse(event, "only a conflict_detected merge can be resolved")
-        self._move(MergeRequeued, actor=actor, to_stage=Stage.MERGE, reason=reason, resolved=resolved)
+        self._move(
+            MergeRequeued, actor=actor, to_stage=Stage.MERGE, reason=reason, resolved=resolved
+        )
 
     def mergemaster_gave_up(self, *, actor: str, reason: str | None) -> None:
         event = "merge_gave_up"
@@ -461,7 +469,11 @@ class Story(BaseAggregate[str]):
         )
         reason = _require_reason(reason, "blocking a story")
         self._move(
-            StoryBlocked, actor=actor, to_stage=Stage.BLOCKED, reason=reason, blocked_from=self.stage
+            StoryBlocked,
+            actor=actor,
+            to_stage=Stage.BLOCKED,
+            reason=reason,
+            blocked_from=self.stage,
         )
 
     def unblock(self, *, actor: str, reason: str | None = None) -> None:
@@ -512,7 +524,9 @@ class Story(BaseAggregate[str]):
             "coder_attempts": self.coder_attempts,
             "mergemaster_attempts": self.mergemaster_attempts,
             "running_agent": dict(self.running_agent) if self.running_agent else None,
-            "last_coder_outcome": self.last_coder_outcome.value if self.last_coder_outcome else None,
+            "last_coder_outcome": self.last_coder_outcome.value
+            if self.last_coder_outcome
+            else None,
             "sessions": dict(self.sessions),
             "worktree_path": self.worktree_path,
             "feature_branch": self.feature_branch,
@@ -521,7 +535,9 @@ class Story(BaseAggregate[str]):
             "in_merge_queue": self.in_merge_queue,
             "resolved_pending": self.resolved_pending,
             "merge_commit": self.merge_commit,
-            "merge_failure_kind": self.merge_failure_kind.value if self.merge_failure_kind else None,
+            "merge_failure_kind": self.merge_failure_kind.value
+            if self.merge_failure_kind
+            else None,
             "merge_failure_details": self.merge_failure_details,
             "conflicts": list(self.conflicts),
             "blocked_from": self.blocked_from.value if self.blocked_from else None,

@@ -7,8 +7,9 @@ event store. The API, the CLI and the runners all call this class.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,7 @@ from service.codec import OrjsonTranscoder, PydanticMapper
 from service.events_log import LoggedEvent, decode_row
 from service.settings import Database
 
+logger = logging.getLogger(__name__)
 
 
 def events_table(db: Database) -> str:
@@ -84,11 +86,27 @@ class StorylineApplication(Application[str]):
         self.db = db
         self.policy = policy or Policy()
         self._ids = _IdAllocator()
+        self._commit_listeners: list[Callable[[int], None]] = []
         env = persistence_env(db, pool_size=pool_size)
         super().__init__(env)
 
     def construct_mapper(self) -> Mapper[str]:
         return PydanticMapper(transcoder=OrjsonTranscoder())
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(position)`` after every commit made through this application.
+
+        In-process followers (projections, runners) use it to wake at once instead of
+        waiting for their next poll; other processes poll or LISTEN.
+        """
+        self._commit_listeners.append(listener)
+
+    def _committed(self, position: int) -> None:
+        for listener in list(self._commit_listeners):
+            try:
+                listener(position)
+            except Exception:  # a broken follower must never fail the writer
+                logger.exception("commit listener failed")
 
     # ------------------------------------------------------------------ SQL helpers
 
@@ -157,7 +175,9 @@ class StorylineApplication(Application[str]):
                 with self._ids.lock:
                     self._ids.next_id = None
                 continue
-            return Committed(story, recordings[-1].notification.id)
+            position = recordings[-1].notification.id
+            self._committed(position)
+            return Committed(story, position)
 
     def transition(
         self,
@@ -195,7 +215,9 @@ class StorylineApplication(Application[str]):
                 expected_version if expected_version is not None else loaded_version,
                 current,
             ) from None
-        return Committed(story, recordings[-1].notification.id)
+        position = recordings[-1].notification.id
+        self._committed(position)
+        return Committed(story, position)
 
     # ------------------------------------------------------------------ queries
 
@@ -280,7 +302,8 @@ class StorylineApplication(Application[str]):
 
     def _exists(self, story_id: str) -> bool:
         rows = self._fetch(
-            f"SELECT 1 AS one FROM {self._events} WHERE originator_id = ? AND originator_version = 1",
+            f"SELECT 1 AS one FROM {self._events} "
+            "WHERE originator_id = ? AND originator_version = 1",
             (story_id,),
         )
         return bool(rows)
@@ -319,4 +342,4 @@ class StorylineApplication(Application[str]):
             return str(allocated)
 
 
-__all__ = ["Committed", "LoggedEvent", "StorylineApplication", "StoryCreated", "persistence_env"]
+__all__ = ["Committed", "LoggedEvent", "StoryCreated", "StorylineApplication", "persistence_env"]
