@@ -1,0 +1,411 @@
+"""The ``storyline`` command line.
+
+Human-readable output by default, ``--json`` for scripts; on any error a one-line reason on
+stderr and a non-zero exit (1 for a refused command, 2 for bad usage or configuration).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from domain.errors import DomainError
+from service.config_file import CONFIG_NAME, DEFAULT_CONFIG, ConfigError
+from service.container import Service, open_service
+from service.settings import SettingsError, project_dir, resolve_database
+
+main_app = typer.Typer(
+    name="storyline",
+    help="Event-sourced story pipeline for autonomous coding agents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+story_app = typer.Typer(help="Create, inspect and move stories.", no_args_is_help=True)
+main_app.add_typer(db_app, name="db")
+main_app.add_typer(story_app, name="story")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ProjectOpt = Annotated[
+    Path | None,
+    typer.Option("--project", "-C", help="Project directory (default: $STORYLINE_PROJECT or .)"),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", help="Database URL (default: $STORYLINE_DATABASE_URL or embedded SQLite)"
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+ActorOpt = Annotated[
+    str | None, typer.Option("--actor", help="Actor recorded on events (default user:<login>).")
+]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def default_actor(explicit: str | None) -> str:
+    if explicit:
+        if not re.fullmatch(r"[a-z]+:[A-Za-z0-9_.@-]{1,100}", explicit):
+            fail(f"actor must look like user:<name>, got {explicit!r}", 2)
+        return explicit
+    try:
+        login = getpass.getuser()
+    except Exception:
+        login = "unknown"
+    login = re.sub(r"[^A-Za-z0-9_.@-]", "_", login)[:100] or "unknown"
+    return f"user:{login}"
+
+
+@contextmanager
+def service_for(project: Path | None, database_url: str | None) -> Iterator[Service]:
+    try:
+        service = open_service(project, database_url)
+    except (ConfigError, SettingsError) as exc:
+        fail(str(exc), 2)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Turn domain refusals into a one-line error and exit code 1."""
+    try:
+        yield
+    except DomainError as exc:
+        fail(exc.message, 1)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- init / db
+
+
+@main_app.command()
+def init(
+    project: ProjectOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Write a commented storyline.toml and prepare .storyline/ in the project."""
+    root = project_dir(project)
+    if not root.is_dir():
+        fail(f"{root} is not a directory", 2)
+    path = root / CONFIG_NAME
+    if path.exists() and not force:
+        fail(f"{path} already exists (use --force to overwrite)", 1)
+    path.write_text(DEFAULT_CONFIG, encoding="utf-8")
+    (root / ".storyline").mkdir(exist_ok=True)
+    exclude = root / ".git" / "info" / "exclude"
+    # Worktrees and the embedded database live in .storyline/: keep them out of git
+    # without touching the project's tracked .gitignore.
+    if exclude.parent.is_dir():
+        existing = exclude.read_text(encoding="utf-8") if exclude.exists() else ""
+        if ".storyline/" not in existing.splitlines():
+            exclude.write_text(
+                existing
+                + ("\n" if existing and not existing.endswith("\n") else "")
+                + ".storyline/\n",
+                encoding="utf-8",
+            )
+    out.print(f"wrote {path}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(project: ProjectOpt = None, database_url: DbOpt = None) -> None:
+    """Create or migrate every table storyline owns (alembic upgrade head)."""
+    from service import migrations
+
+    try:
+        db = resolve_database(project_dir(project), database_url)
+        migrations.upgrade(db)
+        revision = migrations.current_revision(db)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    except Exception as exc:
+        fail(f"migration failed: {type(exc).__name__}: {exc}", 1)
+    out.print(f"database {db.display} is at revision {revision}")
+
+
+@db_app.command("status")
+def db_status(project: ProjectOpt = None, database_url: DbOpt = None) -> None:
+    """Show the schema revision of the database and the one this code needs."""
+    from service import migrations
+
+    try:
+        db = resolve_database(project_dir(project), database_url)
+        current = migrations.current_revision(db)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    except Exception as exc:
+        fail(f"cannot read {type(exc).__name__}: {exc}", 1)
+    out.print(
+        f"{db.display}: revision {current or 'none'} (code needs {migrations.head_revision()})"
+    )
+
+
+# --------------------------------------------------------------------------- stories
+
+
+def _stage_style(stage: str) -> str:
+    return {
+        "done": "green",
+        "blocked": "red",
+        "merge_failure": "red",
+        "coding": "cyan",
+        "gates": "yellow",
+        "merge": "magenta",
+    }.get(stage, "white")
+
+
+def show_story(snapshot: dict[str, Any]) -> None:
+    stage = snapshot["stage"]
+    out.print(f"[bold]{snapshot['id']}[/bold]  {snapshot['name']}", markup=True)
+    out.print(f"  stage: [{_stage_style(stage)}]{stage}[/]   version: {snapshot['version']}")
+    if snapshot.get("depends_on"):
+        out.print(f"  depends on: {', '.join(snapshot['depends_on'])}")
+    if snapshot.get("epic"):
+        out.print(f"  epic: {snapshot['epic']}")
+    counters = (
+        f"retries {snapshot['retry_count']}, aborts {snapshot['abort_respawns']}, "
+        f"mergemaster spawns {snapshot['mergemaster_spawns']}"
+    )
+    out.print(f"  counters: {counters}", markup=False)
+    if snapshot.get("fixup_pending"):
+        out.print("  fixup pending")
+    if snapshot.get("merge_failure_kind"):
+        out.print(f"  merge failure: {snapshot['merge_failure_kind']}", markup=False)
+    if snapshot.get("blocked_reason"):
+        out.print(f"  blocked: {snapshot['blocked_reason']}", markup=False)
+    if snapshot.get("merge_commit"):
+        out.print(f"  merge commit: {snapshot['merge_commit']}")
+    out.print(
+        f"  agents: {snapshot['coder_attempts']} coder / {snapshot['mergemaster_attempts']} "
+        f"mergemaster attempts, {snapshot['tokens_in']}+{snapshot['tokens_out']} tokens, "
+        f"${snapshot['cost_usd']:.4f}",
+        markup=False,
+    )
+    out.print(f"  legal events: {', '.join(snapshot['legal_events']) or 'none'}", markup=False)
+
+
+@story_app.command("add")
+def story_add(
+    name: Annotated[str, typer.Argument(help="Short name of the story.")],
+    description: Annotated[str, typer.Option("--description", "-d")] = "",
+    criterion: Annotated[
+        list[str] | None,
+        typer.Option("--criterion", "-c", help="Acceptance criterion (repeatable, at least one)."),
+    ] = None,
+    depends_on: Annotated[
+        list[str] | None, typer.Option("--depends-on", help="Story id (repeatable).")
+    ] = None,
+    epic: Annotated[str | None, typer.Option("--epic")] = None,
+    priority: Annotated[int, typer.Option("--priority")] = 0,
+    story_id: Annotated[
+        str | None, typer.Option("--id", help="Story id (default: next number).")
+    ] = None,
+    actor: ActorOpt = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a story in the backlog."""
+    who = default_actor(actor)
+    with service_for(project, database_url) as service, refusals():
+        committed = service.app.create_story(
+            story_id=story_id,
+            name=name,
+            description=description or name,
+            acceptance_criteria=list(criterion or []),
+            depends_on=list(depends_on or []),
+            epic=epic,
+            priority=priority,
+            actor=who,
+        )
+        snapshot = committed.story.snapshot() | {"position": committed.position}
+    if as_json:
+        print_json(snapshot)
+    else:
+        out.print(f"created story {snapshot['id']} ({snapshot['name']}) in backlog", markup=False)
+
+
+@story_app.command("list")
+def story_list(
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Only stories in this stage.")
+    ] = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List stories with their stage and counters."""
+    from domain.stages import Stage
+
+    if stage is not None and stage not in {s.value for s in Stage}:
+        fail(f"unknown stage {stage!r}; stages: {', '.join(s.value for s in Stage)}", 2)
+    with service_for(project, database_url) as service:
+        stories = [s.snapshot() for s in service.app.iter_stories()]
+    if stage:
+        stories = [s for s in stories if s["stage"] == stage]
+    if as_json:
+        print_json(stories)
+        return
+    table = Table("id", "stage", "name", "v", "retries", "cost $")
+    for s in stories:
+        table.add_row(
+            s["id"],
+            f"[{_stage_style(s['stage'])}]{s['stage']}[/]",
+            s["name"],
+            str(s["version"]),
+            str(s["retry_count"]),
+            f"{s['cost_usd']:.4f}",
+        )
+    out.print(table)
+
+
+def _parse_as_of(value: str) -> dict[str, Any]:
+    if value.isdigit():
+        return {"position": int(value)}
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--as-of takes a log position or an ISO time, got {value!r}", 2)
+    if moment.tzinfo is None:
+        fail("--as-of needs a timezone, e.g. 2026-01-01T12:00:00+00:00", 2)
+    return {"at": moment}
+
+
+@story_app.command("show")
+def story_show(
+    story_id: Annotated[str, typer.Argument(metavar="ID")],
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="Log position or ISO time: the story back then.")
+    ] = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a story's current state (or its state as of a position or time)."""
+    with service_for(project, database_url) as service, refusals():
+        if as_of is not None:
+            story = service.app.get_story_as_of(story_id, **_parse_as_of(as_of))
+        else:
+            story = service.app.get_story(story_id)
+        snapshot = story.snapshot()
+    if as_json:
+        print_json(snapshot)
+    else:
+        show_story(snapshot)
+
+
+@story_app.command("move")
+def story_move(
+    story_id: Annotated[str, typer.Argument(metavar="ID")],
+    event: Annotated[str, typer.Argument(help="Transition name, e.g. start_coding, block.")],
+    reason: Annotated[str | None, typer.Option("--reason", "-r")] = None,
+    expected_version: Annotated[
+        int | None, typer.Option("--expected-version", help="Refuse if the story moved on.")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="JSON object of event data.")] = None,
+    actor: ActorOpt = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply a transition to a story."""
+    who = default_actor(actor)
+    payload: dict[str, Any] = {}
+    if data is not None:
+        try:
+            payload = json.loads(data)
+        except json.JSONDecodeError as exc:
+            fail(f"--data is not valid JSON: {exc}", 2)
+        if not isinstance(payload, dict):
+            fail("--data must be a JSON object", 2)
+    with service_for(project, database_url) as service, refusals():
+        committed = service.app.transition(
+            story_id,
+            event,
+            actor=who,
+            expected_version=expected_version,
+            reason=reason,
+            data=payload,
+        )
+        snapshot = committed.story.snapshot() | {"position": committed.position}
+    if as_json:
+        print_json(snapshot)
+    else:
+        out.print(
+            f"story {snapshot['id']}: {event} -> {snapshot['stage']} "
+            f"(version {snapshot['version']})",
+            markup=False,
+        )
+
+
+@story_app.command("history")
+def story_history(
+    story_id: Annotated[str, typer.Argument(metavar="ID")],
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit trail of a story: every event with actor, reason and stages."""
+    with service_for(project, database_url) as service, refusals():
+        events = [e.as_json() for e in service.app.history(story_id)]
+    if as_json:
+        print_json(events)
+        return
+    table = Table("pos", "v", "time", "event", "actor", "stage", "reason")
+    for e in events:
+        stages = (
+            f"{e['from_stage'] or '-'} -> {e['to_stage']}"
+            if e["from_stage"] != e["to_stage"]
+            else (e["to_stage"] or "")
+        )
+        table.add_row(
+            str(e["position"]),
+            str(e["version"]),
+            e["timestamp"][:19].replace("T", " "),
+            e["type"],
+            e["actor"],
+            stages,
+            (e["reason"] or "")[:80],
+        )
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- sub-apps
+
+
+def main() -> None:
+    try:
+        main_app()
+    except ConfigError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
