@@ -150,10 +150,18 @@ class AgentExited(StoryEvent):
             story.abort_respawns += 1
             # A crash before any session: stored sessions are pruned so the respawn is cold.
             story.sessions.pop(self.role.value, None)
+        elif self.outcome is AgentOutcome.LOST:
+            # The runner died under the agent: a crash, but the session (if any) is sound.
+            story.abort_respawns += 1
         else:
             story.abort_respawns = 0
             if self.session_id:
                 story.sessions[self.role.value] = self.session_id
+        if self.role is AgentRole.CODER:
+            if self.outcome in _FAILED_RUN:
+                story.failed_runs += 1
+            elif self.outcome is AgentOutcome.COMPLETED:
+                story.failed_runs = 0
         if (
             self.role is AgentRole.MERGEMASTER
             and story.stage is Stage.MERGE_FAILURE
@@ -162,6 +170,9 @@ class AgentExited(StoryEvent):
             # Still in merge_failure after the mergemaster left: it neither resolved nor
             # gave up, so this exit was transient.
             story.mergemaster_spawns += 1
+
+
+_FAILED_RUN = frozenset({AgentOutcome.FAILED, AgentOutcome.INACTIVE, AgentOutcome.TIMED_OUT})
 
 
 class UncommittedChangesFound(StoryEvent):
@@ -177,6 +188,9 @@ class UncommittedChangesFound(StoryEvent):
 class GatesStarted(StoryEvent):
     TOPIC: ClassVar[str] = "storyline.GatesStarted.v1"
     commits_ahead: int = 0
+
+    def apply_to(self, story: Story) -> None:
+        story.leftover_respawns = 0
 
 
 class GatesPassed(StoryEvent):
@@ -298,6 +312,7 @@ class StoryUnblocked(StoryEvent):
         story.blocked_reason = None
         story.retry_count = 0
         story.abort_respawns = 0
+        story.failed_runs = 0
         story.mergemaster_spawns = 0
         story.final = False
         if self.to_stage is Stage.MERGE:

@@ -92,6 +92,7 @@ class Story(BaseAggregate[str]):
         self.abort_respawns = 0
         self.mergemaster_spawns = 0
         self.leftover_respawns = 0
+        self.failed_runs = 0
         self.fixup_pending = False
         self.final = False
         self.tokens_in = 0
@@ -516,6 +517,7 @@ class Story(BaseAggregate[str]):
             "retry_count": self.retry_count,
             "abort_respawns": self.abort_respawns,
             "mergemaster_spawns": self.mergemaster_spawns,
+            "failed_runs": self.failed_runs,
             "fixup_pending": self.fixup_pending,
             "final": self.final,
             "tokens_in": self.tokens_in,

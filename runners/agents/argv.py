@@ -1,0 +1,292 @@
+"""Pure construction of an agent's prompt and argv from a :class:`SpawnSpec`.
+
+No I/O and no shell: every value lands in exactly one argv element, whatever it contains
+(spaces, quotes, newlines, ``$(...)``), so user-written story text can never become a flag
+or a command.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+
+from runners.agents.spawn_spec import SpawnSpec
+
+GATE_FAILURE_PROMPT_BYTES = 3_000
+GATE_FAILURE_HEADER = "Your previous run's quality gates failed:\n"
+SYSTEM_PROMPT_FLAG = "--append-system-prompt"
+MAX_TURNS_FLAG = "--max-turns"
+MAX_BUDGET_FLAG = "--max-budget-usd"
+MODEL_FLAG = "--model"
+RESUME_FLAG = "--resume"
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+
+
+class SecretInArgvError(ValueError):
+    """A secret from the spawn environment ended up in the argv (which ``ps`` shows to all)."""
+
+
+def tail_bytes(text: str, limit: int = GATE_FAILURE_PROMPT_BYTES) -> str:
+    """The end of ``text`` that fits in ``limit`` UTF-8 bytes, never splitting a character.
+
+    The tail is kept because compilers and test runners print the decisive error last.
+    """
+    if limit <= 0:
+        return ""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (output decoded with surrogateescape) cannot be UTF-8 encoded.
+        data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    cut = data[-limit:]
+    start = 0
+    # Skip continuation bytes (0b10xxxxxx): they belong to a character cut in half.
+    while start < len(cut) and (cut[start] & 0xC0) == 0x80:
+        start += 1
+    return cut[start:].decode("utf-8")
+
+
+def render_template(template: str, values: Mapping[str, str]) -> str:
+    """Substitute ``{{name}}`` placeholders in one pass.
+
+    One pass matters: a story description containing ``{{prompt}}`` must stay literal text
+    instead of being expanded again. Unknown placeholders are left as written so a typo is
+    visible in the agent log rather than silently becoming an empty string.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        return values.get(match.group(1), match.group(0))
+
+    return _PLACEHOLDER.sub(replace, template)
+
+
+def template_values(spec: SpawnSpec, prompt: str = "") -> dict[str, str]:
+    return {
+        "story_id": spec.story_id,
+        "worktree_path": str(spec.cwd),
+        "base_branch": spec.base_branch,
+        "prompt": prompt,
+        "model": spec.agent.model or "",
+    }
+
+
+def _story_block(spec: SpawnSpec) -> str:
+    story = spec.story
+    parts = [f"# Story {spec.story_id}: {story.name}"]
+    if story.description.strip():
+        parts.append(story.description.strip())
+    if story.acceptance_criteria:
+        criteria = "\n".join(f"- {c}" for c in story.acceptance_criteria)
+        parts.append(f"## Acceptance criteria\n{criteria}")
+    return "\n\n".join(parts)
+
+
+def _conflict_block(spec: SpawnSpec) -> str:
+    return (
+        "# Merge conflicts\n\n"
+        f"The squash merge of feature/story-{spec.story_id} onto {spec.base_branch} stopped "
+        "on conflicts in your working directory. Resolve them and commit. Then report through "
+        "the storyline API ($STORYLINE_URL, story $STORYLINE_STORY_ID, bearer $STORYLINE_TOKEN): "
+        "event `merge_resolved` when the merge is resolved and committed, or `merge_gave_up` "
+        "with a reason when it cannot be resolved.\n\n"
+        f"{(spec.conflict_details or '').strip()}"
+    ).rstrip()
+
+
+def build_prompt(spec: SpawnSpec) -> str:
+    """The full cold-start prompt: epic context, agent prompt, story, conflicts, project file."""
+    parts: list[str] = []
+    if spec.epic_context and spec.epic_context.strip():
+        parts.append(
+            "# Epic context\n\nThis story belongs to an epic. Respect its context:\n\n"
+            f"---\n{spec.epic_context.strip()}\n---"
+        )
+    rendered = render_template(spec.agent.prompt, template_values(spec)).strip()
+    if rendered:
+        parts.append(rendered)
+    parts.append(_story_block(spec))
+    if spec.role == "mergemaster" or spec.conflict_details:
+        parts.append(_conflict_block(spec))
+    if spec.project_prompt and spec.project_prompt.strip():
+        parts.append(spec.project_prompt.strip())
+    return "\n\n".join(parts)
+
+
+def build_resume_prompt(spec: SpawnSpec) -> str:
+    """The prompt for a resumed session.
+
+    The resumed session already holds the full prompt, so repeating it only makes the agent
+    re-read everything. It must not be empty either: the Claude CLI refuses ``--resume`` with
+    an empty ``-p`` prompt. The gate failure travels in the system prompt either way.
+    """
+    parts = [f"Continue your prior work on story {spec.story_id}."]
+    if spec.gate_failure is not None:
+        parts.append("The quality gates failed; the system prompt has their output. Fix it.")
+    if spec.role == "mergemaster" and spec.conflict_details:
+        parts.append(_conflict_block(spec))
+    return "\n\n".join(parts)
+
+
+def gate_failure_section(gate_output: str) -> str:
+    return GATE_FAILURE_HEADER + tail_bytes(gate_output)
+
+
+# --- argv editing -------------------------------------------------------------------------
+
+
+def _find_flag(argv: list[str], flag: str) -> list[tuple[int, bool]]:
+    """Positions of ``flag``: (index, is_equals_form). Index 0 (the executable) is skipped."""
+    found: list[tuple[int, bool]] = []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == flag:
+            found.append((i, False))
+        elif arg.startswith(flag + "="):
+            found.append((i, True))
+    return found
+
+
+def _flag_value(argv: list[str], index: int, equals: bool) -> str | None:
+    if equals:
+        return argv[index].split("=", 1)[1]
+    return argv[index + 1] if index + 1 < len(argv) else None
+
+
+def _set_flag_value(argv: list[str], index: int, equals: bool, value: str) -> None:
+    flag = argv[index].split("=", 1)[0]
+    if equals:
+        argv[index] = f"{flag}={value}"
+    elif index + 1 < len(argv):
+        argv[index + 1] = value
+    else:
+        argv.append(value)
+
+
+def inject_gate_failure(argv: list[str], gate_output: str) -> None:
+    """Add the failure section to the system prompt argument, in place.
+
+    Appends to an existing ``--append-system-prompt`` value rather than adding a second
+    flag: the CLI keeps only one value, so a second pair would drop the configured prompt.
+    The last occurrence is the one a CLI parser keeps, so that is the one extended.
+    """
+    section = gate_failure_section(gate_output)
+    found = _find_flag(argv, SYSTEM_PROMPT_FLAG)
+    if found:
+        index, equals = found[-1]
+        current = _flag_value(argv, index, equals)
+        value = f"{current}\n\n{section}" if current else section
+        _set_flag_value(argv, index, equals, value)
+        return
+    argv.extend([SYSTEM_PROMPT_FLAG, section])
+
+
+def _parse_int(value: str | None) -> float:
+    try:
+        return int(value) if value is not None else math.inf
+    except ValueError:
+        return math.inf
+
+
+def _parse_float(value: str | None) -> float:
+    try:
+        parsed = float(value) if value is not None else math.inf
+    except ValueError:
+        return math.inf
+    return parsed if math.isfinite(parsed) else math.inf
+
+
+def format_usd(value: float) -> str:
+    """Plain decimal notation: ``str(1e-05)`` would hand the CLI an exponent."""
+    text = f"{value:.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def cap_flag(
+    argv: list[str],
+    flag: str,
+    cap: float,
+    parse: Callable[[str | None], float],
+    fmt: Callable[[float], str],
+) -> None:
+    """Make ``flag`` at most ``cap``, in place: lower values stay, missing flags are added.
+
+    Unparseable values count as unlimited and are replaced, so a typo can never lift a cap.
+    Every occurrence is capped because CLIs differ in whether the first or last one wins.
+    """
+    found = _find_flag(argv, flag)
+    if not found:
+        argv.extend([flag, fmt(cap)])
+        return
+    for index, equals in found:
+        if parse(_flag_value(argv, index, equals)) > cap:
+            _set_flag_value(argv, index, equals, fmt(cap))
+
+
+def cap_turns(argv: list[str], max_turns: int) -> None:
+    cap_flag(argv, MAX_TURNS_FLAG, max_turns, _parse_int, lambda v: str(int(v)))
+
+
+def cap_budget(argv: list[str], max_budget_usd: float) -> None:
+    cap_flag(argv, MAX_BUDGET_FLAG, max_budget_usd, _parse_float, format_usd)
+
+
+def effective_max_turns(spec: SpawnSpec) -> int | None:
+    """The turn cap the spawn runs under: configured, lowered by the fixup cap."""
+    caps = [c for c in (spec.agent.max_turns,) if c is not None]
+    if spec.fixup_pending:
+        caps.append(spec.fixup_caps.max_turns)
+    return min(caps) if caps else None
+
+
+def effective_max_budget(spec: SpawnSpec) -> float | None:
+    caps = [c for c in (spec.agent.max_budget_usd,) if c is not None]
+    if spec.fixup_pending:
+        caps.append(spec.fixup_caps.max_budget_usd)
+    return min(caps) if caps else None
+
+
+def assert_no_secrets(argv: list[str], secrets: list[str]) -> None:
+    """Refuse an argv that contains a secret: any local user can read argv through ``ps``."""
+    for arg in argv:
+        for secret in secrets:
+            if secret and secret in arg:
+                raise SecretInArgvError(
+                    "refusing to start the agent: a secret from its environment appears in its "
+                    "command line (check the agent's args and prompt templates)"
+                )
+
+
+def build_argv(spec: SpawnSpec) -> list[str]:
+    """The complete argv for a CLI agent attempt (executable first). Pure."""
+    prompt = build_resume_prompt(spec) if spec.resume_session_id else build_prompt(spec)
+    values = template_values(spec, prompt)
+    argv = [render_template(spec.agent.command, values)]
+    argv.extend(render_template(arg, values) for arg in spec.agent.args)
+
+    if spec.agent.model and not _find_flag(argv, MODEL_FLAG):
+        argv.extend([MODEL_FLAG, spec.agent.model])
+    # Configured limits and fixup caps both only ever lower a value already in the args:
+    # whoever wrote the lower number meant it.
+    if spec.agent.max_turns is not None:
+        cap_turns(argv, spec.agent.max_turns)
+    if spec.agent.max_budget_usd is not None:
+        cap_budget(argv, spec.agent.max_budget_usd)
+    if spec.fixup_pending:
+        cap_turns(argv, spec.fixup_caps.max_turns)
+        cap_budget(argv, spec.fixup_caps.max_budget_usd)
+    # Injected even when resuming: the resumed conversation predates the gate run.
+    if spec.gate_failure is not None:
+        inject_gate_failure(argv, spec.gate_failure)
+    if spec.resume_session_id:
+        found = _find_flag(argv, RESUME_FLAG)
+        if found:
+            for index, equals in found:
+                _set_flag_value(argv, index, equals, spec.resume_session_id)
+        else:
+            argv.extend([RESUME_FLAG, spec.resume_session_id])
+    assert_no_secrets(argv, spec.secret_values())
+    # execve cannot carry a NUL byte; a story text containing one must still be spawnable.
+    return [arg.replace("\x00", "\ufffd") for arg in argv]
