@@ -20,9 +20,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from domain.errors import DomainError
+from api.cli_projections import app as projections_app
+from api.cli_remote import StoryBackend, story_backend
+from api.cli_serve import serve
+from api.client import ClientError
 from service.config_file import CONFIG_NAME, DEFAULT_CONFIG, ConfigError
-from service.container import Service, open_service
 from service.settings import SettingsError, project_dir, resolve_database
 
 main_app = typer.Typer(
@@ -51,6 +53,14 @@ DbOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", help="Talk to a running server instead of the local store."),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="STORYLINE_TOKEN", help="API token for --url."),
+]
 ActorOpt = Annotated[
     str | None, typer.Option("--actor", help="Actor recorded on events (default user:<login>).")
 ]
@@ -75,24 +85,27 @@ def default_actor(explicit: str | None) -> str:
 
 
 @contextmanager
-def service_for(project: Path | None, database_url: str | None) -> Iterator[Service]:
+def backend(
+    url: str | None,
+    token: str | None,
+    project: Path | None,
+    database_url: str | None,
+    actor: str | None,
+) -> Iterator[StoryBackend]:
+    """The local store, or a running server with ``--url``; refusals exit 1 in one line."""
     try:
-        service = open_service(project, database_url)
+        with story_backend(
+            url=url,
+            token=token,
+            project=project,
+            database_url=database_url,
+            actor=default_actor(actor),
+        ) as chosen:
+            yield chosen
     except (ConfigError, SettingsError) as exc:
         fail(str(exc), 2)
-    try:
-        yield service
-    finally:
-        service.close()
-
-
-@contextmanager
-def refusals() -> Iterator[None]:
-    """Turn domain refusals into a one-line error and exit code 1."""
-    try:
-        yield
-    except DomainError as exc:
-        fail(exc.message, 1)
+    except ClientError as exc:
+        fail(exc.message if exc.status else f"cannot reach {url}: {exc.message}", 1)
 
 
 def print_json(value: Any) -> None:
@@ -225,14 +238,15 @@ def story_add(
         str | None, typer.Option("--id", help="Story id (default: next number).")
     ] = None,
     actor: ActorOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     project: ProjectOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a story in the backlog."""
-    who = default_actor(actor)
-    with service_for(project, database_url) as service, refusals():
-        committed = service.app.create_story(
+    with backend(url, token, project, database_url, actor) as b:
+        snapshot = b.create_story(
             story_id=story_id,
             name=name,
             description=description or name,
@@ -240,9 +254,7 @@ def story_add(
             depends_on=list(depends_on or []),
             epic=epic,
             priority=priority,
-            actor=who,
         )
-        snapshot = committed.story.snapshot() | {"position": committed.position}
     if as_json:
         print_json(snapshot)
     else:
@@ -254,6 +266,8 @@ def story_list(
     stage: Annotated[
         str | None, typer.Option("--stage", help="Only stories in this stage.")
     ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     project: ProjectOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
@@ -263,36 +277,34 @@ def story_list(
 
     if stage is not None and stage not in {s.value for s in Stage}:
         fail(f"unknown stage {stage!r}; stages: {', '.join(s.value for s in Stage)}", 2)
-    with service_for(project, database_url) as service:
-        stories = [s.snapshot() for s in service.app.iter_stories()]
-    if stage:
-        stories = [s for s in stories if s["stage"] == stage]
+    with backend(url, token, project, database_url, None) as b:
+        stories = b.list_stories(stage=stage)
     if as_json:
         print_json(stories)
         return
     table = Table("id", "stage", "name", "v", "retries", "cost $")
     for s in stories:
         table.add_row(
-            s["id"],
+            str(s["id"]),
             f"[{_stage_style(s['stage'])}]{s['stage']}[/]",
-            s["name"],
-            str(s["version"]),
-            str(s["retry_count"]),
-            f"{s['cost_usd']:.4f}",
+            str(s.get("name", "")),
+            str(s.get("version", "")),
+            str(s.get("retry_count", 0)),
+            f"{float(s.get('cost_usd') or 0):.4f}",
         )
     out.print(table)
 
 
-def _parse_as_of(value: str) -> dict[str, Any]:
+def _check_as_of(value: str) -> str:
     if value.isdigit():
-        return {"position": int(value)}
+        return value
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         fail(f"--as-of takes a log position or an ISO time, got {value!r}", 2)
     if moment.tzinfo is None:
         fail("--as-of needs a timezone, e.g. 2026-01-01T12:00:00+00:00", 2)
-    return {"at": moment}
+    return value
 
 
 @story_app.command("show")
@@ -301,17 +313,16 @@ def story_show(
     as_of: Annotated[
         str | None, typer.Option("--as-of", help="Log position or ISO time: the story back then.")
     ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     project: ProjectOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a story's current state (or its state as of a position or time)."""
-    with service_for(project, database_url) as service, refusals():
-        if as_of is not None:
-            story = service.app.get_story_as_of(story_id, **_parse_as_of(as_of))
-        else:
-            story = service.app.get_story(story_id)
-        snapshot = story.snapshot()
+    checked = _check_as_of(as_of) if as_of is not None else None
+    with backend(url, token, project, database_url, None) as b:
+        snapshot = b.get_story(story_id, as_of=checked)
     if as_json:
         print_json(snapshot)
     else:
@@ -328,12 +339,13 @@ def story_move(
     ] = None,
     data: Annotated[str | None, typer.Option("--data", help="JSON object of event data.")] = None,
     actor: ActorOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     project: ProjectOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Apply a transition to a story."""
-    who = default_actor(actor)
     payload: dict[str, Any] = {}
     if data is not None:
         try:
@@ -342,16 +354,10 @@ def story_move(
             fail(f"--data is not valid JSON: {exc}", 2)
         if not isinstance(payload, dict):
             fail("--data must be a JSON object", 2)
-    with service_for(project, database_url) as service, refusals():
-        committed = service.app.transition(
-            story_id,
-            event,
-            actor=who,
-            expected_version=expected_version,
-            reason=reason,
-            data=payload,
+    with backend(url, token, project, database_url, actor) as b:
+        snapshot = b.transition(
+            story_id, event, expected_version=expected_version, reason=reason, data=payload
         )
-        snapshot = committed.story.snapshot() | {"position": committed.position}
     if as_json:
         print_json(snapshot)
     else:
@@ -365,13 +371,15 @@ def story_move(
 @story_app.command("history")
 def story_history(
     story_id: Annotated[str, typer.Argument(metavar="ID")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     project: ProjectOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The audit trail of a story: every event with actor, reason and stages."""
-    with service_for(project, database_url) as service, refusals():
-        events = [e.as_json() for e in service.app.history(story_id)]
+    with backend(url, token, project, database_url, None) as b:
+        events = b.history(story_id)
     if as_json:
         print_json(events)
         return
@@ -394,7 +402,33 @@ def story_history(
     out.print(table)
 
 
-# --------------------------------------------------------------------------- sub-apps
+# --------------------------------------------------------------------------- services
+
+
+main_app.command("serve")(serve)
+main_app.add_typer(projections_app, name="projections")
+
+
+@main_app.command("runner")
+def runner(
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option("--api-url", help="URL of a storyline server, given to agents."),
+    ] = None,
+) -> None:
+    """Run the runners alone (for PostgreSQL deployments with several processes)."""
+    from runners.__main__ import main as runner_main
+
+    argv: list[str] = []
+    if project is not None:
+        argv += ["--project", str(project)]
+    if database_url is not None:
+        argv += ["--database-url", database_url]
+    if api_url is not None:
+        argv += ["--api-url", api_url]
+    raise typer.Exit(runner_main(argv))
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ MAX_OUTPUT = 2_000_000
 """Gate and merge output is stored whole, up to this many characters (the tail is kept)."""
 
 ShortText = Annotated[str, Field(max_length=4096)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+"""Counters from agents and processes: bounded so a hostile value cannot overflow storage."""
 
 
 class _Data(BaseModel):
@@ -49,21 +51,21 @@ class SpawnAgentData(_Data):
 
 class AgentStartedData(_Data):
     role: AgentRole = AgentRole.CODER
-    attempt: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1, le=2**31)]
     pid: Annotated[int, Field(ge=1, le=2**31)]
 
 
 class AgentExitedData(_Data):
     role: AgentRole = AgentRole.CODER
-    attempt: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1, le=2**31)]
     outcome: AgentOutcome
-    exit_code: int | None = None
-    signal: int | None = None
+    exit_code: Annotated[int, Field(ge=-(2**31), le=2**31)] | None = None
+    signal: Annotated[int, Field(ge=0, le=1024)] | None = None
     session_id: Annotated[str, Field(max_length=200)] | None = None
-    turns: Annotated[int, Field(ge=0)] = 0
-    tokens_in: Annotated[int, Field(ge=0)] = 0
-    tokens_out: Annotated[int, Field(ge=0)] = 0
-    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    turns: Count = 0
+    tokens_in: Count = 0
+    tokens_out: Count = 0
+    cost_usd: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] = 0.0
     log_path: ShortText | None = None
 
 
@@ -72,12 +74,12 @@ class UncommittedData(_Data):
 
 
 class StartGatesData(_Data):
-    commits_ahead: Annotated[int, Field(ge=0)] = 0
+    commits_ahead: Count = 0
 
 
 class GatesPassedData(_Data):
     feature_branch: ShortText
-    commits_ahead: Annotated[int, Field(ge=0)]
+    commits_ahead: Count
     output: str = ""
 
 

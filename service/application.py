@@ -7,9 +7,10 @@ event store. The API, the CLI and the runners all call this class.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,9 +40,23 @@ def position_column(db: Database) -> str:
     return "notification_id" if db.kind == "postgres" else "rowid"
 
 
+AGGREGATE_CACHE_SIZE = 256
+"""Stories kept decoded per process (see ``persistence_env``)."""
+
+
 def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
     """The eventsourcing library's environment for ``db``; tables are never created here."""
-    common = {"ORIGINATOR_ID_TYPE": "text", "CREATE_TABLE": "no"}
+    common = {
+        "ORIGINATOR_ID_TYPE": "text",
+        "CREATE_TABLE": "no",
+        # Commands on a story load it first: with the cache a load decodes only the events
+        # committed since the cached version (fast-forward, one query), instead of the
+        # whole history. Fast-forward keeps several processes correct: every load still
+        # asks the store what is newer. Bounded, because a story can hold megabytes of
+        # gate output; the working set (stories being driven) is small.
+        "AGGREGATE_CACHE_MAXSIZE": str(AGGREGATE_CACHE_SIZE),
+        "AGGREGATE_CACHE_FASTFORWARD": "y",
+    }
     if db.kind == "sqlite":
         return {
             **common,
@@ -63,6 +78,19 @@ def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": "10",
         "POSTGRES_SCHEMA": "public",
     }
+
+
+def _project_story(story: Story | None, events: Iterable[StoryEvent]) -> Story | None:
+    """Replay ``events`` onto ``story``.
+
+    The library's default projector asserts ``isinstance(event, CanMutateProtocol)`` for
+    every event: a runtime-checkable Protocol check that cost more than decoding the event
+    (a quarter of a transition's CPU in the profile, see BENCHMARKS.md). Our events are
+    always ``StoryEvent`` (the mapper resolves pinned topics), so the check buys nothing.
+    """
+    for event in events:
+        story = event.mutate(story)  # type: ignore[arg-type]
+    return story
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,11 @@ class StorylineApplication(Application[str]):
         waiting for their next poll; other processes poll or LISTEN.
         """
         self._commit_listeners.append(listener)
+
+    def remove_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Stop calling ``listener`` (a missing one is ignored)."""
+        with contextlib.suppress(ValueError):
+            self._commit_listeners.remove(listener)
 
     def _committed(self, position: int) -> None:
         for listener in list(self._commit_listeners):
@@ -224,7 +257,7 @@ class StorylineApplication(Application[str]):
     def get_story(self, story_id: str) -> Story:
         validate_story_id(story_id)
         try:
-            story: Story = self.repository.get(story_id)
+            story: Story = self.repository.get(story_id, projector_func=_project_story)
         except AggregateNotFoundError:
             raise StoryNotFound(story_id) from None
         return story

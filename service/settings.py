@@ -39,6 +39,13 @@ class Database:
         return f"postgresql+psycopg://{auth}@{self.host}:{self.port}/{quote(self.dbname, safe='')}"
 
     @property
+    def url(self) -> str:
+        """A URL that ``parse_database_url`` turns back into this location."""
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.sqlite_path}"
+        return self.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    @property
     def display(self) -> str:
         """The location without any password, for logs and status output."""
         if self.kind == "sqlite":

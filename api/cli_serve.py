@@ -1,0 +1,212 @@
+"""``storyline serve``: the HTTP API (uvicorn) with the projections running in-process.
+
+The lead registers :func:`serve` on the CLI (``main_app.command("serve")(serve)``).
+Background work (the projection runner now, the runner supervisor later) is a list of
+components with ``start()``/``stop()`` built by :func:`build_components`; the app's lifespan
+starts them after the socket is bound and stops them on shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from api.auth import StaticTokens, TokenError, is_loopback, load_tokens
+from api.routes_common import BackgroundComponent
+from service.config_file import ConfigError
+from service.container import Service, open_service
+from service.settings import SettingsError
+
+SWITCH_INTERVAL = 0.0005
+"""GIL switch interval for the server process (Python's default is 5 ms). The event loop
+thread gives the GIL up on every socket call and then waits behind the threadpool and the
+projection runner for up to a whole interval; measured with 4 clients, a shorter interval
+raised HTTP transitions/s by a third and cut p99 latency by half (bench/http_transitions.py)."""
+
+POOL_SIZE = 12
+"""Database connections the API keeps (plus the library's overflow of 10): enough for the
+threadpool's concurrent commands without starving the projection runner."""
+
+
+class BindRefused(Exception):
+    pass
+
+
+def check_bind(host: str, tokens: StaticTokens) -> str | None:
+    """Refuse an unauthenticated API off loopback; returns a warning to print, if any."""
+    if tokens:
+        return None
+    if not is_loopback(host):
+        raise BindRefused(
+            f"refusing to serve on {host!r} without API tokens: configure [[server.tokens]] "
+            "in storyline.toml (or $STORYLINE_TOKENS), or bind to 127.0.0.1"
+        )
+    return (
+        f"no API tokens configured: authentication is off and the API only listens on "
+        f"loopback ({host}); every request acts as user:local with the admin role"
+    )
+
+
+def runner_components(service: Service, *, api_url: str) -> list[BackgroundComponent]:
+    """Hook for the runner supervisor (worktrees, coders, gates, merges).
+
+    Returns the components ``serve`` runs unless ``--no-runners`` is given; ``api_url`` is
+    where this server can be reached by the agents it spawns (``STORYLINE_URL``). A
+    component may offer ``status()`` (a dict, a list of dicts, or an object with
+    ``as_json()``) for ``/healthz``; ``"error"`` set or ``"running": false`` shows there as
+    degraded.
+    """
+    from runners.supervisor import Supervisor
+
+    return [Supervisor(service, api_url=api_url)]
+
+
+def _status_dicts(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [item for entry in value for item in _status_dicts(entry)]
+    if isinstance(value, dict):
+        return [value]
+    if hasattr(value, "as_json"):
+        return [dict(value.as_json())]
+    return [{"status": str(value)}]
+
+
+def build_components(
+    service: Service, *, runners: bool, api_url: str
+) -> tuple[list[BackgroundComponent], Callable[[], list[dict[str, Any]]]]:
+    """The background components of a server and the runner status for ``/healthz``."""
+    from projections import ProjectionRunner
+
+    components: list[BackgroundComponent] = [ProjectionRunner(service.db, service.app)]
+    supervised = runner_components(service, api_url=api_url) if runners else []
+    components.extend(supervised)
+
+    def runner_status() -> list[dict[str, Any]]:
+        statuses: list[dict[str, Any]] = []
+        for component in supervised:
+            status = getattr(component, "status", None)
+            if callable(status):
+                statuses.extend(_status_dicts(status()))
+        return statuses
+
+    return components, runner_status
+
+
+def make_app(
+    service: Service,
+    *,
+    tokens: StaticTokens,
+    api_url: str,
+    runners: bool = True,
+    extra_components: Sequence[BackgroundComponent] = (),
+) -> tuple[Any, Any]:
+    """The ASGI app of ``serve`` and its read models (close them after the server)."""
+    from api.app import create_app
+    from projections import ReadModels
+
+    read_models = ReadModels(service.db)
+    components, runner_status = build_components(service, runners=runners, api_url=api_url)
+    app = create_app(
+        service,
+        read_models,
+        tokens=tokens,
+        components=[*components, *extra_components],
+        runner_status=runner_status,
+    )
+    return app, read_models
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def serve(
+    project: Annotated[
+        Path | None,
+        typer.Option(
+            "--project", "-C", help="Project directory (default: $STORYLINE_PROJECT or .)"
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Database URL (default: $STORYLINE_DATABASE_URL or embedded SQLite)",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to bind (default: [server] host)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port (default: [server] port, 8765)")
+    ] = None,
+    no_runners: Annotated[
+        bool, typer.Option("--no-runners", help="Serve the API and projections only.")
+    ] = False,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the HTTP API with the projections (and, later, the runners) in this process."""
+    import uvicorn
+
+    try:
+        service = open_service(project, database_url, pool_size=POOL_SIZE)
+    except (ConfigError, SettingsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        try:
+            tokens = load_tokens(service.config.server)
+            bind = host or service.config.server.host
+            warning = check_bind(bind, tokens)
+        except (TokenError, BindRefused) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
+        else:
+            typer.echo(f"authentication on: {len(tokens)} API token(s) configured", err=True)
+        listen_port = port if port is not None else service.config.server.port
+        # Agents run on this machine: they reach a wildcard bind through loopback.
+        local_host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
+        api_url = f"http://{_url_host(local_host)}:{listen_port}"
+        app, read_models = make_app(service, tokens=tokens, api_url=api_url, runners=not no_runners)
+        typer.echo(
+            f"storyline API on http://{bind}:{listen_port} (database {service.db.display})",
+            err=True,
+        )
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        try:
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    app,
+                    host=bind,
+                    port=listen_port,
+                    log_level=log_level,
+                    server_header=False,
+                    timeout_graceful_shutdown=5,
+                )
+            )
+            # uvicorn re-raises the Ctrl-C it handled; the shutdown was already graceful.
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run()
+        finally:
+            read_models.close()
+    finally:
+        service.close()
+
+
+__all__ = [
+    "BindRefused",
+    "build_components",
+    "check_bind",
+    "make_app",
+    "runner_components",
+    "serve",
+]

@@ -1,0 +1,94 @@
+"""Liveness and catch-up: is the database reachable, are projections and runners current.
+
+A failed projection makes the status ``degraded`` but still answers 200: the process is
+alive and serves commands and story reads (which never depend on projections), so a
+liveness probe must not restart it; monitoring reads ``status``/``caught_up``. Only an
+unreachable database answers 503 (``unavailable``): then nothing works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.routes_common import ApiState, JsonResponse, state_of
+from api.schemas import HealthOut, responses
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    if hasattr(value, "as_json"):
+        return dict(value.as_json())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "_asdict"):
+        return dict(value._asdict())
+    if hasattr(value, "model_dump"):
+        return dict(value.model_dump(mode="json"))
+    return {k: v for k, v in vars(value).items() if not k.startswith("_")}
+
+
+def health(state: ApiState) -> tuple[int, dict[str, Any]]:
+    db = state.service.db
+    database: dict[str, Any] = {"kind": db.kind, "location": db.display, "ok": True, "head": None}
+    try:
+        database["head"] = state.service.app.max_position()
+    except Exception as exc:
+        logger.warning("health check: database unreachable: %s", type(exc).__name__)
+        database.update(ok=False, error=type(exc).__name__)
+    projections: list[dict[str, Any]] = []
+    projections_ok = True
+    if database["ok"]:
+        try:
+            projections = [_as_dict(s) for s in state.read_models.status()]
+        except Exception as exc:
+            logger.warning("health check: projection status failed: %s", type(exc).__name__)
+            projections_ok = False
+    runners = list(state.runner_status()) if state.runner_status else []
+    failed = any(p.get("error") for p in projections) or any(
+        r.get("error") or r.get("running") is False for r in runners
+    )
+    caught_up = (
+        database["ok"]
+        and projections_ok
+        and not failed
+        and all(int(p.get("lag") or 0) == 0 for p in projections)
+        and all(r.get("caught_up", True) for r in runners)
+    )
+    if not database["ok"]:
+        status, code = "unavailable", 503
+    elif failed or not projections_ok:
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    body = {
+        "status": status,
+        "database": database,
+        "projections": projections,
+        "runners": runners,
+        "caught_up": bool(caught_up),
+    }
+    return code, body
+
+
+@router.get(
+    "/healthz",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "The database is unreachable."}},
+    summary="Liveness, and whether projections and runners are caught up",
+)
+async def healthz(request: Request) -> Response:
+    code, body = await run_in_threadpool(health, state_of(request))
+    return JsonResponse(body, status_code=code)
+
+
+__all__ = ["health", "responses", "router"]

@@ -1,0 +1,109 @@
+"""Read models served from the projections: board, merge queue, agent runs, metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import Principal, may_read
+from api.routes_common import JsonResponse, forbidden, principal, state_of
+from api.routes_stories import _row
+from api.schemas import AgentRunsOut, BoardOut, MergeQueueOut, responses
+from domain.ids import validate_story_id
+from domain.stages import Stage
+
+router = APIRouter(tags=["projections"])
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BOARD_PAGE = 1000
+
+
+def _require_read(caller: Principal, what: str) -> None:
+    if not may_read(caller):
+        raise forbidden(caller, f"read {what}")
+
+
+@router.get("/board", response_model=BoardOut, responses=responses(), summary="The board")
+async def board(request: Request, caller: Principal = Depends(principal)) -> Response:
+    _require_read(caller, "the board")
+    read_models = state_of(request).read_models
+
+    def columns() -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {stage.value: [] for stage in Stage}
+        cursor: str | None = None
+        while True:
+            rows, cursor = read_models.board(None, BOARD_PAGE, cursor)
+            for row in map(_row, rows):
+                out.setdefault(str(row.get("stage")), []).append(row)
+            if not cursor:
+                return out
+
+    return JsonResponse({"stages": await run_in_threadpool(columns)})
+
+
+@router.get(
+    "/merge-queue",
+    response_model=MergeQueueOut,
+    responses=responses(),
+    summary="Stories waiting to merge, in merge order",
+)
+async def merge_queue(request: Request, caller: Principal = Depends(principal)) -> Response:
+    _require_read(caller, "the merge queue")
+    read_models = state_of(request).read_models
+    rows = await run_in_threadpool(read_models.merge_queue)
+    return JsonResponse({"queue": [_row(r) for r in rows]})
+
+
+@router.get(
+    "/agents/runs",
+    response_model=AgentRunsOut,
+    responses=responses(),
+    summary="Agent runs (one per attempt), newest first",
+)
+async def agent_runs(
+    request: Request,
+    story_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    caller: Principal = Depends(principal),
+) -> Response:
+    # An agent token may list the runs of its own story.
+    if not may_read(caller, story_id):
+        raise forbidden(caller, "read agent runs")
+    if story_id is not None:
+        validate_story_id(story_id)
+    read_models = state_of(request).read_models
+    rows = await run_in_threadpool(read_models.agent_runs, story_id, limit)
+    return JsonResponse({"runs": [_row(r) for r in rows]})
+
+
+@router.get(
+    "/metrics",
+    responses={
+        200: {"content": {PROMETHEUS_TYPE: {"schema": {"type": "string"}}}},
+        **responses(),
+    },
+    summary="Metrics in the Prometheus text format",
+)
+async def metrics(request: Request, caller: Principal = Depends(principal)) -> Response:
+    _require_read(caller, "metrics")
+    read_models = state_of(request).read_models
+
+    def render() -> str:
+        values = read_models.metrics()
+        statuses = read_models.status()
+        renderer = getattr(read_models, "render_prometheus", None)
+        if renderer is None:
+            # The projections package may provide the renderer at module level instead.
+            import projections
+
+            renderer = getattr(projections, "render_prometheus", None)
+            if renderer is None:
+                from projections import read_models as module
+
+                renderer = module.render_prometheus
+        return str(renderer(values, statuses))
+
+    text = await run_in_threadpool(render)
+    return Response(text, media_type=PROMETHEUS_TYPE)

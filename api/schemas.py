@@ -1,0 +1,224 @@
+"""Request and response models of the HTTP API (they are also the OpenAPI schema).
+
+Requests forbid unknown keys so a typo is a 422 naming the key, never a silently ignored
+field. Limits here are the outer ones (sizes, types); the domain re-checks every value
+(control characters, id alphabet, ...) and its refusals come back as 422 as well.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from domain.stages import Stage
+
+Text = Annotated[str, Field(max_length=20_000)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateStoryRequest(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    description: Text = ""
+    acceptance_criteria: Annotated[list[Text], Field(min_length=1, max_length=100)]
+    depends_on: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=100)] = []
+    epic: Annotated[str, Field(max_length=200)] | None = None
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0
+    id: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="Story id; the next free number when omitted."
+    )
+    reason: Annotated[str, Field(max_length=10_000)] | None = None
+
+
+class TransitionRequest(_Request):
+    event: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="Wire name of the transition, e.g. start_coding, block, merge_resolved."
+    )
+    expected_version: Annotated[int, Field(ge=0, le=2**53)] | None = Field(
+        default=None,
+        description="The story version the caller last saw; a different current version "
+        "is a 409 version_conflict and nothing changes.",
+    )
+    reason: Annotated[str, Field(max_length=10_000)] | None = None
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="Event-specific fields (see the event's data model)."
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_json(value, depth=0)
+        return value
+
+
+_INT64 = 2**63 - 1
+MAX_DATA_DEPTH = 32
+
+
+def _check_json(value: Any, depth: int) -> None:
+    """Refuse what the event store cannot encode (numbers beyond 64 bits, NaN, infinities)
+    and pathological nesting, so such input is a 422 instead of a failure at save time."""
+    if depth > MAX_DATA_DEPTH:
+        raise ValueError(f"data is nested deeper than {MAX_DATA_DEPTH} levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if not -_INT64 - 1 <= value <= _INT64:
+            raise ValueError("integers in data must fit in 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("numbers in data must be finite")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, depth + 1)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StoryOut(BaseModel):
+    """The full state of a story (``Story.snapshot()``) and the log position it reflects."""
+
+    id: str
+    version: int
+    stage: Stage
+    name: str
+    description: str
+    acceptance_criteria: list[str]
+    depends_on: list[str]
+    epic: str | None
+    priority: int
+    retry_count: int
+    failed_runs: int = 0
+    abort_respawns: int
+    mergemaster_spawns: int
+    fixup_pending: bool
+    final: bool
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    coder_attempts: int
+    mergemaster_attempts: int
+    running_agent: dict[str, Any] | None
+    last_coder_outcome: str | None
+    sessions: dict[str, str]
+    worktree_path: str | None
+    feature_branch: str | None
+    commits_ahead: int
+    merging: bool
+    in_merge_queue: bool
+    resolved_pending: bool
+    merge_commit: str | None
+    merge_failure_kind: str | None
+    merge_failure_details: str | None
+    conflicts: list[str]
+    blocked_from: str | None
+    blocked_reason: str | None
+    last_gate_output: str | None
+    last_event: str
+    created_on: datetime
+    modified_on: datetime
+    legal_events: list[str]
+    position: int | None = Field(
+        default=None,
+        description="Global log position of the event this command committed (commands only).",
+    )
+    as_of: str | None = Field(
+        default=None, description="The ?as_of= value this past state was computed for."
+    )
+
+
+class LoggedEventOut(BaseModel):
+    position: int
+    story_id: str
+    version: int
+    type: str
+    timestamp: datetime
+    actor: str
+    reason: str | None
+    from_stage: str | None
+    to_stage: str | None
+    data: dict[str, Any]
+
+
+class HistoryOut(BaseModel):
+    story_id: str
+    events: list[LoggedEventOut]
+
+
+class EventsPage(BaseModel):
+    events: list[LoggedEventOut]
+    next_after: int = Field(description="Pass as ?after= to get the next page.")
+    head: int = Field(description="The highest log position when the page was read.")
+
+
+class StoryList(BaseModel):
+    stories: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class BoardOut(BaseModel):
+    stages: dict[str, list[dict[str, Any]]] = Field(
+        description="Board rows per stage, every stage present (possibly empty)."
+    )
+
+
+class MergeQueueOut(BaseModel):
+    queue: list[dict[str, Any]]
+
+
+class AgentRunsOut(BaseModel):
+    runs: list[dict[str, Any]]
+
+
+class DatabaseHealth(BaseModel):
+    kind: str
+    location: str
+    ok: bool
+    head: int | None
+    error: str | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    database: DatabaseHealth
+    projections: list[dict[str, Any]]
+    runners: list[dict[str, Any]]
+    caught_up: bool
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."},
+    403: {"model": ErrorResponse, "description": "The token's role does not allow this."},
+    413: {"model": ErrorResponse, "description": "Request body larger than the limit."},
+    422: {"model": ErrorResponse, "description": "Malformed request."},
+}
+"""Failures any endpoint may answer (others are listed per endpoint)."""
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        404: "No such story.",
+        409: "Illegal transition, stale expected_version, existing story, or a key in use.",
+        503: "The database is unreachable.",
+    }
+    extra: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": descriptions.get(code, "Error.")}
+        for code in codes
+    }
+    return {**ERROR_RESPONSES, **extra}

@@ -1,0 +1,484 @@
+"""The projections: board, history, agent runs, merge queue and metrics.
+
+A projection folds batches of events (:meth:`Projection.apply`) and writes the rows that
+changed (:meth:`Projection.flush`) inside the caller's transaction; the runner moves the
+tracking position in the same transaction as a flush, never otherwise, so the tables and
+the position always agree. Between flushes the folded state lives in memory only: while
+catching up (a rebuild) the runner flushes every few hundred thousand events, so a story
+touched in many batches is written once instead of once per batch; when it is caught up it
+flushes every batch. A crash loses only unflushed work, which is simply folded again.
+
+The in-memory state doubles as a cache, so consecutive batches need no reads. It is only
+trusted while the runner can prove nobody else wrote the tables (tracking position and
+generation unchanged) and is dropped after any failure. After a rebuild has emptied the
+tables the cache is *complete*: a key it does not hold has no row, so nothing is read back.
+
+Changed rows are written by :class:`BulkWriter` (replace by key: a pipelined upsert for
+small batches, delete + COPY for large ones on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+from eventsourcing.utils import resolve_topic
+from sqlalchemy import Connection, Table, select, tuple_
+
+from projections import tables as t
+from projections.engine import BulkWriter
+from projections.log import Batch
+from projections.state import (
+    ALL_STAGES,
+    QueueState,
+    RunState,
+    StageMetric,
+    StoryMetric,
+    StoryState,
+    apply_metric_event,
+    apply_queue_event,
+    apply_run_event,
+    apply_story_event,
+    run_key,
+)
+from service.events_log import LoggedEvent
+
+MAX_CACHED = 250_000
+"""Past this many cached keys the cache is dropped (and rebuilt from reads) to bound memory."""
+
+_LOAD_CHUNK = 500
+
+S = TypeVar("S")
+K = TypeVar("K", bound=Hashable)
+
+
+class Projection(ABC):
+    """A read model fed by the event log; ``tables`` maps logical names to real tables."""
+
+    name: ClassVar[str]
+    table_names: ClassVar[tuple[str, ...]]
+    server_side = False
+    """True when the projection needs no decoded events: the database derives its rows, so
+    the runner may apply it on another connection while it decodes for the others."""
+
+    def __init__(
+        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
+    ) -> None:
+        self.tables = {name: tables[name] for name in self.table_names}
+        self.writer = writer
+        self.events_table = events_table
+
+    @property
+    def all_tables(self) -> list[Table]:
+        return list(self.tables.values())
+
+    @abstractmethod
+    def reset(self, *, empty: bool) -> None:
+        """Forget cached state; ``empty`` says the tables are known to hold no rows."""
+
+    @abstractmethod
+    def apply(self, conn: Connection, batch: Batch) -> None:
+        """Fold the batch (in position order); ``conn`` serves reads of uncached state."""
+
+    def flush(self, conn: Connection) -> None:
+        """Write every change folded since the last flush."""
+        return None
+
+    @property
+    def pending(self) -> int:
+        """How many rows the next flush would write (0: nothing waits in memory)."""
+        return 0
+
+
+class KeyedProjection(Projection, Generic[K, S]):
+    """State per key in one table; the key is the table's primary key.
+
+    A subclass names plain functions, not methods: a rebuild calls them millions of times.
+    ``key_function(event)`` gives the key an event affects (None: it affects none; no
+    function at all means the story id), ``fold_function(state, event)`` the new state.
+    """
+
+    key_function: ClassVar[Callable[[LoggedEvent], Any] | None] = None
+
+    def __init__(
+        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
+    ) -> None:
+        super().__init__(tables, writer, events_table)
+        self.table = self.tables[self.table_names[0]]
+        self._cache: dict[K, S] = {}
+        self._stored: set[K] = set()
+        self._dirty: dict[K, None] = {}
+        self._complete = False
+
+    # -- what a subclass defines
+
+    @abstractmethod
+    def fold_function(self) -> Callable[[S | None, LoggedEvent], S]: ...
+
+    @abstractmethod
+    def to_row(self, state: S) -> tuple[Any, ...]: ...
+
+    @abstractmethod
+    def from_row(self, row: Any) -> S: ...
+
+    # -- shared machinery
+
+    def reset(self, *, empty: bool) -> None:
+        self._cache = {}
+        self._stored = set()
+        self._dirty = {}
+        self._complete = empty
+
+    @property
+    def pending(self) -> int:
+        return len(self._dirty)
+
+    def _load(self, conn: Connection, keys: Iterable[K]) -> None:
+        missing = [k for k in keys if k not in self._cache]
+        if not missing:
+            return
+        pk = list(self.table.primary_key.columns)
+        target: Any = pk[0] if len(pk) == 1 else tuple_(*pk)
+        for start in range(0, len(missing), _LOAD_CHUNK):
+            chunk = missing[start : start + _LOAD_CHUNK]
+            for row in conn.execute(select(self.table).where(target.in_(chunk))):
+                state = self.from_row(row)
+                key = self._key_of_row(row)
+                self._cache[key] = state
+                self._stored.add(key)
+
+    def _key_of_row(self, row: Any) -> K:
+        values = tuple(getattr(row, c.name) for c in self.table.primary_key.columns)
+        return values[0] if len(values) == 1 else values  # type: ignore[return-value]
+
+    def apply(self, conn: Connection, batch: Batch) -> None:
+        events = batch.events
+        key_of = type(self).key_function
+        if len(self._cache) > MAX_CACHED and not self._dirty:
+            # Bound memory; only between flushes, as unflushed state lives nowhere else.
+            self.reset(empty=False)
+        if not self._complete:
+            if key_of is None:
+                keys: set[Any] = {e.story_id for e in events}
+            else:
+                keys = {k for e in events if (k := key_of(e)) is not None}
+            self._load(conn, keys)
+        cache = self._cache
+        dirty = self._dirty
+        fold = self.fold_function()
+        get = cache.get
+        if key_of is None:
+            for event in events:
+                key = event.story_id
+                cache[key] = fold(get(key), event)
+                dirty[key] = None
+            return
+        for event in events:
+            key = key_of(event)
+            if key is not None:
+                cache[key] = fold(get(key), event)
+                dirty[key] = None
+
+    def flush(self, conn: Connection) -> None:
+        if not self._dirty:
+            return
+        cache = self._cache
+        stored = self._stored
+        to_row = self.to_row
+        rows = [to_row(cache[k]) for k in self._dirty]
+        self.writer.upsert(conn, self.table, rows, [k for k in self._dirty if k in stored])
+        stored.update(self._dirty)
+        self._dirty = {}
+
+
+class BoardProjection(KeyedProjection[str, StoryState]):
+    """One row per story: stage, sub-state, counters, totals, last change."""
+
+    name = "board"
+    table_names = ("board",)
+
+    def fold_function(self) -> Callable[[StoryState | None, LoggedEvent], StoryState]:
+        return apply_story_event
+
+    def to_row(self, state: StoryState) -> tuple[Any, ...]:
+        return state.as_row()
+
+    def from_row(self, row: Any) -> StoryState:
+        return StoryState.from_row(row)
+
+
+def _queue_key(event: LoggedEvent) -> str | None:
+    # Only creations (for the name) and moves into, within or out of merge matter.
+    if event.to_stage == "merge" or event.from_stage == "merge" or event.type == "StoryCreated":
+        return event.story_id
+    return None
+
+
+class MergeQueueProjection(KeyedProjection[str, QueueState]):
+    """One row per story; queued stories carry the position of the event that queued them."""
+
+    name = "merge_queue"
+    table_names = ("merge_queue",)
+    key_function = _queue_key
+
+    def fold_function(self) -> Callable[[QueueState | None, LoggedEvent], QueueState]:
+        return apply_queue_event
+
+    def to_row(self, state: QueueState) -> tuple[Any, ...]:
+        return state.as_row()
+
+    def from_row(self, row: Any) -> QueueState:
+        return QueueState.from_row(row)
+
+
+class AgentRunsProjection(KeyedProjection[tuple[str, str, int], RunState]):
+    """One row per agent attempt (story, role, attempt)."""
+
+    name = "agent_runs"
+    table_names = ("agent_runs",)
+    key_function = run_key
+
+    def fold_function(self) -> Callable[[RunState | None, LoggedEvent], RunState]:
+        return apply_run_event
+
+    def to_row(self, state: RunState) -> tuple[Any, ...]:
+        return state.as_row()
+
+    def from_row(self, row: Any) -> RunState:
+        return RunState.from_row(row)
+
+
+class HistoryProjection(Projection):
+    """The audit trail: one row per event, append-only.
+
+    On PostgreSQL the rows are derived by the server from the stored events in one
+    ``INSERT ... SELECT`` over the batch's exact positions (nothing crosses the wire; a
+    rebuild's history costs no Python time per event). It extracts the same fields as
+    ``service.events_log.decode``; events whose class has moved past version 1 (they may
+    need upcasting) and unknown topics go through ``decode`` instead. A test compares both
+    paths on the same log.
+    """
+
+    name = "history"
+    table_names = ("story_history",)
+
+    def __init__(
+        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
+    ) -> None:
+        super().__init__(tables, writer, events_table)
+        self.server_side = writer.postgres and events_table is not None
+        self._type_names: dict[str, str | None] = {}
+
+    def reset(self, *, empty: bool) -> None:
+        return None
+
+    def apply(self, conn: Connection, batch: Batch) -> None:
+        table = self.tables["story_history"]
+        if not self.server_side:
+            self.writer.insert(conn, table, [history_row(e) for e in batch.events])
+            return
+        positions: list[int] = []
+        topics: dict[str, str] = {}
+        in_python: list[Any] = []
+        for row in batch.rows:
+            topic = row[3]
+            name = self._type_name(topic)
+            if name is None:
+                in_python.append(row)
+            else:
+                positions.append(row[0])
+                topics[topic] = name
+        if positions:
+            raw: Any = conn.connection.driver_connection
+            with raw.cursor() as cursor:
+                cursor.execute(
+                    self._statement(table),
+                    (list(topics), list(topics.values()), positions),
+                )
+                if cursor.rowcount != len(positions):
+                    raise RuntimeError(
+                        f"history: {cursor.rowcount} of {len(positions)} events found in the log"
+                    )
+        if in_python:
+            self.writer.insert(conn, table, [history_row(e) for e in Batch(in_python).events])
+
+    def _type_name(self, topic: str) -> str | None:
+        """The type name decode() gives ``topic``, if SQL may derive its row (else None)."""
+        if topic not in self._type_names:
+            try:
+                cls = resolve_topic(topic)
+            except Exception:
+                cls = None
+            plain = cls is not None and getattr(cls, "class_version", 1) == 1
+            self._type_names[topic] = cls.__name__ if plain and cls is not None else None
+        return self._type_names[topic]
+
+    def _statement(self, table: Table) -> str:
+        removed = ",".join((*COMMON_KEYS, "class_version"))
+        # OFFSET 0 keeps the planner from inlining the subquery, which would parse the JSON
+        # once per field taken from it instead of once per event.
+        return (
+            f'INSERT INTO "{table.name}" (position, story_id, version, type, actor, reason, '
+            "from_stage, to_stage, timestamp, data) "
+            "SELECT e.notification_id, e.originator_id, e.originator_version, t.name, "
+            "coalesce(j.v->>'actor', ''), j.v->>'reason', j.v->>'from_stage', "
+            "j.v->>'to_stage', (j.v->>'timestamp')::timestamptz, "
+            f"j.v - '{{{removed}}}'::text[] "
+            f'FROM "{self.events_table}" e '
+            "JOIN unnest(%s::text[], %s::text[]) AS t(topic, name) ON t.topic = e.topic "
+            "CROSS JOIN LATERAL "
+            "(SELECT convert_from(e.state, 'UTF8')::jsonb AS v OFFSET 0) j "
+            "WHERE e.notification_id = ANY(%s::bigint[])"
+        )
+
+
+COMMON_KEYS = ("timestamp", "actor", "reason", "from_stage", "to_stage", "originator_topic")
+"""The payload keys decode() lifts out of ``data`` (``service.events_log._COMMON``)."""
+
+
+def history_row(e: LoggedEvent) -> tuple[Any, ...]:
+    return (
+        e.position,
+        e.story_id,
+        e.version,
+        e.type,
+        e.actor,
+        e.reason,
+        e.from_stage,
+        e.to_stage,
+        e.timestamp,
+        e.data,
+    )
+
+
+def _metrics_key(event: LoggedEvent) -> str | None:
+    # An event that leaves the stage as it was (from == to) changes nothing but cost.
+    if event.from_stage != event.to_stage or event.type == "AgentExited":
+        return event.story_id
+    return None
+
+
+class _StoryMetrics(KeyedProjection[str, StoryMetric]):
+    """The per-story half of :class:`MetricsProjection`, which owns the stage totals."""
+
+    name = "metrics"
+    table_names = ("story_metrics",)
+    key_function = _metrics_key
+
+    def __init__(
+        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
+    ) -> None:
+        super().__init__(tables, writer, events_table)
+        self.stages: dict[str, StageMetric] = {}
+        self.changed: set[str] = set()
+
+    def fold_function(self) -> Callable[[StoryMetric | None, LoggedEvent], StoryMetric]:
+        stages = self.stages
+        changed = self.changed
+
+        def fold(state: StoryMetric | None, event: LoggedEvent) -> StoryMetric:
+            story, touched = apply_metric_event(state, stages, event)
+            if touched:
+                changed.update(touched)
+            return story
+
+        return fold
+
+    def to_row(self, state: StoryMetric) -> tuple[Any, ...]:
+        return state.as_row()
+
+    def from_row(self, row: Any) -> StoryMetric:
+        return StoryMetric.from_row(row)
+
+
+class MetricsProjection(Projection):
+    """Per story: current stage, since when, cost; per stage: closed time and entries."""
+
+    name = "metrics"
+    table_names = ("story_metrics", "stage_metrics")
+
+    def __init__(
+        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
+    ) -> None:
+        super().__init__(tables, writer, events_table)
+        self.stories = _StoryMetrics(self.tables, writer)
+        self._stages_loaded = False
+        self._stages_stored: set[str] = set()
+
+    def reset(self, *, empty: bool) -> None:
+        self.stories.reset(empty=empty)
+        self.stories.stages = {}
+        self.stories.changed = set()
+        self._stages_loaded = empty
+        self._stages_stored = set()
+
+    @property
+    def pending(self) -> int:
+        return self.stories.pending + len(self.stories.changed)
+
+    def apply(self, conn: Connection, batch: Batch) -> None:
+        if not self._stages_loaded:
+            rows = conn.execute(select(self.tables["stage_metrics"]))
+            self.stories.stages = {row.stage: StageMetric.from_row(row) for row in rows}
+            self._stages_stored = set(self.stories.stages)
+            self._stages_loaded = True
+        self.stories.apply(conn, batch)
+
+    def flush(self, conn: Connection) -> None:
+        self.stories.flush(conn)
+        changed = self.stories.changed
+        if changed:
+            stages = self.stories.stages
+            ordered = [s for s in ALL_STAGES if s in changed] + sorted(changed - set(ALL_STAGES))
+            rows = [stages[s].as_row() for s in ordered]
+            stored = [s for s in ordered if s in self._stages_stored]
+            self.writer.upsert(conn, self.tables["stage_metrics"], rows, stored)
+            self._stages_stored.update(ordered)
+            self.stories.changed = set()
+
+
+PROJECTIONS: dict[str, type[Projection]] = {
+    cls.name: cls
+    for cls in (
+        BoardProjection,
+        HistoryProjection,
+        AgentRunsProjection,
+        MergeQueueProjection,
+        MetricsProjection,
+    )
+}
+"""Every projection by name, in the order status lists them."""
+
+PROJECTION_NAMES: tuple[str, ...] = tuple(PROJECTIONS)
+
+LIVE_TABLES: dict[str, Table] = {table.name: table for table in t.PROJECTION_TABLES}
+
+
+def select_names(names: Sequence[str] | str | None) -> list[str]:
+    """Validate projection names (None means all); unknown names raise ValueError."""
+    if names is None:
+        return list(PROJECTION_NAMES)
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in PROJECTIONS]
+    if unknown:
+        raise ValueError(
+            f"unknown projection {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(PROJECTION_NAMES)}"
+        )
+    return [n for n in PROJECTION_NAMES if n in names]
+
+
+def build(
+    name: str,
+    writer: BulkWriter,
+    tables: Mapping[str, Table] | None = None,
+    events_table: str | None = None,
+) -> Projection:
+    """A projection writing ``tables`` (default: the live ones).
+
+    ``events_table`` names the event store's table for projections that can derive their rows
+    in SQL on PostgreSQL; without it they use the decoded events.
+    """
+    return PROJECTIONS[name](tables if tables is not None else LIVE_TABLES, writer, events_table)

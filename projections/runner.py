@@ -1,0 +1,772 @@
+"""Following the event log into the projection tables: exactly once, resumable, rebuildable.
+
+Exactly once: rows are written in a transaction that first locks the projection's row in
+``projection_positions`` (``FOR UPDATE``; on SQLite ``BEGIN IMMEDIATE`` locks the file),
+checks that its position and generation are still the ones this runner last committed,
+writes the rows, and moves the position to the last event they include. Either all of that
+commits or none of it does, so a process killed at any instant resumes from the committed
+position, and two runners racing on the same projection cannot both apply a batch: the loser
+sees a position it did not expect, drops its in-memory state and resumes from the winner's.
+
+Catching up (a rebuild, or a follower that was down) folds batches in memory and writes
+every ``FLUSH_EVENTS`` events, ``FLUSH_SECONDS`` seconds or ``FLUSH_PENDING`` changed rows,
+and whenever it reaches the head of the log; each projection's position moves only with its
+own writes. Live following therefore writes every batch.
+
+Failure isolation: if a batch fails, the runner rewinds every projection of that batch to
+its committed position and goes on carefully: each projection in its own SAVEPOINT, writing
+every batch. One that raises is rolled back alone; the runner replays that batch event by
+event to advance it as far as it goes and records the failing event's position and the
+error in its tracking row (status shows it failed). It is retried with a growing back-off;
+the others keep running.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Column, Connection, MetaData, Table, exc, select, update
+
+from projections import tables as t
+from projections.definitions import LIVE_TABLES, Projection, build, select_names
+from projections.engine import BulkWriter, create_projection_engine, write_transaction
+from projections.log import Batch, EventReader
+from service.application import events_table
+from service.settings import Database
+
+if TYPE_CHECKING:
+    from service.application import StorylineApplication
+
+logger = logging.getLogger(__name__)
+
+PROGRESS = threading.Condition()
+"""Notified after every commit of a runner in this process (wakes ``ReadModels.wait_for``)."""
+
+MAX_REPORTED_DIFFERENCES = 20
+MAX_ERROR_TEXT = 2_000
+_pp = t.projection_positions
+
+
+class ProjectionFailed(RuntimeError):
+    """A rebuild finished but some projections recorded an error (see ``status``)."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = failures
+        super().__init__(
+            "; ".join(f"projection {name!r} failed: {error}" for name, error in failures.items())
+        )
+
+
+FLUSH_EVENTS = 250_000
+FLUSH_SECONDS = 5.0
+FLUSH_PENDING = 50_000
+
+
+@dataclass
+class _Tracked:
+    name: str
+    projection: Projection
+    position: int = 0
+    """Last event folded (in memory)."""
+    committed: int = 0
+    """Last event whose rows are committed: the position in ``projection_positions``."""
+    generation: int = 0
+    since_flush: int = 0
+    flushed_at: float = 0.0
+    retry_at: float = 0.0
+    failures: int = 0
+
+
+class _Careful(Exception):
+    """A batch failed: rewind, then go on one savepoint per projection."""
+
+
+@contextmanager
+def _bulk() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a bulk replay.
+
+    Replaying allocates a few objects per event while holding every story's state; each
+    allocation-triggered collection then walks that whole state, which made decoding and
+    folding 1.5-3x slower. The folded state has no reference cycles to collect, so the
+    collector is simply off until the replay ends (and back to how it was after).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _describe(error: BaseException) -> str:
+    # SQLAlchemy's own message repeats the statement and its parameters (event data, maybe
+    # large): the driver's message is what an operator needs.
+    original = getattr(error, "orig", None)
+    text = f"{type(original or error).__name__}: {original or error}"
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
+
+
+class ProjectionRunner:
+    """Applies the event log to the named projections (all by default).
+
+    ``run_once()`` catches up and returns; ``start()`` follows the log in a daemon thread
+    (LISTEN/NOTIFY plus a poll on PostgreSQL; a poll plus the application's commit listener
+    on SQLite); ``rebuild()`` drops and replays; ``check()`` replays into scratch tables and
+    diffs them against the live ones.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        app: StorylineApplication | None = None,
+        names: Sequence[str] | None = None,
+        batch_size: int = 1000,
+        *,
+        rebuild_batch_size: int = 5000,
+        poll_interval: float = 1.0,
+        retry_interval: float = 5.0,
+        gap_lock_timeout: float = 2.0,
+    ) -> None:
+        if batch_size < 1 or rebuild_batch_size < 1:
+            raise ValueError("batch sizes must be positive")
+        self.db = db
+        self.app = app
+        self.names = select_names(names)
+        self.batch_size = batch_size
+        self.rebuild_batch_size = rebuild_batch_size
+        self.poll_interval = poll_interval
+        self.retry_interval = retry_interval
+        self.engine = create_projection_engine(db, writer=True)
+        self.writer = BulkWriter(self.engine.dialect.name)
+        self.reader = EventReader(db, self.engine, lock_timeout=gap_lock_timeout)
+        self._events_table = events_table(db)
+        self._tracked = {
+            n: _Tracked(n, build(n, self.writer, events_table=self._events_table))
+            for n in self.names
+        }
+        self._synced = False
+        # One batch at a time per runner: the thread, rebuild() and run_once() share state.
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
+        self._listening = False
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ tracking rows
+
+    def _ensure_rows(self) -> None:
+        for attempt in range(3):
+            try:
+                with write_transaction(self.engine) as conn:
+                    existing = set(conn.scalars(select(_pp.c.name)))
+                    missing = [n for n in self.names if n not in existing]
+                    if missing:
+                        conn.execute(
+                            _pp.insert(),
+                            [{"name": n, "position": 0, "generation": 0} for n in missing],
+                        )
+                return
+            except exc.IntegrityError:
+                # Another process inserted the same rows first: look again.
+                if attempt == 2:
+                    raise
+
+    def _sync(self) -> None:
+        """Load positions from the database; a changed one invalidates the cached state."""
+        self._ensure_rows()
+        with self.engine.connect() as conn:
+            rows = {r.name: r for r in conn.execute(select(_pp))}
+        for tracked in self._tracked.values():
+            row = rows[tracked.name]
+            self._adopt(tracked, row.position, row.generation)
+        self._synced = True
+
+    def _adopt(self, tracked: _Tracked, position: int, generation: int) -> None:
+        """Take the database's position; in-memory state cannot be trusted after that."""
+        tracked.projection.reset(empty=False)
+        tracked.position = tracked.committed = position
+        tracked.generation = generation
+        tracked.since_flush = 0
+        tracked.flushed_at = time.monotonic()
+
+    def _rewind(self, items: Sequence[_Tracked]) -> None:
+        """Forget what was folded since the last commit (it will be folded again)."""
+        for item in items:
+            item.projection.reset(empty=False)
+            item.position = item.committed
+            item.since_flush = 0
+
+    def _lock_rows(self, conn: Connection, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        rows = conn.execute(
+            select(_pp.c.name, _pp.c.position, _pp.c.generation)
+            .where(_pp.c.name.in_(list(names)))
+            .with_for_update()
+        )
+        return {r.name: (r.position, r.generation) for r in rows}
+
+    def _split_stale(
+        self, conn: Connection, group: Sequence[_Tracked]
+    ) -> tuple[list[_Tracked], list[tuple[_Tracked, tuple[int, int] | None]]]:
+        current = self._lock_rows(conn, [item.name for item in group])
+        ready: list[_Tracked] = []
+        stale: list[tuple[_Tracked, tuple[int, int] | None]] = []
+        for item in group:
+            found = current.get(item.name)
+            if found == (item.committed, item.generation):
+                ready.append(item)
+            else:
+                stale.append((item, found))
+        return ready, stale
+
+    def _handle_stale(self, stale: Sequence[tuple[_Tracked, tuple[int, int] | None]]) -> None:
+        for item, found in stale:
+            if found is None:
+                self._synced = False
+            else:
+                self._adopt(item, *found)
+
+    def _advance(self, conn: Connection, positions: dict[str, int]) -> None:
+        by_position: dict[int, list[str]] = {}
+        for name, position in positions.items():
+            by_position.setdefault(position, []).append(name)
+        for position, names in by_position.items():
+            conn.execute(
+                update(_pp)
+                .where(_pp.c.name.in_(names))
+                .values(position=position, updated_at=_now(), error=None, error_position=None)
+            )
+
+    def _committed(self, items: Sequence[_Tracked]) -> None:
+        now = time.monotonic()
+        for item in items:
+            item.committed = item.position
+            item.since_flush = 0
+            item.flushed_at = now
+            item.failures = 0
+            item.retry_at = 0.0
+        if items:
+            with PROGRESS:
+                PROGRESS.notify_all()
+
+    # ------------------------------------------------------------------ applying
+
+    def run_once(self) -> int:
+        """Catch every healthy projection up with the log; returns the events applied.
+
+        An event is counted once per batch it was applied in (once, when the projections
+        share a position, which is the normal case). Projections waiting out a failure
+        back-off are skipped. Everything applied is committed when this returns.
+        """
+        return self._run(None)
+
+    def _run(self, stop: threading.Event | None) -> int:
+        with self._lock:
+            if not self._synced:
+                self._sync()
+            return self._catch_up(list(self._tracked.values()), self.batch_size, stop=stop)
+
+    def _catch_up(
+        self,
+        tracked: list[_Tracked],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> int:
+        applied = 0
+        careful = False
+        try:
+            while stop is None or not stop.is_set():
+                if not self._synced:
+                    self._sync()
+                now = time.monotonic()
+                groups: dict[int, list[_Tracked]] = {}
+                for item in tracked:
+                    if item.retry_at <= now:
+                        groups.setdefault(item.position, []).append(item)
+                moved = False
+                for position in sorted(groups):
+                    batch = self.reader.read_batch(position, batch_size)
+                    if not batch:
+                        continue
+                    moved = True
+                    group = groups[position]
+                    if careful:
+                        took = self._apply_apart(group, batch)
+                    else:
+                        try:
+                            took = self._apply_together(group, batch, len(batch) < batch_size)
+                        except _Careful:
+                            careful = True
+                            continue
+                    if took:
+                        applied += len(batch)
+                    if progress is not None:
+                        progress(min(item.position for item in tracked))
+                if not moved:
+                    break
+        finally:
+            # Whatever is folded but unwritten is written now (or, if that fails, forgotten
+            # and folded again next time).
+            self._flush_pending(tracked)
+        return applied
+
+    def _due(self, item: _Tracked, now: float) -> bool:
+        return (
+            item.since_flush >= FLUSH_EVENTS
+            or item.projection.pending >= FLUSH_PENDING
+            or now - item.flushed_at >= FLUSH_SECONDS
+        )
+
+    def _apply_together(self, group: list[_Tracked], batch: Batch, caught_up: bool) -> bool:
+        """The common case: no savepoints; server-side projections run alongside.
+
+        A projection whose rows the database derives by itself (history on PostgreSQL)
+        gets its own transaction on another connection, run by a helper thread while this
+        one decodes and folds for the others: the server's work and ours overlap instead of
+        adding up. Each transaction still commits rows with their own position, and if one
+        of them fails the position check sorts out which one committed.
+        """
+        aside = [i for i in group if i.projection.server_side] if len(group) > 1 else []
+        here = [i for i in group if i not in aside]
+        try:
+            future = self._helper().submit(self._apply_plain, aside, batch, True) if aside else None
+            try:
+                self._apply_plain(here, batch, caught_up)
+            finally:
+                if future is not None:
+                    future.result()
+        except Exception as error:
+            logger.debug("batch up to %s failed; going on carefully", batch.last, exc_info=True)
+            self._rewind(group)
+            raise _Careful from error
+        return True
+
+    def _apply_plain(self, group: list[_Tracked], batch: Batch, flush_all: bool) -> None:
+        last = batch.last
+        with write_transaction(self.engine) as conn:
+            ready, stale = self._split_stale(conn, group)
+            for item in ready:
+                item.projection.apply(conn, batch)
+            now = time.monotonic()
+            flushed = []
+            for item in ready:
+                item.since_flush += len(batch)
+                if flush_all or self._due(item, now):
+                    item.projection.flush(conn)
+                    flushed.append(item)
+            self._advance(conn, {item.name: last for item in flushed})
+        for item in ready:
+            item.position = last
+        self._committed(flushed)
+        self._handle_stale(stale)
+
+    def _apply_apart(self, group: list[_Tracked], batch: Batch) -> bool:
+        """Each projection in its own savepoint, so a failing one is rolled back alone."""
+        last = batch.last
+        done: list[_Tracked] = []
+        failed: list[_Tracked] = []
+        try:
+            with write_transaction(self.engine) as conn:
+                ready, stale = self._split_stale(conn, group)
+                for item in ready:
+                    try:
+                        with conn.begin_nested():
+                            item.projection.apply(conn, batch)
+                            item.projection.flush(conn)
+                    except Exception:
+                        logger.debug("projection %s failed on a batch", item.name, exc_info=True)
+                        failed.append(item)
+                        continue
+                    done.append(item)
+                self._advance(conn, {item.name: last for item in done})
+        except Exception:
+            # The transaction itself failed (connection lost, commit refused).
+            self._rewind(group)
+            self._synced = False
+            raise
+        for item in done:
+            item.position = last
+        self._committed(done)
+        self._handle_stale(stale)
+        for item in failed:
+            self._rewind([item])
+            self._isolate(item, batch)
+        return bool(done)
+
+    def _flush_pending(self, tracked: Sequence[_Tracked]) -> None:
+        waiting = [i for i in tracked if i.position > i.committed]
+        if not waiting:
+            return
+        try:
+            with write_transaction(self.engine) as conn:
+                ready, stale = self._split_stale(conn, waiting)
+                for item in ready:
+                    item.projection.flush(conn)
+                self._advance(conn, {item.name: item.position for item in ready})
+        except Exception:
+            logger.exception("could not write the projections' pending changes")
+            self._rewind(waiting)
+            return
+        self._committed(ready)
+        self._handle_stale(stale)
+
+    def _helper(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projections")
+        return self._executor
+
+    def _isolate(self, item: _Tracked, batch: Batch) -> None:
+        """Apply the batch one event at a time to find (and record) the failing event."""
+        for single in batch.after(item.committed).split():
+            position = single.last
+            try:
+                with write_transaction(self.engine) as conn:
+                    found = self._lock_rows(conn, [item.name]).get(item.name)
+                    if found != (item.committed, item.generation):
+                        self._synced = False
+                        return
+                    item.projection.apply(conn, single)
+                    item.projection.flush(conn)
+                    self._advance(conn, {item.name: position})
+            except Exception as error:
+                self._rewind([item])
+                self._record_failure(item, position, error)
+                return
+            item.position = position
+            self._committed([item])
+
+    def _record_failure(self, item: _Tracked, position: int, error: BaseException) -> None:
+        item.failures += 1
+        delay = min(self.retry_interval * 2 ** min(item.failures - 1, 6), 300.0)
+        item.retry_at = time.monotonic() + delay
+        logger.error(
+            "projection %s failed at position %s (retrying in %.0f s): %s",
+            item.name,
+            position,
+            delay,
+            _describe(error),
+            exc_info=error,
+        )
+        try:
+            with write_transaction(self.engine) as conn:
+                conn.execute(
+                    update(_pp)
+                    .where(_pp.c.name == item.name)
+                    .where(_pp.c.generation == item.generation)
+                    .values(error=_describe(error), error_position=position, updated_at=_now())
+                )
+        except Exception:
+            logger.exception("could not record the failure of projection %s", item.name)
+
+    # ------------------------------------------------------------------ rebuild
+
+    def rebuild(
+        self,
+        name: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Drop the projection(s) and replay the whole log; returns the events replayed.
+
+        ``progress(position, head)`` is called after every batch. Rows and position are
+        committed batch by batch, so an interrupted rebuild resumes like any follower.
+        Raises :class:`ProjectionFailed` if a projection recorded an error on the way (the
+        others are rebuilt regardless).
+        """
+        names = select_names(name)
+        outside = [n for n in names if n not in self._tracked]
+        if outside:
+            raise ValueError(f"this runner does not run {', '.join(outside)}")
+        with self._lock:
+            if not self._synced:
+                self._sync()
+            selected = [self._tracked[n] for n in names]
+            with write_transaction(self.engine) as conn:
+                current = self._lock_rows(conn, names)
+                tables = [table for item in selected for table in item.projection.all_tables]
+                self.writer.truncate(conn, tables)
+                for item in selected:
+                    generation = current[item.name][1] + 1
+                    conn.execute(
+                        update(_pp)
+                        .where(_pp.c.name == item.name)
+                        .values(
+                            position=0,
+                            generation=generation,
+                            updated_at=_now(),
+                            error=None,
+                            error_position=None,
+                        )
+                    )
+                    item.generation = generation
+            for item in selected:
+                item.position = item.committed = 0
+                item.since_flush = 0
+                item.flushed_at = time.monotonic()
+                item.failures = 0
+                item.retry_at = 0.0
+                item.projection.reset(empty=True)
+            head = self.reader.head()
+            if progress is not None:
+                progress(0, head)
+
+            def report(position: int) -> None:
+                nonlocal head
+                head = max(head, position)
+                if progress is not None:
+                    progress(position, head)
+
+            with _bulk():
+                applied = self._catch_up(selected, self.rebuild_batch_size, report)
+            failures = self._failures(names)
+            if failures:
+                raise ProjectionFailed(failures)
+            return applied
+
+    def _failures(self, names: Sequence[str]) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_pp.c.name, _pp.c.error, _pp.c.error_position).where(
+                    _pp.c.name.in_(list(names)), _pp.c.error.is_not(None)
+                )
+            )
+            return {r.name: f"at position {r.error_position}: {r.error}" for r in rows}
+
+    # ------------------------------------------------------------------ check
+
+    def check(self, name: str | None = None) -> dict[str, list[str]]:
+        """Replay into scratch tables and diff them with the live tables.
+
+        Returns the differences of each projection that has any (empty: all equal). It runs
+        in one snapshot (REPEATABLE READ on PostgreSQL, a read transaction on SQLite): the
+        live positions, the events replayed up to them and the live rows are all read at the
+        same instant, so a runner committing meanwhile cannot cause false differences. The
+        scratch tables are TEMPORARY and the transaction is rolled back: nothing is left.
+        """
+        names = select_names(name)
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            transaction = conn.begin()
+            try:
+                with _bulk():
+                    return self._check(conn, names)
+            finally:
+                transaction.rollback()
+
+    def _check(self, conn: Connection, names: list[str]) -> dict[str, list[str]]:
+        scratch_md = MetaData()
+        scratch: dict[str, Table] = {}
+        for live in LIVE_TABLES.values():
+            scratch[live.name] = Table(
+                f"check_{live.name}",
+                scratch_md,
+                *(
+                    Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                    for c in live.columns
+                ),
+                prefixes=["TEMPORARY"],
+            )
+        projections = {n: build(n, self.writer, scratch, self._events_table) for n in names}
+        for projection in projections.values():
+            projection.reset(empty=True)
+            for table in projection.all_tables:
+                table.create(conn)
+        stops = {r.name: r.position for r in conn.execute(select(_pp.c.name, _pp.c.position))}
+        stop_at = {n: stops.get(n, 0) for n in names}
+        position = 0
+        last_stop = max(stop_at.values(), default=0)
+        while position < last_stop:
+            batch = self.reader.read_batch(
+                position, self.rebuild_batch_size, stop=last_stop, conn=conn
+            )
+            if not batch:
+                break
+            for n, projection in projections.items():
+                if stop_at[n] >= batch.last:
+                    projection.apply(conn, batch)
+                elif stop_at[n] > position:
+                    rows = [row for row in batch.rows if row[0] <= stop_at[n]]
+                    projection.apply(conn, Batch(rows))
+                if projection.pending >= FLUSH_PENDING:
+                    projection.flush(conn)
+            position = batch.last
+        for projection in projections.values():
+            projection.flush(conn)
+        differences: dict[str, list[str]] = {}
+        for n, projection in projections.items():
+            found: list[str] = []
+            for logical, rebuilt in projection.tables.items():
+                found.extend(_diff(conn, LIVE_TABLES[logical], rebuilt))
+            if found:
+                differences[n] = found
+        return differences
+
+    # ------------------------------------------------------------------ following
+
+    def start(self) -> None:
+        """Follow the log in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        if self.app is not None and not self._listening:
+            self.app.add_commit_listener(self._on_commit)
+            self._listening = True
+        if self.db.kind == "postgres":
+            self._listener = threading.Thread(
+                target=self._listen, name="projections-listen", daemon=True
+            )
+            self._listener.start()
+        self._thread = threading.Thread(target=self._follow, name="projections", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in (self._thread, self._listener):
+            if thread is not None:
+                thread.join(timeout)
+        self._thread = None
+        self._listener = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        self.engine.dispose()
+
+    def __enter__(self) -> ProjectionRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def wake(self) -> None:
+        """Look at the log now instead of at the next poll."""
+        self._wake.set()
+
+    def _on_commit(self, _position: int) -> None:
+        self._wake.set()
+
+    def _follow(self) -> None:
+        errors = 0
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self._run(self._stop)
+                errors = 0
+            except Exception:
+                errors += 1
+                logger.exception("projection runner pass failed (attempt %d)", errors)
+                self._stop.wait(min(0.5 * 2**errors, 30.0))
+                continue
+            self._wake.wait(self.poll_interval)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        channel = events_table(self.db)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(**_conninfo(self.db), autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{channel}"')
+                    # Whatever was committed while nobody listened is picked up now.
+                    self._wake.set()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self._wake.set()
+            except Exception:
+                logger.warning("LISTEN on %s failed; polling until it is back", channel)
+                self._stop.wait(self.poll_interval)
+
+
+def _conninfo(db: Database) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "host": db.host,
+        "port": db.port,
+        "user": db.user,
+        "dbname": db.dbname,
+        "connect_timeout": 10,
+    }
+    if db.password:
+        params["password"] = db.password
+    return params
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def _ordered(conn: Connection, table: Table) -> Iterator[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    pk = list(table.primary_key.columns)
+    postgres = conn.dialect.name == "postgresql"
+    # Keys are compared in code-point order by the merge in _diff; PostgreSQL's default
+    # collation sorts text differently, "C" does not (SQLite's BINARY already agrees).
+    order = [c.collate("C") if postgres and c.type.python_type is str else c for c in pk]
+    statement = (
+        select(table).order_by(*order).execution_options(stream_results=True, yield_per=2000)
+    )
+    result = conn.execute(statement)
+    indexes = [list(table.columns).index(c) for c in pk]
+    for row in result:
+        values = tuple(row)
+        yield tuple(values[i] for i in indexes), values
+
+
+def _diff(conn: Connection, live: Table, rebuilt: Table) -> list[str]:
+    """Row-by-row differences between two tables with the same columns, merged by key.
+
+    Both sides stream in key order (server-side cursors on PostgreSQL), so a check of a
+    million-row history never holds more than a few thousand rows in memory.
+    """
+    names = [c.name for c in live.columns]
+    found: list[str] = []
+    count = 0
+
+    def note(key: tuple[Any, ...], message: str) -> None:
+        nonlocal count
+        count += 1
+        if len(found) < MAX_REPORTED_DIFFERENCES:
+            shown = key[0] if len(key) == 1 else key
+            found.append(f"{live.name} {shown!r}: {message}")
+
+    done = object()
+    live_rows = _ordered(conn, live)
+    rebuilt_rows = _ordered(conn, rebuilt)
+    a: Any = next(live_rows, done)
+    b: Any = next(rebuilt_rows, done)
+    while a is not done or b is not done:
+        if b is done or (a is not done and a[0] < b[0]):
+            note(a[0], "in the live table but not in the rebuild")
+            a = next(live_rows, done)
+        elif a is done or b[0] < a[0]:
+            note(b[0], "in the rebuild but not in the live table")
+            b = next(rebuilt_rows, done)
+        else:
+            if a[1] != b[1]:
+                columns = [
+                    f"{n}: live={x!r} rebuilt={y!r}"
+                    for n, x, y in zip(names, a[1], b[1], strict=True)
+                    if x != y
+                ]
+                note(a[0], "; ".join(columns))
+            a = next(live_rows, done)
+            b = next(rebuilt_rows, done)
+    if count > len(found):
+        found.append(f"{live.name}: ... and {count - len(found)} more differences")
+    return found

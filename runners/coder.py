@@ -1,0 +1,266 @@
+"""Coder reactions: scheduling, worktrees, coder spawns, crash rules and server-owned gates.
+
+Each method looks at one story's current state (loaded from the event store) and takes the
+next step, recording it as an event. Because the decision depends only on recorded state,
+running a reaction twice, or after a restart, does the right thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from domain.config import StorylineConfig
+from domain.errors import DomainError, IllegalTransition, VersionConflict
+from domain.ids import feature_branch
+from domain.stages import FINISHED_STAGES, AgentOutcome, AgentRole, Stage
+from domain.story import Story
+from runners.gates import run_gates
+from runners.git_ops import GitError, Worktrees
+from runners.index import StoryIndex
+from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
+from service.application import StorylineApplication
+
+logger = logging.getLogger(__name__)
+
+ACTOR_SCHEDULER = "runner:scheduler"
+ACTOR_CODER = "runner:coder"
+ACTOR_GATES = "runner:gates"
+
+_SPAWN_AFTER = {
+    "CodingStarted",
+    "WorktreeReady",
+    "GatesFailed",
+    "FixupRequested",
+    "StoryUnblocked",
+}
+
+
+class CoderReactions:
+    def __init__(
+        self,
+        app: StorylineApplication,
+        config: StorylineConfig,
+        project: Path,
+        index: StoryIndex,
+        launcher: AgentLauncher,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.project = project
+        self.index = index
+        self.launcher = launcher
+        self.worktrees = Worktrees(project, config.base_branch)
+
+    # ------------------------------------------------------------------ backlog
+
+    def schedule(self, story: Story) -> None:
+        """Start a backlog story by itself once all its dependencies are finished.
+
+        Stories without dependencies wait for a client's ``start_coding``.
+        """
+        if not story.depends_on:
+            return
+        stages = {dep: self.index.stage_of(dep) for dep in story.depends_on}
+        if any(stage not in {s.value for s in FINISHED_STAGES} for stage in stages.values()):
+            return
+        active = len(self.index.in_stage(Stage.CODING.value, Stage.GATES.value))
+        if active >= self.config.max_coders:
+            return
+        with contextlib.suppress(VersionConflict, IllegalTransition):
+            self.app.transition(
+                story.id,
+                "start_coding",
+                actor=ACTOR_SCHEDULER,
+                expected_version=story.version,
+                reason="dependencies finished: "
+                + ", ".join(f"{d} ({s})" for d, s in sorted(stages.items())),
+            )
+
+    # ------------------------------------------------------------------ coding
+
+    def step(self, story: Story) -> bool:
+        """One step for a story in ``coding``; True if something was recorded."""
+        if story.running_agent is not None:
+            self.launcher.reap_orphan(story)
+            return self.launcher.running(story.id) is None
+        path = self.worktrees.path_for(story.id)
+        if story.worktree_path != str(path) or not path.is_dir():
+            return self._ensure_worktree(story)
+        outcome = story.last_coder_outcome
+        if story.last_event in _SPAWN_AFTER:
+            return self._spawn(story, self._purpose(story))
+        if story.last_event == "UncommittedChangesFound":
+            return self._spawn(story, "commit_leftovers")
+        if story.last_event != "AgentExited" or outcome is None:
+            return False
+        if outcome in (AgentOutcome.ABORTED_BEFORE_SESSION, AgentOutcome.LOST):
+            if story.abort_respawns >= self.config.abort_respawn_cap:
+                return self._block(
+                    story,
+                    f"the agent crashed before establishing a session "
+                    f"{story.abort_respawns} times in a row (cap "
+                    f"{self.config.abort_respawn_cap}); stopping to avoid a respawn loop",
+                )
+            return self._spawn(story, "abort_respawn")
+        if outcome is AgentOutcome.COMPLETED:
+            return self._complete(story)
+        if story.failed_runs > self.config.max_retries:
+            return self._block(
+                story,
+                f"the agent run ended '{outcome.value}' {story.failed_runs} times in a row "
+                f"(max_retries is {self.config.max_retries})",
+            )
+        return self._spawn(story, f"respawn after {outcome.value}")
+
+    def _purpose(self, story: Story) -> str:
+        if story.fixup_pending:
+            return "fixup"
+        if story.retry_count > 0:
+            return "retry"
+        return "code"
+
+    def _ensure_worktree(self, story: Story) -> bool:
+        try:
+            path = self.worktrees.ensure(story.id)
+        except GitError as exc:
+            return self._block(story, f"cannot create the worktree: {exc}")
+        try:
+            self.app.transition(
+                story.id,
+                "worktree_ready",
+                actor=ACTOR_CODER,
+                expected_version=story.version,
+                data={"path": str(path), "branch": feature_branch(story.id)},
+            )
+        except (VersionConflict, IllegalTransition):
+            return False
+        return True
+
+    def _spawn(self, story: Story, purpose: str) -> bool:
+        agent = self.config.agent_for("coder")
+        if agent is None:
+            return self._block(story, 'no [[agent]] with stage = "coder" is configured')
+        # False when no coder slot is free: a freed slot wakes every waiting story.
+        try:
+            return self.launcher.launch(
+                LaunchRequest(
+                    story=story,
+                    role=AgentRole.CODER,
+                    agent=agent,
+                    cwd=self.worktrees.path_for(story.id),
+                    purpose=purpose,
+                ),
+                limit=self.config.max_coders,
+            )
+        except AgentConfigError as exc:
+            return self._block(story, str(exc))
+
+    def _block(self, story: Story, reason: str) -> bool:
+        try:
+            self.app.transition(
+                story.id, "block", actor=ACTOR_CODER, expected_version=story.version, reason=reason
+            )
+        except (VersionConflict, IllegalTransition):
+            return False
+        return True
+
+    # ------------------------------------------------------------------ completion & gates
+
+    def _complete(self, story: Story) -> bool:
+        """Server-owned completion of a run that exited ``completed``."""
+        try:
+            status = self.worktrees.status(story.id)
+        except GitError as exc:
+            return self._block(story, f"cannot inspect the worktree: {exc}")
+        if status.dirty and story.leftover_respawns == 0:
+            try:
+                self.app.transition(
+                    story.id,
+                    "uncommitted_changes_found",
+                    actor=ACTOR_GATES,
+                    expected_version=story.version,
+                    reason="the agent exited with uncommitted changes; respawning it to commit",
+                    data={"paths": status.dirty_paths[:1000]},
+                )
+            except (VersionConflict, IllegalTransition):
+                return False
+            return True
+        try:
+            committed = self.app.transition(
+                story.id,
+                "start_gates",
+                actor=ACTOR_GATES,
+                expected_version=story.version,
+                data={"commits_ahead": status.commits_ahead},
+            )
+        except (VersionConflict, IllegalTransition):
+            return False
+        self.run_gates(committed.story)
+        return True
+
+    def run_gates(self, story: Story) -> None:
+        """Run the gates for a story in ``gates`` and record the verdict."""
+        try:
+            status = self.worktrees.status(story.id)
+        except GitError as exc:
+            self._gates_failed(story, f"cannot inspect the worktree: {exc}")
+            return
+        if status.dirty:
+            listed = "\n".join(status.dirty_paths[:50])
+            self._gates_failed(story, f"the agent left uncommitted changes:\n{listed}")
+            return
+        if status.commits_ahead == 0:
+            self._gates_failed(
+                story,
+                f"no commits: {feature_branch(story.id)} is not ahead of "
+                f"{self.config.base_branch}; the agent committed nothing",
+            )
+            return
+        gates = self.config.gates
+        run = run_gates(
+            gates.commands, self.worktrees.path_for(story.id), timeout_secs=gates.timeout_secs
+        )
+        if not run.passed:
+            self._gates_failed(story, run.output)
+            return
+        try:
+            self.app.transition(
+                story.id,
+                "gates_passed",
+                actor=ACTOR_GATES,
+                expected_version=story.version,
+                data={
+                    "feature_branch": feature_branch(story.id),
+                    "commits_ahead": status.commits_ahead,
+                    "output": run.output,
+                },
+            )
+        except (VersionConflict, IllegalTransition):
+            logger.info("story %s moved while its gates ran; verdict dropped", story.id)
+
+    def _gates_failed(self, story: Story, output: str) -> None:
+        try:
+            self.app.transition(
+                story.id,
+                "gates_failed",
+                actor=ACTOR_GATES,
+                expected_version=story.version,
+                data={"output": output},
+            )
+        except (VersionConflict, IllegalTransition):
+            logger.info("story %s moved while its gates ran; verdict dropped", story.id)
+        except DomainError:
+            logger.exception("could not record the gate failure of %s", story.id)
+
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self, story: Story) -> None:
+        """Remove the worktree of a finished story (the branch stays for the record)."""
+        path = self.worktrees.path_for(story.id)
+        if path.exists():
+            try:
+                self.worktrees.remove(story.id)
+            except GitError:
+                logger.exception("could not remove the worktree of %s", story.id)

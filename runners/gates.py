@@ -1,0 +1,90 @@
+"""Server-owned quality gates: run the configured commands in a directory, capture output.
+
+Each command runs as an argv list (never through a shell) in its own process group, so a
+timeout kills everything it started. The output is kept whole; the prompt gets the tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runners.agents.spawn_spec import is_secret_name
+
+MAX_GATE_OUTPUT = 2_000_000
+
+
+@dataclass(frozen=True)
+class GateRun:
+    passed: bool
+    output: str
+    failed_command: str | None = None
+
+
+def _gate_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    # Gates run project code: keep storyline's own secrets out of their environment.
+    env = {k: v for k, v in os.environ.items() if not is_secret_name(k)}
+    env.update(extra or {})
+    return env
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_gates(
+    commands: Sequence[Sequence[str]],
+    cwd: Path,
+    *,
+    timeout_secs: float,
+    env: Mapping[str, str] | None = None,
+) -> GateRun:
+    """Run ``commands`` in order, stopping at the first failure."""
+    parts: list[str] = []
+    if not commands:
+        return GateRun(passed=True, output="(no gate commands configured)")
+    for argv in commands:
+        shown = shlex.join(argv)
+        parts.append(f"$ {shown}")
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=_gate_env(env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            parts.append(f"cannot run {argv[0]!r}: {exc.strerror or exc}")
+            return GateRun(False, "\n".join(parts), shown)
+        try:
+            out, _ = proc.communicate(timeout=timeout_secs)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, _ = proc.communicate()
+            parts.append(out.decode("utf-8", "replace"))
+            parts.append(f"[timed out after {timeout_secs:g}s; process group killed]")
+            return GateRun(False, _cap("\n".join(parts)), shown)
+        finally:
+            # Anything the gate left running in its group goes with it.
+            _kill_group(proc)
+        parts.append(out.decode("utf-8", "replace").rstrip("\n"))
+        parts.append(f"[exit {proc.returncode} after {time.monotonic() - started:.1f}s]")
+        if proc.returncode != 0:
+            return GateRun(False, _cap("\n".join(parts)), shown)
+    return GateRun(True, _cap("\n".join(parts)))
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= MAX_GATE_OUTPUT else text[-MAX_GATE_OUTPUT:]

@@ -1,0 +1,85 @@
+"""An in-memory index of every story's stage and dependencies, fed from the log.
+
+The runners need "which backlog stories depend on X" and "which stories sit in stage S"
+without loading every aggregate; the index answers from decoded log entries (no pydantic),
+and is rebuilt from position 0 at start-up (about a second per million events).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from service.events_log import LoggedEvent
+
+
+@dataclass
+class IndexedStory:
+    story_id: str
+    stage: str
+    depends_on: tuple[str, ...]
+    entered_stage_position: int
+    merge_failure_kind: str | None = None
+    final: bool = False
+    merging: bool = False
+
+
+@dataclass
+class StoryIndex:
+    stories: dict[str, IndexedStory] = field(default_factory=dict)
+    dependants: dict[str, set[str]] = field(default_factory=dict)
+    position: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def apply(self, events: Iterable[LoggedEvent]) -> set[str]:
+        """Fold events in; returns the ids of stories that need a look (incl. dependants)."""
+        touched: set[str] = set()
+        with self.lock:
+            for event in events:
+                self.position = max(self.position, event.position)
+                sid = event.story_id
+                touched.add(sid)
+                if event.type == "StoryCreated":
+                    deps = tuple(event.data.get("depends_on") or ())
+                    self.stories[sid] = IndexedStory(sid, "backlog", deps, event.position)
+                    for dep in deps:
+                        self.dependants.setdefault(dep, set()).add(sid)
+                    continue
+                story = self.stories.get(sid)
+                if story is None:
+                    continue
+                if event.to_stage and event.to_stage != story.stage:
+                    story.stage = event.to_stage
+                    story.entered_stage_position = event.position
+                    story.merging = False
+                    if event.to_stage in ("done", "archived"):
+                        touched.update(self.dependants.get(sid, ()))
+                if event.type == "MergeStarted":
+                    story.merging = True
+                elif event.type in ("MergeRequeued", "StoryUnblocked") and story.stage == "merge":
+                    # Back in the queue: its place is the position of this event.
+                    story.entered_stage_position = event.position
+                    story.merging = False
+                if event.type == "MergeFailed":
+                    story.merge_failure_kind = event.data.get("kind")
+                    story.final = False
+                elif event.type == "MergemasterAttempted":
+                    story.final = True
+                elif event.type in ("MergeRequeued", "StoryUnblocked", "MergeSucceeded"):
+                    story.final = False
+        return touched
+
+    def in_stage(self, *stages: str) -> list[IndexedStory]:
+        with self.lock:
+            found = [s for s in self.stories.values() if s.stage in stages]
+        return sorted(found, key=lambda s: s.entered_stage_position)
+
+    def stage_of(self, story_id: str) -> str | None:
+        with self.lock:
+            story = self.stories.get(story_id)
+            return story.stage if story else None
+
+    def get(self, story_id: str) -> IndexedStory | None:
+        with self.lock:
+            return self.stories.get(story_id)

@@ -1,0 +1,369 @@
+"""Starting, watching and stopping agent attempts, each side effect recorded as an event.
+
+The order is what makes restarts safe: ``spawn_agent`` is recorded (with optimistic
+concurrency, so two runners can never record the same attempt) before the process starts;
+``agent_started`` with the pid after; ``agent_exited`` when it ends. A pid file written right
+after the start lets a restarted runner find and kill an agent whose start was never
+recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from domain.config import AgentConfig, StorylineConfig
+from domain.errors import DomainError, IllegalTransition, VersionConflict
+from domain.stages import AgentOutcome, AgentRole
+from domain.story import Story
+from runners.agents import (
+    AgentResult,
+    AgentStartError,
+    RunningAgent,
+    SecretInArgvError,
+    SpawnSpec,
+    StoryText,
+    build_argv,
+    group_alive,
+    kill_process_group,
+    process_identity,
+    runtime_for,
+)
+from service.agent_tokens import AgentTokens
+from service.application import StorylineApplication
+
+logger = logging.getLogger(__name__)
+
+
+class AgentConfigError(Exception):
+    """The agent's configuration cannot be used for this spawn (the message says why)."""
+
+
+@dataclass
+class Handle:
+    story_id: str
+    role: AgentRole
+    attempt: int
+    running: RunningAgent
+    token: str | None
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    story: Story
+    role: AgentRole
+    agent: AgentConfig
+    cwd: Path
+    purpose: str
+    conflict_details: str | None = None
+
+
+class AgentLauncher:
+    def __init__(
+        self,
+        app: StorylineApplication,
+        config: StorylineConfig,
+        project: Path,
+        *,
+        api_url: str | None,
+        tokens: AgentTokens | None,
+        on_exit: Callable[[str, AgentRole, AgentResult | None], None],
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.project = project
+        self.api_url = api_url
+        self.tokens = tokens
+        self.on_exit = on_exit
+        self._handles: dict[str, Handle] = {}
+        self._lock = threading.Lock()
+        self._launch_lock = threading.Lock()
+        self.run_dir = project / ".storyline" / "run"
+        self.log_dir = project / ".storyline" / "logs"
+
+    # ------------------------------------------------------------------ queries
+
+    def running(self, story_id: str) -> Handle | None:
+        with self._lock:
+            return self._handles.get(story_id)
+
+    def count(self, role: AgentRole) -> int:
+        with self._lock:
+            return sum(1 for h in self._handles.values() if h.role is role)
+
+    def stories(self, role: AgentRole) -> list[str]:
+        with self._lock:
+            return [sid for sid, h in self._handles.items() if h.role is role]
+
+    # ------------------------------------------------------------------ launch
+
+    def _project_prompt(self) -> str | None:
+        path = (self.project / self.config.prompt_file).resolve()
+        if not path.is_relative_to(self.project) or not path.is_file():
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            logger.warning("cannot read project prompt file %s", path)
+            return None
+        return text if text.strip() else None
+
+    def spec_for(self, req: LaunchRequest, attempt: int, token: str | None) -> SpawnSpec:
+        story = req.story
+        env = {"STORYLINE_STORY_ID": story.id, "STORYLINE_ATTEMPT": str(attempt)}
+        if self.api_url:
+            env["STORYLINE_URL"] = self.api_url
+        if token:
+            env["STORYLINE_TOKEN"] = token
+        coder = req.role is AgentRole.CODER
+        inject = coder and (story.retry_count > 0 or story.fixup_pending)
+        return SpawnSpec(
+            story_id=story.id,
+            attempt=attempt,
+            role=req.role.value,  # type: ignore[arg-type]
+            agent=req.agent,
+            cwd=req.cwd,
+            base_branch=self.config.base_branch,
+            story=StoryText(story.name, story.description, tuple(story.acceptance_criteria)),
+            log_path=self.log_dir / story.id / f"{req.role.value}-{attempt}.log",
+            inactivity_timeout_secs=self.config.inactivity_timeout_secs,
+            epic_context=self.config.epics.get(story.epic) if story.epic else None,
+            project_prompt=self._project_prompt() if coder else None,
+            gate_failure=story.last_gate_output if inject else None,
+            fixup_pending=coder and story.fixup_pending,
+            fixup_caps=self.config.fixup,
+            resume_session_id=story.sessions.get(req.role.value),
+            conflict_details=req.conflict_details,
+            env=env,
+        )
+
+    def launch(self, req: LaunchRequest, *, limit: int) -> bool:
+        """Record and start one attempt if fewer than ``limit`` agents of its role run.
+
+        False when no slot is free or another writer moved the story first. The slot check
+        and the start happen under one lock, so two stories can never both take the last
+        free slot.
+        """
+        with self._launch_lock:
+            if self.running(req.story.id) is not None or self.count(req.role) >= limit:
+                return False
+            return self._launch(req)
+
+    def _launch(self, req: LaunchRequest) -> bool:
+        story = req.story
+        role = req.role
+        attempt = (
+            story.coder_attempts if role is AgentRole.CODER else story.mergemaster_attempts
+        ) + 1
+        token = self.tokens.issue(story.id, attempt, role) if self.tokens else None
+        spec = self.spec_for(req, attempt, token)
+        try:
+            argv = build_argv(spec)
+        except SecretInArgvError as exc:
+            # Refuse rather than leak: the configured args would carry a secret into argv.
+            if token and self.tokens:
+                self.tokens.revoke(token)
+            raise AgentConfigError(f"agent {req.agent.name!r}: {exc}") from None
+        try:
+            self.app.transition(
+                story.id,
+                "spawn_agent",
+                actor=f"runner:{role.value}",
+                expected_version=story.version,
+                reason=f"{req.purpose} (attempt {attempt})",
+                data={
+                    "role": role.value,
+                    "agent": req.agent.name,
+                    "runtime": req.agent.runtime,
+                    "model": req.agent.model,
+                    "purpose": req.purpose,
+                    "resume_session_id": spec.resume_session_id,
+                    "argv": argv,
+                    "log_path": str(spec.log_path),
+                },
+            )
+        except (VersionConflict, IllegalTransition):
+            if token and self.tokens:
+                self.tokens.revoke(token)
+            return False
+        try:
+            running = runtime_for(req.agent, strip_env=self._strip_env()).start(spec)
+        except (AgentStartError, OSError) as exc:
+            self._record_exit(story.id, role, attempt, None, f"could not start the agent: {exc}")
+            if token and self.tokens:
+                self.tokens.revoke(token)
+            self.on_exit(story.id, role, None)
+            return True
+        handle = Handle(story.id, role, attempt, running, token)
+        with self._lock:
+            self._handles[story.id] = handle
+        pid = running.pid or os.getpid()
+        self._write_pidfile(story.id, role, attempt, running.pid)
+        try:
+            self.app.transition(
+                story.id,
+                "agent_started",
+                actor=f"runner:{role.value}",
+                data={"role": role.value, "attempt": attempt, "pid": pid},
+            )
+        except DomainError:
+            logger.exception("could not record the start of %s attempt %s", story.id, attempt)
+        threading.Thread(
+            target=self._watch, args=(handle,), name=f"agent-{story.id}-{attempt}", daemon=True
+        ).start()
+        return True
+
+    def _strip_env(self) -> tuple[str, ...]:
+        """Variables an agent must not inherit: API token sources and other agents' keys."""
+        names = [t.token_env for t in self.config.server.tokens if t.token_env]
+        names += [a.api_key_env for a in self.config.agent if a.api_key_env]
+        return tuple(names)
+
+    # ------------------------------------------------------------------ exit
+
+    def _watch(self, handle: Handle) -> None:
+        result = handle.running.wait()
+        reason = handle.stop_reason or result.error
+        self._record_exit(handle.story_id, handle.role, handle.attempt, result, reason)
+        self._remove_pidfile(handle.story_id)
+        if handle.token and self.tokens:
+            try:
+                self.tokens.revoke(handle.token)
+            except Exception:
+                logger.exception("could not revoke the agent token of %s", handle.story_id)
+        with self._lock:
+            if self._handles.get(handle.story_id) is handle:
+                del self._handles[handle.story_id]
+        self.on_exit(handle.story_id, handle.role, result)
+
+    def _record_exit(
+        self,
+        story_id: str,
+        role: AgentRole,
+        attempt: int,
+        result: AgentResult | None,
+        reason: str | None,
+    ) -> None:
+        if result is None:
+            data: dict[str, object] = {
+                "role": role.value,
+                "attempt": attempt,
+                "outcome": AgentOutcome.FAILED.value,
+            }
+        else:
+            outcome = AgentOutcome(result.outcome)
+            if result.killed_on_request and outcome is AgentOutcome.COMPLETED:
+                outcome = AgentOutcome.FAILED
+            data = {
+                "role": role.value,
+                "attempt": attempt,
+                "outcome": outcome.value,
+                "exit_code": result.exit_code,
+                "signal": result.signal,
+                "session_id": result.session_id,
+                "turns": result.turns or 0,
+                "tokens_in": result.tokens_in,
+                "tokens_out": result.tokens_out,
+                "cost_usd": result.cost_usd or 0.0,
+                "log_path": str(result.log_path),
+            }
+        for _ in range(20):
+            try:
+                self.app.transition(
+                    story_id,
+                    "agent_exited",
+                    actor=f"runner:{role.value}",
+                    reason=(reason or None) and reason[:2000],
+                    data=data,
+                )
+                return
+            except VersionConflict:
+                time.sleep(0.01)  # a concurrent writer (e.g. the agent's own API call)
+            except DomainError:
+                logger.exception("could not record the exit of %s attempt %s", story_id, attempt)
+                return
+
+    # ------------------------------------------------------------------ stop
+
+    def stop(self, story_id: str, why: str) -> None:
+        """Kill the story's agent (its whole process group); its exit is recorded as usual."""
+        handle = self.running(story_id)
+        if handle is not None:
+            handle.stop_reason = why
+            handle.running.kill()
+
+    def stop_all(self, why: str, wait_secs: float = 10.0) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.stop_reason = why
+            handle.running.kill()
+        deadline = time.monotonic() + wait_secs
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._handles:
+                    return
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------------ orphans
+
+    def _pidfile(self, story_id: str) -> Path:
+        return self.run_dir / f"{story_id}.pid"
+
+    def _write_pidfile(self, story_id: str, role: AgentRole, attempt: int, pid: int | None) -> None:
+        if pid is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        identity = process_identity(pid) or "-"
+        self._pidfile(story_id).write_text(
+            f"{pid} {role.value} {attempt} {identity}\n", encoding="utf-8"
+        )
+
+    def _remove_pidfile(self, story_id: str) -> None:
+        self._pidfile(story_id).unlink(missing_ok=True)
+
+    def reap_orphan(self, story: Story) -> None:
+        """After a restart: kill whatever this story's recorded attempt left running and
+        record that attempt as lost, so the normal crash rules take over."""
+        running = story.running_agent
+        if running is None or self.running(story.id) is not None:
+            return
+        # Only the pid file names a process we started (with its start-time identity, so a
+        # reused pid is never killed); the pid in the event may be the runner's own.
+        killed = []
+        pidfile = self._pidfile(story.id)
+        if pidfile.exists():
+            try:
+                fields = pidfile.read_text(encoding="utf-8").split()
+                pid = int(fields[0])
+                identity = fields[3] if len(fields) > 3 and fields[3] != "-" else None
+            except (ValueError, IndexError, OSError):
+                pid, identity = 0, None
+            alive = pid > 1 and pid != os.getpid() and group_alive(pid)
+            if alive and kill_process_group(pid, expected_identity=identity):
+                killed.append(pid)
+        self._remove_pidfile(story.id)
+        role = AgentRole(running["role"])
+        detail = f"; killed orphaned process group {killed}" if killed else ""
+        try:
+            self.app.transition(
+                story.id,
+                "agent_exited",
+                actor=f"runner:{role.value}",
+                reason=f"the runner restarted while attempt {running['attempt']} ran{detail}",
+                data={
+                    "role": role.value,
+                    "attempt": running["attempt"],
+                    "outcome": AgentOutcome.LOST.value,
+                },
+            )
+        except DomainError:
+            logger.exception("could not record lost attempt of %s", story.id)
+        if self.tokens:
+            self.tokens.revoke_story(story.id)

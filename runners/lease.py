@@ -1,0 +1,77 @@
+"""A lease in the database: at most one runner process acts at a time.
+
+Several ``storyline runner`` processes may share a PostgreSQL database for availability;
+the one holding the lease reacts, the others wait to take over when it stops renewing.
+(Optimistic concurrency on the event store is the second line of defence: a spawn is
+recorded before it happens, so two processes can never both record the same attempt.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+
+from service.application import StorylineApplication
+from service.sqlstore import SqlStore
+
+TABLE = "storyline_runner_leases"
+
+
+def default_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Lease:
+    def __init__(
+        self,
+        app: StorylineApplication,
+        name: str = "runners",
+        *,
+        holder: str | None = None,
+        ttl_secs: float = 15.0,
+    ) -> None:
+        self._sql = SqlStore(app)
+        self.name = name
+        self.holder = holder or default_holder()
+        self.ttl_secs = ttl_secs
+        self._held_until = 0.0
+
+    @property
+    def held(self) -> bool:
+        return time.time() < self._held_until
+
+    def acquire(self) -> bool:
+        """Take or renew the lease; True while this process holds it."""
+        now = time.time()
+        expires = now + self.ttl_secs
+        rows = self._sql.write(
+            f"UPDATE {TABLE} SET holder = ?, expires_at = ?, "
+            "acquired_at = CASE WHEN holder = ? THEN acquired_at ELSE ? END "
+            "WHERE name = ? AND (holder = ? OR expires_at < ?) RETURNING name",
+            (self.holder, expires, self.holder, now, self.name, self.holder, now),
+        )
+        if not rows:
+            rows = self._sql.write(
+                f"INSERT INTO {TABLE} (name, holder, expires_at, acquired_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING name",
+                (self.name, self.holder, expires, now),
+            )
+        self._held_until = expires - self.ttl_secs / 3 if rows else 0.0
+        return bool(rows)
+
+    def release(self) -> None:
+        self._sql.write(
+            f"UPDATE {TABLE} SET expires_at = 0 WHERE name = ? AND holder = ?",
+            (self.name, self.holder),
+        )
+        self._held_until = 0.0
+
+    def current_holder(self) -> str | None:
+        rows = self._sql.query(
+            f"SELECT holder, expires_at FROM {TABLE} WHERE name = ?", (self.name,)
+        )
+        if not rows or float(rows[0]["expires_at"]) < time.time():
+            return None
+        return str(rows[0]["holder"])

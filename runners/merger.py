@@ -1,0 +1,392 @@
+"""Merge reactions: the merge queue, squash merges with compare-and-swap, merge-gate fixups,
+mergemaster agents for conflicts, and draining queued conflicts one freed slot at a time.
+
+Queue order is the log position at which a story entered the queue (GatesPassed,
+MergeRequeued, or an unblock back to merge). ``max_mergemasters`` bounds both the merges in
+flight and the mergemaster agents running.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+from domain.config import StorylineConfig
+from domain.errors import DomainError, IllegalTransition, VersionConflict
+from domain.stages import AgentRole, MergeFailureKind, Stage
+from domain.story import Story
+from runners.gates import run_gates
+from runners.git_ops import GitError, MergeWorkspaces, SquashResult
+from runners.index import StoryIndex
+from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
+from service.application import StorylineApplication
+
+logger = logging.getLogger(__name__)
+
+ACTOR_MERGE = "runner:merge"
+ACTOR_MERGEMASTER = "runner:mergemaster"
+CAS_ATTEMPTS = 3
+
+
+class MergeReactions:
+    def __init__(
+        self,
+        app: StorylineApplication,
+        config: StorylineConfig,
+        project: Path,
+        index: StoryIndex,
+        launcher: AgentLauncher,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.project = project
+        self.index = index
+        self.launcher = launcher
+        self.workspaces = MergeWorkspaces(project, config.base_branch)
+        self._merging: set[str] = set()
+        self._slot_lock = threading.Lock()
+        self._last_mergemaster_exit: str | None = None
+        self._fixup_patterns = [re.compile(p) for p in config.merge_gates.fixup_patterns]
+
+    def note_mergemaster_exit(self, story_id: str) -> None:
+        self._last_mergemaster_exit = story_id
+
+    # ------------------------------------------------------------------ dispatch
+
+    def step(self, story: Story) -> bool:
+        if story.stage is Stage.MERGE:
+            return self._merge_step(story)
+        if story.stage is Stage.MERGE_FAILURE:
+            return self._failure_step(story)
+        return False
+
+    # ------------------------------------------------------------------ merge queue
+
+    def _queue(self) -> list[str]:
+        return [s.story_id for s in self.index.in_stage(Stage.MERGE.value) if not s.merging]
+
+    def _merge_step(self, story: Story) -> bool:
+        if self.launcher.running(story.id) is not None:
+            return False  # a mergemaster that resolved is still finishing; merge after it
+        if story.running_agent is not None:
+            self.launcher.reap_orphan(story)
+            return True
+        if story.merging:
+            if story.id in self._merging:
+                return False
+            return self._resume_merge(story)
+        with self._slot_lock:
+            queue = self._queue()
+            free = self.config.max_mergemasters - len(self._merging)
+            # Strict queue order: only the first ``free`` queued stories may start.
+            if free <= 0 or story.id not in queue[:free]:
+                return False
+            self._merging.add(story.id)
+        try:
+            self._merge(story)
+        finally:
+            with self._slot_lock:
+                self._merging.discard(story.id)
+        self._wake_queue()
+        return True
+
+    def _wake_queue(self) -> None:
+        # The merge slot is free again; the supervisor's sweep or the next commit wakes the
+        # queue. Nothing to do here beyond letting the commit listener fire.
+        return
+
+    def _base_tip(self) -> str:
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{self.config.base_branch}"],
+            cwd=self.project,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise GitError(f"the base branch {self.config.base_branch!r} does not exist")
+        return out.stdout.strip()
+
+    def _merge(self, story: Story) -> None:
+        try:
+            base = self._base_tip()
+        except GitError as exc:
+            base = None
+            logger.error("merge of %s: %s", story.id, exc)
+        try:
+            committed = self.app.transition(
+                story.id,
+                "start_merge",
+                actor=ACTOR_MERGE,
+                expected_version=story.version,
+                data={"base_sha": base},
+            )
+        except (VersionConflict, IllegalTransition):
+            return
+        story = committed.story
+        if base is None:
+            self._fail(story, MergeFailureKind.OTHER, "the base branch does not exist")
+            return
+        try:
+            if story.resolved_pending:
+                self._merge_resolution(story)
+            else:
+                self._squash_and_land(story)
+        except GitError as exc:
+            self._fail(story, MergeFailureKind.OTHER, str(exc))
+
+    def _message(self, story: Story) -> str:
+        return (
+            f"{story.name} (story {story.id})\n\n"
+            f"Squash-merged by storyline from {story.feature_branch}."
+        )
+
+    def _squash_and_land(self, story: Story) -> None:
+        self.workspaces.prepare(story.id)
+        result = self.workspaces.squash_merge(story.id, self._message(story))
+        for _ in range(CAS_ATTEMPTS):
+            if not self._handle_result(story, result):
+                return
+            assert result.commit_sha is not None
+            if not self._merge_gates_pass(story):
+                return
+            if self.workspaces.advance_base(result.base_sha, result.commit_sha):
+                self._succeed(story, result.commit_sha)
+                return
+            # Someone moved the base while we merged: re-apply on the new tip, never overwrite.
+            logger.info("base moved during the merge of %s; re-applying", story.id)
+            result = self.workspaces.rebase_onto_base(story.id)
+        self._fail(story, MergeFailureKind.OTHER, "the base branch kept moving during the merge")
+
+    def _merge_resolution(self, story: Story) -> None:
+        head = self.workspaces.finish_resolution(story.id)
+        base = self.workspaces.started_base(story.id)
+        if base is None:
+            raise GitError("the merge workspace lost its recorded base")
+        result = SquashResult(
+            outcome="merged",
+            base_sha=base,
+            commit_sha=head,
+            conflicts=[],
+            conflict_lines=[],
+            output="",
+        )
+        for _ in range(CAS_ATTEMPTS):
+            if not self._handle_result(story, result):
+                return
+            assert result.commit_sha is not None
+            if not self._merge_gates_pass(story):
+                return
+            if self.workspaces.advance_base(result.base_sha, result.commit_sha):
+                self._succeed(story, result.commit_sha)
+                return
+            result = self.workspaces.rebase_onto_base(story.id)
+        self._fail(story, MergeFailureKind.OTHER, "the base branch kept moving during the merge")
+
+    def _handle_result(self, story: Story, result: SquashResult) -> bool:
+        """Record a failed squash; True when the result is a commit to land."""
+        if result.outcome == "merged" and result.commit_sha:
+            return True
+        if result.outcome == "conflict":
+            details = "\n".join(
+                [*result.conflict_lines, "", "Conflicting paths:", *result.conflicts]
+            ).strip()
+            self._fail(
+                story, MergeFailureKind.CONFLICT_DETECTED, details, conflicts=result.conflicts
+            )
+        elif result.outcome == "no_commits":
+            self._fail(
+                story,
+                MergeFailureKind.NO_COMMITS,
+                f"{story.feature_branch} has nothing that {self.config.base_branch} lacks",
+            )
+        else:
+            self._fail(story, MergeFailureKind.OTHER, result.output)
+        return False
+
+    def _merge_gates_pass(self, story: Story) -> bool:
+        gates = self.config.merge_gates
+        run = run_gates(
+            gates.commands, self.workspaces.path_for(story.id), timeout_secs=gates.timeout_secs
+        )
+        if not run.passed:
+            self._fail(story, MergeFailureKind.GATES_FAILED, run.output)
+        return run.passed
+
+    def _succeed(self, story: Story, commit: str) -> None:
+        try:
+            self.app.transition(
+                story.id,
+                "merge_succeeded",
+                actor=ACTOR_MERGE,
+                data={"merge_commit": commit, "base_branch": self.config.base_branch},
+            )
+        except DomainError:
+            logger.exception("merged %s as %s but could not record it", story.id, commit)
+
+    def _fail(
+        self,
+        story: Story,
+        kind: MergeFailureKind,
+        details: str,
+        conflicts: list[str] | None = None,
+    ) -> None:
+        try:
+            self.app.transition(
+                story.id,
+                "merge_failed",
+                actor=ACTOR_MERGE,
+                reason=f"merge failed: {kind.value}",
+                data={"kind": kind.value, "details": details, "conflicts": conflicts or []},
+            )
+        except DomainError:
+            logger.exception("could not record the merge failure of %s", story.id)
+
+    def _resume_merge(self, story: Story) -> bool:
+        """A merge was started but never recorded an outcome: the runner died mid-merge.
+
+        If our squash commit already reached the base (the crash came after the
+        compare-and-swap), record the success; otherwise redo the merge from a clean
+        workspace. Either way the base holds the change at most once.
+        """
+        with self._slot_lock:
+            if story.id in self._merging:
+                return False
+            self._merging.add(story.id)
+        try:
+            landed = self._landed_commit(story)
+            if landed is not None:
+                self._succeed(story, landed)
+                return True
+            try:
+                if story.resolved_pending:
+                    self._merge_resolution(story)
+                else:
+                    self._squash_and_land(story)
+            except GitError as exc:
+                self._fail(story, MergeFailureKind.OTHER, str(exc))
+            return True
+        finally:
+            with self._slot_lock:
+                self._merging.discard(story.id)
+
+    def _landed_commit(self, story: Story) -> str | None:
+        base = self.workspaces.started_base(story.id)
+        try:
+            head = self.workspaces.head(story.id)
+            tip = self._base_tip()
+        except GitError:
+            return None
+        if base is None or head == base:
+            return None
+        check = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", head, tip],
+            cwd=self.project,
+            capture_output=True,
+            check=False,
+        )
+        return head if check.returncode == 0 else None
+
+    # ------------------------------------------------------------------ merge failures
+
+    def _failure_step(self, story: Story) -> bool:
+        kind = story.merge_failure_kind
+        if kind is MergeFailureKind.GATES_FAILED:
+            return self._maybe_fixup(story)
+        if kind is not MergeFailureKind.CONFLICT_DETECTED or story.final:
+            return False
+        if self.launcher.running(story.id) is not None:
+            return False
+        if story.running_agent is not None:
+            self.launcher.reap_orphan(story)
+            return True
+        if story.mergemaster_spawns >= self.config.mergemaster_respawn_cap:
+            try:
+                self.app.transition(
+                    story.id,
+                    "merge_gave_up",
+                    actor=ACTOR_MERGEMASTER,
+                    expected_version=story.version,
+                    reason=(
+                        f"the mergemaster exited without a verdict {story.mergemaster_spawns} "
+                        f"times (cap {self.config.mergemaster_respawn_cap}); counted as a "
+                        "genuine failure"
+                    ),
+                )
+            except (VersionConflict, IllegalTransition):
+                return False
+            return True
+        return self._maybe_spawn_mergemaster(story)
+
+    def _maybe_fixup(self, story: Story) -> bool:
+        output = story.merge_failure_details or ""
+        pattern = next((p for p in self._fixup_patterns if p.search(output)), None)
+        if pattern is None:
+            return False  # not self-evident: a person decides (requeue_merge, block, ...)
+        try:
+            self.app.transition(
+                story.id,
+                "request_fixup",
+                actor=ACTOR_MERGE,
+                expected_version=story.version,
+                reason=f"self-evident merge-gate failure (matched {pattern.pattern!r}): "
+                "back to coding as a capped fix-up",
+            )
+        except (VersionConflict, IllegalTransition):
+            return False
+        return True
+
+    def _conflict_queue(self) -> list[str]:
+        """Conflict stories waiting for a mergemaster, oldest first."""
+        return [
+            s.story_id
+            for s in self.index.in_stage(Stage.MERGE_FAILURE.value)
+            if s.merge_failure_kind == MergeFailureKind.CONFLICT_DETECTED.value
+            and not s.final
+            and self.launcher.running(s.story_id) is None
+        ]
+
+    def _maybe_spawn_mergemaster(self, story: Story) -> bool:
+        agent = self.config.agent_for("mergemaster")
+        if agent is None:
+            return False
+        waiting = self._conflict_queue()
+        # The story whose mergemaster just exited goes to the back of the line, so a freed
+        # slot always passes to another queued story first.
+        last = self._last_mergemaster_exit
+        if last in waiting and len(waiting) > 1:
+            waiting.remove(last)
+            waiting.append(last)
+        free = self.config.max_mergemasters - self.launcher.count(AgentRole.MERGEMASTER)
+        if free <= 0 or story.id not in waiting[:free]:
+            return False
+        try:
+            launched = self.launcher.launch(
+                LaunchRequest(
+                    story=story,
+                    role=AgentRole.MERGEMASTER,
+                    agent=agent,
+                    cwd=self.workspaces.path_for(story.id),
+                    purpose="mergemaster",
+                    conflict_details=story.merge_failure_details,
+                ),
+                limit=self.config.max_mergemasters,
+            )
+        except AgentConfigError as exc:
+            logger.error("cannot spawn a mergemaster for %s: %s", story.id, exc)
+            return False
+        if launched and self._last_mergemaster_exit == story.id:
+            self._last_mergemaster_exit = None
+        return launched
+
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self, story: Story) -> None:
+        if self.workspaces.path_for(story.id).exists():
+            try:
+                self.workspaces.remove(story.id)
+            except GitError:
+                logger.exception("could not remove the merge workspace of %s", story.id)

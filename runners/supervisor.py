@@ -1,0 +1,279 @@
+"""The supervisor: follows the log, holds the lease, and runs each story's next step.
+
+It is level-triggered: an event only says *which* stories to look at; what to do is decided
+from each story's recorded state. So a restart, a missed wake-up or a duplicate one all end
+the same way. Steps for one story never run concurrently; steps for different stories run
+on a small thread pool (gates and merges take seconds to minutes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from domain.errors import DomainError, StoryNotFound
+from domain.stages import AgentRole, Stage
+from runners.agents import AgentResult
+from runners.coder import CoderReactions
+from runners.index import StoryIndex
+from runners.launcher import AgentLauncher
+from runners.lease import Lease
+from service.agent_tokens import AgentTokens
+from service.container import Service
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_STAGES = (
+    Stage.BACKLOG.value,
+    Stage.CODING.value,
+    Stage.GATES.value,
+    Stage.MERGE.value,
+    Stage.MERGE_FAILURE.value,
+)
+
+
+@dataclass
+class SupervisorStatus:
+    running: bool
+    lease_held: bool
+    position: int
+    coders: int
+    mergemasters: int
+    errors: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "name": "runners",
+            "running": self.running,
+            "lease_held": self.lease_held,
+            "position": self.position,
+            "coders": self.coders,
+            "mergemasters": self.mergemasters,
+            "errors": self.errors[-5:],
+        }
+
+
+class Supervisor:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        api_url: str | None = None,
+        use_agent_tokens: bool = True,
+        poll_interval: float = 1.0,
+        full_sweep_interval: float = 10.0,
+        workers: int = 8,
+        lease_ttl: float = 15.0,
+    ) -> None:
+        self.service = service
+        self.app = service.app
+        self.config = service.config
+        self.poll_interval = poll_interval
+        self.full_sweep_interval = full_sweep_interval
+        self.index = StoryIndex()
+        self.lease = Lease(self.app, ttl_secs=lease_ttl)
+        tokens = AgentTokens(self.app) if use_agent_tokens else None
+        self.launcher = AgentLauncher(
+            self.app,
+            self.config,
+            service.project,
+            api_url=api_url,
+            tokens=tokens,
+            on_exit=self._agent_exited,
+        )
+        self.coder = CoderReactions(
+            self.app, self.config, service.project, self.index, self.launcher
+        )
+        self.merger: object | None = None
+        try:
+            from runners.merger import MergeReactions
+        except ModuleNotFoundError:
+            self.merger = None
+        else:
+            self.merger = MergeReactions(
+                self.app, self.config, service.project, self.index, self.launcher
+            )
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runner")
+        self._wake = threading.Condition()
+        self._woken = False
+        self._busy: set[str] = set()
+        self._again: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._errors: list[str] = []
+        self._last_sweep = 0.0
+        self.after_step: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.app.add_commit_listener(lambda _position: self.wake())
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, kill_agents: bool = True) -> None:
+        self._stop.set()
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if kill_agents:
+            self.launcher.stop_all("the runner is shutting down")
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.lease.release()
+        except Exception:
+            logger.exception("could not release the runner lease")
+
+    def wake(self) -> None:
+        with self._wake:
+            self._woken = True
+            self._wake.notify_all()
+
+    def status(self) -> SupervisorStatus:
+        return SupervisorStatus(
+            running=self._thread is not None and self._thread.is_alive(),
+            lease_held=self.lease.held,
+            position=self.index.position,
+            coders=self.launcher.count(AgentRole.CODER),
+            mergemasters=self.launcher.count(AgentRole.MERGEMASTER),
+            errors=list(self._errors),
+        )
+
+    def idle(self) -> bool:
+        """True when no story step is queued or running (agents may still run)."""
+        with self._busy_lock:
+            return not self._busy
+
+    # ------------------------------------------------------------------ loop
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception as exc:
+                logger.exception("runner tick failed")
+                self._errors.append(f"{type(exc).__name__}: {exc}")
+                self._errors[:] = self._errors[-20:]
+                self._stop.wait(self.poll_interval)
+            with self._wake:
+                if not self._woken:
+                    self._wake.wait(self.poll_interval)
+                self._woken = False
+
+    def _tick(self) -> None:
+        if not self.lease.held and not self.lease.acquire():
+            return
+        if self.lease.held is False:
+            return
+        touched: set[str] = set()
+        while True:
+            batch = self.app.events_after(self.index.position, 5000)
+            if not batch:
+                break
+            touched |= self.index.apply(batch)
+        now = time.monotonic()
+        if now - self._last_sweep >= self.full_sweep_interval:
+            self._last_sweep = now
+            touched |= {s.story_id for s in self.index.in_stage(*ACTIVE_STAGES)}
+        # Renew well before expiry; a long tick must not let another runner take over.
+        self.lease.acquire()
+        for sid in sorted(touched, key=self._order):
+            self._submit(sid)
+
+    def _order(self, story_id: str) -> tuple[int, str]:
+        story = self.index.get(story_id)
+        return (story.entered_stage_position if story else 0, story_id)
+
+    def _submit(self, story_id: str) -> None:
+        with self._busy_lock:
+            if story_id in self._busy:
+                self._again.add(story_id)
+                return
+            self._busy.add(story_id)
+        self._pool.submit(self._step_loop, story_id)
+
+    def _step_loop(self, story_id: str) -> None:
+        try:
+            for _ in range(50):  # bounded: a step that keeps recording is a bug, not a loop
+                if self._stop.is_set():
+                    break
+                try:
+                    progressed = self._step(story_id)
+                except DomainError as exc:
+                    logger.info("step for %s refused: %s", story_id, exc)
+                    progressed = False
+                except Exception as exc:
+                    logger.exception("step for %s failed", story_id)
+                    self._errors.append(f"{story_id}: {type(exc).__name__}: {exc}")
+                    self._errors[:] = self._errors[-20:]
+                    progressed = False
+                with self._busy_lock:
+                    again = story_id in self._again
+                    self._again.discard(story_id)
+                if not progressed and not again:
+                    break
+        finally:
+            with self._busy_lock:
+                self._busy.discard(story_id)
+                again = story_id in self._again
+                self._again.discard(story_id)
+            if again:
+                self._submit(story_id)
+            if self.after_step is not None:
+                self.after_step(story_id)
+
+    def _step(self, story_id: str) -> bool:
+        try:
+            story = self.app.get_story(story_id)
+        except StoryNotFound:
+            return False
+        stage = story.stage
+        if stage is Stage.BACKLOG:
+            self.coder.schedule(story)
+            return False
+        if stage is Stage.CODING:
+            return self.coder.step(story)
+        if stage is Stage.GATES:
+            # Gates started but never finished: the runner died mid-run. Run them again.
+            if self.launcher.running(story_id) is None:
+                self.coder.run_gates(story)
+                return True
+            return False
+        if stage in (Stage.MERGE, Stage.MERGE_FAILURE):
+            if self.merger is not None:
+                return bool(self.merger.step(story))  # type: ignore[attr-defined]
+            return False
+        # blocked, done, archived: nothing may keep running for it.
+        if self.launcher.running(story_id) is not None:
+            self.launcher.stop(story_id, f"the story is {stage.value}")
+            return False
+        if story.running_agent is not None:
+            self.launcher.reap_orphan(story)
+            return True
+        if stage in (Stage.DONE, Stage.ARCHIVED):
+            self.coder.cleanup(story)
+            if self.merger is not None:
+                self.merger.cleanup(story)  # type: ignore[attr-defined]
+        return False
+
+    # ------------------------------------------------------------------ agent exits
+
+    def _agent_exited(self, story_id: str, role: AgentRole, _result: AgentResult | None) -> None:
+        # A freed slot may let another story go: look at every story waiting for one.
+        self._submit(story_id)
+        waiting = (
+            (Stage.CODING.value,)
+            if role is AgentRole.CODER
+            else (Stage.MERGE_FAILURE.value, Stage.MERGE.value)
+        )
+        if self.merger is not None and role is AgentRole.MERGEMASTER:
+            self.merger.note_mergemaster_exit(story_id)  # type: ignore[attr-defined]
+        for story in self.index.in_stage(*waiting):
+            if story.story_id != story_id:
+                self._submit(story.story_id)
+        self.wake()

@@ -1,0 +1,100 @@
+"""/healthz states and the shape of unexpected failures (500 without internals)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from tests.api.conftest import LiveServer, ServerFactory, assert_error
+
+
+class FaultyReadModels:
+    """The real read models, with one projection reported failed and one query broken."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def status(self) -> list[Any]:
+        statuses = self.inner.status()
+        statuses[0] = dataclasses.replace(statuses[0], error="KeyError: 'boom'")
+        return statuses
+
+    def merge_queue(self) -> list[Any]:
+        raise RuntimeError("password=hunter2 at /srv/secret/path")
+
+
+def test_healthz_ok_degraded_unavailable(
+    serve_api: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live: LiveServer = serve_api()
+    client = live.client()
+    ok = client.get("/healthz")
+    assert ok.status_code == 200
+    body = ok.json()
+    assert body["status"] == "ok"
+    assert body["database"]["kind"] == live.service.db.kind
+    assert "password" not in body["database"]["location"]
+
+    live.state.read_models = FaultyReadModels(live.read_models)
+    degraded = client.get("/healthz")
+    assert degraded.status_code == 200  # alive: commands and story reads still work
+    body = degraded.json()
+    assert body["status"] == "degraded"
+    assert body["caught_up"] is False
+    assert any(p["error"] for p in body["projections"])
+
+    def unreachable() -> int:
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(live.service.app, "max_position", unreachable)
+    down = client.get("/healthz")
+    assert down.status_code == 503
+    assert down.json()["status"] == "unavailable"
+    assert down.json()["database"]["ok"] is False
+
+
+def test_unexpected_errors_are_500_without_internals(serve_api: ServerFactory) -> None:
+    live: LiveServer = serve_api()
+    live.state.read_models = FaultyReadModels(live.read_models)
+    response = live.client().get("/merge-queue")
+    assert_error(response, 500, "internal_error")
+    assert "hunter2" not in response.text and "secret" not in response.text
+    assert "Traceback" not in response.text
+
+
+class Recorder:
+    """A background component that records its lifecycle."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def status(self) -> dict[str, Any]:
+        return {"name": "runners", "running": "stop" not in self.calls, "error": None}
+
+
+def test_components_follow_the_server_and_report_health(serve_api: ServerFactory) -> None:
+    from api.cli_serve import _status_dicts
+
+    component = Recorder()
+    live: LiveServer = serve_api(
+        components=[component], runner_status=lambda: _status_dicts(component.status())
+    )
+    assert component.calls == ["start"]
+    body = live.client().get("/healthz").json()
+    assert body["runners"] == [{"name": "runners", "running": True, "error": None}]
+    assert body["status"] == "ok"
+    component.calls.append("stop")  # as if the supervisor died
+    assert live.client().get("/healthz").json()["status"] == "degraded"
+    live.stop()
+    assert component.calls == ["start", "stop", "stop"]

@@ -1,0 +1,102 @@
+"""The runner process is SIGKILLed while an agent runs; a new one finishes the story."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from domain.stages import Stage
+from runners.agents import process_alive
+from service.application import StorylineApplication
+from service.settings import Database
+from tests.pipeline_support import calls, dump_toml, make_config, make_repo
+
+pytestmark = pytest.mark.slow
+
+FIX = [{"write": "app.py", "content": "def add(a, b):\n    return a + b\n"}, {"commit": "fix add"}]
+
+
+def start_runner(repo: Path, db: Database, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORYLINE_")}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runners",
+            "--project",
+            str(repo),
+            "--database-url",
+            db.url,
+            "--poll-interval",
+            "0.2",
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def wait(app: StorylineApplication, sid: str, predicate, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        story = app.get_story(sid)
+        if predicate(story):
+            return story
+        time.sleep(0.05)
+    raise AssertionError([(e.type, e.reason) for e in app.history(sid)])
+
+
+def test_runner_killed_mid_agent_recovers_without_double_spawn(
+    tmp_path: Path, database: Database
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    script = {"s1": {"1": [{"sleep": 60, "interval": 0.2}], "2": FIX}}
+    config = make_config(tmp_path, script)
+    (repo / "storyline.toml").write_text(dump_toml(config))
+    app = StorylineApplication(database)
+    app.create_story(
+        story_id="s1",
+        name="fix add",
+        description="d",
+        acceptance_criteria=["passes"],
+        actor="user:t",
+    )
+    log = tmp_path / "runner.log"
+    runner = start_runner(repo, database, log)
+    try:
+        app.transition("s1", "start_coding", actor="user:t")
+        story = wait(app, "s1", lambda s: bool(s.running_agent and s.running_agent["started"]))
+        deadline = time.monotonic() + 30
+        while not calls(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        agent_pid = calls(tmp_path)[0]["pid"]
+        assert process_alive(agent_pid)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        # The agent has its own process group: it outlives the runner.
+        assert process_alive(agent_pid)
+        assert story.coder_attempts == 1
+
+        runner = start_runner(repo, database, log)
+        final = wait(
+            app, "s1", lambda s: s.stage in (Stage.MERGE, Stage.DONE) and s.running_agent is None
+        )
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+    assert not process_alive(agent_pid), "the orphaned agent was not killed"
+    history = app.history("s1")
+    spawns = [e.data["attempt"] for e in history if e.type == "AgentSpawnRequested"]
+    assert spawns == [1, 2], f"an attempt was spawned twice: {spawns}"
+    exits = [(e.data["attempt"], e.data["outcome"]) for e in history if e.type == "AgentExited"]
+    assert exits == [(1, "lost"), (2, "completed")]
+    assert final.abort_respawns == 0
+    assert len(calls(tmp_path)) == 2
+    app.close()
