@@ -220,7 +220,10 @@ class CoderReactions:
             return
         gates = self.config.gates
         run = run_gates(
-            gates.commands, self.worktrees.path_for(story.id), timeout_secs=gates.timeout_secs
+            gates.commands,
+            self.worktrees.path_for(story.id),
+            timeout_secs=gates.timeout_secs,
+            pidfile=self.project / ".storyline" / "run" / f"gate-{story.id}.pid",
         )
         if not run.passed:
             self._gates_failed(story, run.output)

@@ -40,14 +40,41 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def kill_leftover(pidfile: Path) -> bool:
+    """Kill the gate process group a crashed runner left behind (named in ``pidfile``)."""
+    from runners.agents import kill_process_group
+
+    if not pidfile.exists():
+        return False
+    try:
+        fields = pidfile.read_text(encoding="utf-8").split()
+        pid, identity = int(fields[0]), (fields[1] if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        pidfile.unlink(missing_ok=True)
+        return False
+    killed = pid > 1 and kill_process_group(pid, grace_secs=1.0, expected_identity=identity)
+    pidfile.unlink(missing_ok=True)
+    return killed
+
+
 def run_gates(
     commands: Sequence[Sequence[str]],
     cwd: Path,
     *,
     timeout_secs: float,
     env: Mapping[str, str] | None = None,
+    pidfile: Path | None = None,
 ) -> GateRun:
-    """Run ``commands`` in order, stopping at the first failure."""
+    """Run ``commands`` in order, stopping at the first failure.
+
+    With ``pidfile``, a gate left running by a previous (crashed) run is killed first, and
+    each command's pid is written there while it runs.
+    """
+    from runners.agents import process_identity
+
+    if pidfile is not None:
+        kill_leftover(pidfile)
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
     parts: list[str] = []
     if not commands:
         return GateRun(passed=True, output="(no gate commands configured)")
@@ -68,6 +95,8 @@ def run_gates(
         except OSError as exc:
             parts.append(f"cannot run {argv[0]!r}: {exc.strerror or exc}")
             return GateRun(False, "\n".join(parts), shown)
+        if pidfile is not None:
+            pidfile.write_text(f"{proc.pid} {process_identity(proc.pid) or '-'}\n")
         try:
             out, _ = proc.communicate(timeout=timeout_secs)
         except subprocess.TimeoutExpired:
@@ -79,6 +108,8 @@ def run_gates(
         finally:
             # Anything the gate left running in its group goes with it.
             _kill_group(proc)
+            if pidfile is not None:
+                pidfile.unlink(missing_ok=True)
         parts.append(out.decode("utf-8", "replace").rstrip("\n"))
         parts.append(f"[exit {proc.returncode} after {time.monotonic() - started:.1f}s]")
         if proc.returncode != 0:

@@ -194,12 +194,13 @@ class MergeWorkspaces(WorkspaceSet):
                 return result
             return self._commit_staged(path, tip, pick, ["-C", commit], None)
 
-    def finish_resolution(self, story_id: str) -> str:
+    def finish_resolution(self, story_id: str, message: str | None = None) -> str:
         """Check a mergemaster's work in the conflicted workspace and return its commit.
 
         Accepted only when nothing is unmerged or uncommitted, no git operation is in
         progress, no conflict marker was committed, and HEAD is exactly one non-empty commit
-        whose parent is the recorded start base.
+        whose parent is the recorded start base. With ``message`` the commit is reworded to
+        it (the base then reads like any other squash merge; the author stays the agent).
         """
         sid = validate_story_id(story_id)
         with self._story_lock(sid):
@@ -207,7 +208,11 @@ class MergeWorkspaces(WorkspaceSet):
             base = self._read_base(admin)
             if base is None:
                 raise GitError(f"no merge was started in the workspace of story {sid!r}")
-            return self._check_one_commit(path, admin, base)
+            head = self._check_one_commit(path, admin, base)
+            if message is None:
+                return head
+            self._git(path, "commit", "--amend", "--quiet", "--no-verify", "-F", "-", stdin=message)
+            return self._git(path, "rev-parse", "HEAD").stdout.strip()
 
     def advance_base(self, expected_old: str, new_sha: str) -> bool:
         """Move the base branch from ``expected_old`` to ``new_sha``; False if it had moved.

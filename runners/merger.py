@@ -162,7 +162,7 @@ class MergeReactions:
         self._fail(story, MergeFailureKind.OTHER, "the base branch kept moving during the merge")
 
     def _merge_resolution(self, story: Story) -> None:
-        head = self.workspaces.finish_resolution(story.id)
+        head = self.workspaces.finish_resolution(story.id, self._message(story))
         base = self.workspaces.started_base(story.id)
         if base is None:
             raise GitError("the merge workspace lost its recorded base")
@@ -210,7 +210,10 @@ class MergeReactions:
     def _merge_gates_pass(self, story: Story) -> bool:
         gates = self.config.merge_gates
         run = run_gates(
-            gates.commands, self.workspaces.path_for(story.id), timeout_secs=gates.timeout_secs
+            gates.commands,
+            self.workspaces.path_for(story.id),
+            timeout_secs=gates.timeout_secs,
+            pidfile=self.project / ".storyline" / "run" / f"gate-{story.id}.pid",
         )
         if not run.passed:
             self._fail(story, MergeFailureKind.GATES_FAILED, run.output)

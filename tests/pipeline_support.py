@@ -7,11 +7,13 @@ Everything is the production code path; only the coding agent is the scripted st
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,18 +188,53 @@ class Pipeline:
 
 
 @contextmanager
-def running_pipeline(
-    project: Path, db: Database, config: StorylineConfig, **supervisor_kw: Any
-) -> Iterator[Pipeline]:
-    from service.agent_tokens import AgentTokens  # noqa: F401  (tables must exist)
+def api_server(service: Service) -> Iterator[str]:
+    """The real HTTP API on an ephemeral loopback port (agents report through it)."""
+    import uvicorn
 
+    from api.app import create_app
+    from projections import ReadModels
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    read_models = ReadModels(service.db)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service, read_models), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        read_models.close()
+
+
+@contextmanager
+def running_pipeline(
+    project: Path,
+    db: Database,
+    config: StorylineConfig,
+    *,
+    with_api: bool = False,
+    **supervisor_kw: Any,
+) -> Iterator[Pipeline]:
     app = StorylineApplication(db, policy=Policy(max_retries=config.max_retries))
     service = Service(project=project, db=db, config=config, app=app)
-    supervisor = Supervisor(service, poll_interval=0.2, full_sweep_interval=1.0, **supervisor_kw)
-    supervisor.start()
-    try:
-        yield Pipeline(service, supervisor)
-    finally:
+    with ExitStack() as stack:
+        api_url = stack.enter_context(api_server(service)) if with_api else None
+        supervisor = Supervisor(
+            service, api_url=api_url, poll_interval=0.2, full_sweep_interval=1.0, **supervisor_kw
+        )
+        supervisor.start()
         # The application stays open so the test can read the history afterwards; the
         # database fixture drops the database (and its connections) at the end.
-        supervisor.stop()
+        stack.callback(supervisor.stop)
+        yield Pipeline(service, supervisor)

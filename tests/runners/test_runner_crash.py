@@ -100,3 +100,63 @@ def test_runner_killed_mid_agent_recovers_without_double_spawn(
     assert final.abort_respawns == 0
     assert len(calls(tmp_path)) == 2
     app.close()
+
+
+def test_runner_killed_mid_merge_lands_the_change_at_most_once(
+    tmp_path: Path, database: Database
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    started = tmp_path / "merge-gate-started"
+    # The first merge-gate run announces itself and hangs: the runner dies right there.
+    gate = (
+        "import pathlib, runpy, time\n"
+        f"marker = pathlib.Path({str(started)!r})\n"
+        "if not marker.exists():\n"
+        "    marker.write_text('x')\n"
+        "    time.sleep(120)\n"
+        "runpy.run_path('check.py')\n"
+    )
+    config = make_config(
+        tmp_path, {"s1": FIX}, merge_gates={"commands": [[sys.executable, "-c", gate]]}
+    )
+    (repo / "storyline.toml").write_text(dump_toml(config))
+    app = StorylineApplication(database)
+    app.create_story(
+        story_id="s1",
+        name="fix add",
+        description="d",
+        acceptance_criteria=["passes"],
+        actor="user:t",
+    )
+    log = tmp_path / "runner.log"
+    runner = start_runner(repo, database, log)
+    try:
+        app.transition("s1", "start_coding", actor="user:t")
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), log.read_text()
+        assert app.get_story("s1").merging
+        gate_pid = int((repo / ".storyline/run/gate-s1.pid").read_text().split()[0])
+        assert process_alive(gate_pid)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        runner = start_runner(repo, database, log)
+        final = wait(app, "s1", lambda s: s.stage in (Stage.DONE, Stage.MERGE_FAILURE))
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+    subjects = subprocess.run(
+        ["git", "log", "--format=%s", "main"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert final.stage is Stage.DONE
+    assert not process_alive(gate_pid), "the hung merge gate of the dead runner survived"
+    assert subjects.count("fix add (story s1)") == 1
+    assert subjects[-1] == "initial" and len(subjects) == 2
+    merges = [e.type for e in app.history("s1") if e.type.startswith("Merge")]
+    assert merges == ["MergeStarted", "MergeSucceeded"]
+    app.close()
