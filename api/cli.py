@@ -409,6 +409,63 @@ main_app.command("serve")(serve)
 main_app.add_typer(projections_app, name="projections")
 
 
+@main_app.command("demo")
+def demo(
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Where to create the demo project (default: a temp dir)."),
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave the demo project to look around.")
+    ] = False,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="Run against a server serving a --prepare'd project."),
+    ] = None,
+    project: ProjectOpt = None,
+    prepare_only: Annotated[
+        bool, typer.Option("--prepare", help="Only write the demo project (for --url).")
+    ] = False,
+    database_url: DbOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 120.0,
+) -> None:
+    """Run six stories through the whole pipeline on a throwaway project."""
+    from api import demo as demo_mod
+
+    if url is not None:
+        if project is None:
+            fail("--url needs --project: the directory the server was started on", 2)
+        target, temporary = project_dir(project), False
+        if not (target / ".storyline" / "demo").is_dir():
+            fail(f"{target} is not a demo project (create one with --prepare --dir DIR)", 2)
+    else:
+        target, temporary = demo_mod.demo_directory(directory)
+        try:
+            demo_mod.prepare(target)
+        except (FileExistsError, OSError) as exc:
+            fail(f"cannot create the demo project: {exc}", 2)
+        if prepare_only:
+            out.print(f"demo project ready at {target}")
+            out.print(f"serve it:  storyline serve --project {target}")
+            out.print(f"then:      storyline demo --url http://127.0.0.1:8765 --project {target}")
+            return
+    out.print(f"demo project: {target}", markup=False)
+    try:
+        result = demo_mod.run_demo(
+            project=target, url=url, database_url=database_url, console=out, timeout=timeout
+        )
+    except (demo_mod.DemoError, ClientError, ConfigError, SettingsError) as exc:
+        fail(f"demo failed: {exc} (project left at {target})", 1)
+    demo_mod.explain(result, out)
+    if keep or url is not None or not temporary:
+        out.print(f"the demo project is at {target}", markup=False)
+    else:
+        demo_mod.cleanup(target, temporary)
+        out.print("demo project removed (use --keep to look around)")
+    if not result.ok:
+        fail("the demo did not end as the scenario says", 1)
+
+
 @main_app.command("runner")
 def runner(
     project: ProjectOpt = None,

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from service.application import StorylineApplication
 from service.events_log import LoggedEvent
 
 
@@ -31,13 +32,16 @@ class StoryIndex:
     dependants: dict[str, set[str]] = field(default_factory=dict)
     position: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    catch_up_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def apply(self, events: Iterable[LoggedEvent]) -> set[str]:
         """Fold events in; returns the ids of stories that need a look (incl. dependants)."""
         touched: set[str] = set()
         with self.lock:
             for event in events:
-                self.position = max(self.position, event.position)
+                if event.position <= self.position:
+                    continue  # already folded in (catch-ups may overlap)
+                self.position = event.position
                 sid = event.story_id
                 touched.add(sid)
                 if event.type == "StoryCreated":
@@ -69,6 +73,16 @@ class StoryIndex:
                 elif event.type in ("MergeRequeued", "StoryUnblocked", "MergeSucceeded"):
                     story.final = False
         return touched
+
+    def catch_up(self, app: StorylineApplication, batch: int = 5000) -> set[str]:
+        """Fold in everything committed since the index's position."""
+        touched: set[str] = set()
+        with self.catch_up_lock:
+            while True:
+                events = app.events_after(self.position, batch)
+                if not events:
+                    return touched
+                touched |= self.apply(events)
 
     def in_stage(self, *stages: str) -> list[IndexedStory]:
         with self.lock:

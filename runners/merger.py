@@ -12,6 +12,7 @@ import logging
 import re
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from domain.config import StorylineConfig
@@ -39,8 +40,10 @@ class MergeReactions:
         project: Path,
         index: StoryIndex,
         launcher: AgentLauncher,
+        on_slot_freed: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
+        self.on_slot_freed = on_slot_freed
         self.config = config
         self.project = project
         self.index = index
@@ -66,6 +69,7 @@ class MergeReactions:
     # ------------------------------------------------------------------ merge queue
 
     def _queue(self) -> list[str]:
+        self.index.catch_up(self.app)
         return [s.story_id for s in self.index.in_stage(Stage.MERGE.value) if not s.merging]
 
     def _merge_step(self, story: Story) -> bool:
@@ -94,9 +98,9 @@ class MergeReactions:
         return True
 
     def _wake_queue(self) -> None:
-        # The merge slot is free again; the supervisor's sweep or the next commit wakes the
-        # queue. Nothing to do here beyond letting the commit listener fire.
-        return
+        # The slot is free again: the next queued story must not wait for a sweep.
+        if self.on_slot_freed is not None:
+            self.on_slot_freed()
 
     def _base_tip(self) -> str:
         out = subprocess.run(
@@ -275,6 +279,7 @@ class MergeReactions:
         finally:
             with self._slot_lock:
                 self._merging.discard(story.id)
+            self._wake_queue()
 
     def _landed_commit(self, story: Story) -> str | None:
         base = self.workspaces.started_base(story.id)
@@ -344,6 +349,7 @@ class MergeReactions:
 
     def _conflict_queue(self) -> list[str]:
         """Conflict stories waiting for a mergemaster, oldest first."""
+        self.index.catch_up(self.app)
         return [
             s.story_id
             for s in self.index.in_stage(Stage.MERGE_FAILURE.value)

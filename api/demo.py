@@ -1,0 +1,309 @@
+"""``storyline demo``: the whole pipeline on a throwaway project, live in the terminal.
+
+Locally it starts the real service in this process (API on a loopback port, projections,
+runners) on the embedded SQLite default (or ``STORYLINE_DATABASE_URL``), then drives six
+stories through the HTTP API exactly as any client would. With ``--url`` the same scenario
+runs against a server started elsewhere on a project prepared by ``--prepare``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from api.client import ClientError, StorylineClient
+from api.demo_project import STORIES, create_project, git
+
+EXPECTED_FINAL = {
+    "add": "done",
+    "subtract": "done",
+    "multiply": "done",
+    "banner-en": "done",
+    "banner-fr": "done",
+    "divide": "blocked",
+}
+STAGE_STYLE = {
+    "done": "green",
+    "blocked": "red",
+    "merge_failure": "red",
+    "coding": "cyan",
+    "gates": "yellow",
+    "merge": "magenta",
+    "backlog": "white",
+}
+
+
+class DemoError(Exception):
+    """The demo could not run or did not end as the scenario says."""
+
+
+@dataclass
+class DemoResult:
+    project: Path
+    final: dict[str, str]
+    seconds: float
+    replay_equal: bool | None
+    merge_commits: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.final == EXPECTED_FINAL and self.replay_equal is not False
+
+
+# --------------------------------------------------------------------------- local server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def local_server(project: Path, database_url: str | None) -> Iterator[tuple[str, Any]]:
+    """The real service for ``project`` in this process; yields its URL and the Service."""
+    import uvicorn
+
+    from api.auth import StaticTokens
+    from api.cli_serve import make_app
+    from service.container import open_service
+
+    service = open_service(project, database_url)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    app, read_models = make_app(service, tokens=StaticTokens(), api_url=url)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="demo-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise DemoError("the storyline server did not start")
+        time.sleep(0.02)
+    try:
+        yield url, service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        read_models.close()
+        service.close()
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+def create_stories(client: StorylineClient) -> None:
+    for story in STORIES:
+        client.create_story(
+            story_id=story.id,
+            name=story.name,
+            description=story.description,
+            acceptance_criteria=story.criteria,
+            depends_on=story.depends_on,
+        )
+    for story in STORIES:
+        if not story.depends_on:  # dependants start by themselves when ready
+            client.transition(story.id, "start_coding", reason="demo: go")
+
+
+def board_rows(client: StorylineClient) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = client.list_stories(limit=200, cursor=cursor)
+        rows.extend(page["stories"])
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    order = {s.id: i for i, s in enumerate(STORIES)}
+    return sorted(rows, key=lambda r: order.get(str(r["id"]), 99))
+
+
+def render_board(rows: list[dict[str, Any]], elapsed: float, title: str) -> Table:
+    table = Table(title=f"{title}  ({elapsed:4.1f}s)", title_justify="left", expand=False)
+    for column in ("story", "stage", "detail", "retries", "agents", "tokens", "last event"):
+        table.add_column(column)
+    for row in rows:
+        stage = str(row.get("stage"))
+        detail = ""
+        if row.get("merge_failure_kind"):
+            detail = str(row["merge_failure_kind"])
+        elif row.get("queue_position"):
+            detail = f"queue #{row['queue_position']}"
+        elif row.get("fixup_pending"):
+            detail = "fix-up"
+        if row.get("final"):
+            detail += " (final)"
+        table.add_row(
+            str(row["id"]),
+            Text(stage, style=STAGE_STYLE.get(stage, "white")),
+            detail,
+            str(row.get("retry_count", 0)),
+            str(row.get("coder_attempts", row.get("attempts", "")) or ""),
+            str(int(row.get("tokens_in") or 0) + int(row.get("tokens_out") or 0)),
+            f"{row.get('last_event', '')} by {row.get('last_actor', '')}",
+        )
+    return table
+
+
+def finished(rows: list[dict[str, Any]]) -> bool:
+    stages = {str(r["id"]): str(r["stage"]) for r in rows}
+    return all(stages.get(sid) in ("done", "blocked", "archived") for sid in EXPECTED_FINAL)
+
+
+def watch(client: StorylineClient, console: Console, timeout: float) -> dict[str, str]:
+    """Show the board live until every story settled; returns their final stages."""
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    with Live(console=console, refresh_per_second=8, transient=False) as live:
+        while True:
+            try:
+                rows = board_rows(client)
+            except ClientError:
+                rows = rows or []
+            elapsed = time.monotonic() - started
+            live.update(render_board(rows, elapsed, "storyline demo: live board"))
+            if rows and finished(rows):
+                break
+            if elapsed > timeout:
+                raise DemoError(f"the demo did not settle within {timeout:.0f}s")
+            time.sleep(0.15)
+    return {str(r["id"]): str(r["stage"]) for r in rows}
+
+
+def audit_trail(client: StorylineClient, story_id: str) -> Table:
+    table = Table(title=f"audit trail of story {story_id!r}", title_justify="left")
+    for column in ("pos", "event", "actor", "stages", "reason / detail"):
+        table.add_column(column, overflow="fold")
+    for e in client.history(story_id):
+        stages = (
+            f"{e['from_stage'] or '-'} -> {e['to_stage']}"
+            if e["from_stage"] != e["to_stage"]
+            else ""
+        )
+        detail = e["reason"] or ""
+        data = e["data"]
+        if e["type"] == "GatesFailed":
+            lines = [ln for ln in str(data.get("output", "")).splitlines() if ln.strip()]
+            telling = [ln for ln in lines if "Error" in ln or "FAILED" in ln] or lines[-2:]
+            detail += "\n" + "\n".join(telling[-3:])
+        elif e["type"] == "AgentSpawnRequested":
+            argv = data.get("argv") or []
+            injected = "--append-system-prompt" in argv and any(
+                "quality gates failed" in arg for arg in argv
+            )
+            detail += f"\ngate failure injected into the prompt: {'yes' if injected else 'no'}"
+        elif e["type"] == "AgentExited":
+            detail += (
+                f"outcome {data.get('outcome')}, {data.get('turns')} turns, "
+                f"{int(data.get('tokens_in') or 0) + int(data.get('tokens_out') or 0)} tokens"
+            )
+        table.add_row(str(e["position"]), e["type"], e["actor"], stages, Text(detail.strip()))
+    return table
+
+
+def replay_check(project: Path, database_url: str | None) -> bool:
+    """Rebuild every projection from the log into scratch tables and compare."""
+    from projections import ProjectionRunner
+    from service.container import open_service
+
+    service = open_service(project, database_url)
+    try:
+        runner = ProjectionRunner(service.db, service.app)
+        differences = runner.check()
+    finally:
+        service.close()
+    return not any(differences.values())
+
+
+def run_demo(
+    *,
+    project: Path,
+    url: str | None,
+    database_url: str | None,
+    console: Console,
+    timeout: float = 120.0,
+) -> DemoResult:
+    started = time.monotonic()
+
+    def drive(client: StorylineClient) -> dict[str, str]:
+        create_stories(client)
+        return watch(client, console, timeout)
+
+    if url is None:
+        with local_server(project, database_url) as (server_url, _service):
+            client = StorylineClient(server_url)
+            try:
+                final = drive(client)
+                console.print()
+                console.print(audit_trail(client, "subtract"))
+            finally:
+                client.close()
+        replay: bool | None = replay_check(project, database_url)
+    else:
+        client = StorylineClient(url)
+        try:
+            final = drive(client)
+            console.print()
+            console.print(audit_trail(client, "subtract"))
+        finally:
+            client.close()
+        replay = None
+    merges = git(project, "log", "--format=%h %s", "main").splitlines()
+    return DemoResult(project, final, time.monotonic() - started, replay, merges)
+
+
+def explain(result: DemoResult, console: Console) -> None:
+    table = Table(title="what each story showed", title_justify="left")
+    for column in ("story", "final stage", "expected", "what it shows"):
+        table.add_column(column)
+    for story in STORIES:
+        got = result.final.get(story.id, "?")
+        want = EXPECTED_FINAL[story.id]
+        style = "green" if got == want else "red"
+        table.add_row(story.id, Text(got, style=style), want, story.expect)
+    console.print(table)
+    console.print("[bold]merge commits on main[/bold] (newest first):")
+    for line in result.merge_commits:
+        console.print(f"  {line}", markup=False)
+    logs = result.project / ".storyline" / "logs"
+    console.print(f"[bold]agent logs[/bold]: {logs} (one file per attempt)")
+    if result.replay_equal is None:
+        console.print("replay check: skipped (the server's database is not local)")
+    elif result.replay_equal:
+        console.print(
+            "[green]replay check: every projection rebuilt from the log equals the live one[/green]"
+        )
+    else:
+        console.print("[red]replay check: a rebuilt projection differs from the live one[/red]")
+    console.print(f"finished in {result.seconds:.1f}s")
+
+
+def demo_directory(explicit: Path | None) -> tuple[Path, bool]:
+    """The project directory and whether it is a temporary one."""
+    if explicit is not None:
+        return explicit.resolve(), False
+    return Path(tempfile.mkdtemp(prefix="storyline-demo-")) / "calc", True
+
+
+def prepare(project: Path) -> Path:
+    return create_project(project)
+
+
+def cleanup(project: Path, temporary: bool) -> None:
+    shutil.rmtree(project.parent if temporary else project, ignore_errors=True)
