@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, may_create, may_read, may_transition
@@ -31,7 +31,7 @@ from api.schemas import (
     responses,
 )
 from domain.ids import validate_story_id
-from domain.stages import Stage
+from domain.stages import AgentRole, Stage
 from domain.story import Story
 
 router = APIRouter(tags=["stories"])
@@ -261,3 +261,52 @@ def _row(row: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(row) and not isinstance(row, type):
         return dataclasses.asdict(row)
     return dict(row)
+
+
+LOG_TAIL_MAX = 8 * 1024 * 1024
+
+
+@router.get(
+    "/stories/{story_id}/agents/{role}/{attempt}/log",
+    responses={**responses(404), 200: {"content": {"text/plain": {}}}},
+    response_class=Response,
+    summary="The log of one agent attempt (its stdout/stderr as the runner captured it)",
+)
+async def agent_log(
+    story_id: str,
+    role: AgentRole,
+    attempt: Annotated[int, Path(ge=1, le=2**31)],
+    request: Request,
+    tail: Annotated[
+        int, Query(ge=1, le=LOG_TAIL_MAX, description="Only the last this many bytes")
+    ] = 1024 * 1024,
+    caller: Principal = Depends(principal),
+) -> Response:
+    if not may_read(caller, story_id):
+        raise forbidden(caller, f"read story {story_id!r}")
+    state = state_of(request)
+    validate_story_id(story_id)
+    await run_in_threadpool(state.service.app.get_story, story_id)  # 404 for unknown stories
+    # Every part of the path is validated (story id alphabet, role enum, integer attempt):
+    # nothing a client sends can leave the logs directory.
+    path = state.service.project / ".storyline" / "logs" / story_id / f"{role.value}-{attempt}.log"
+
+    def read() -> bytes | None:
+        try:
+            with path.open("rb") as handle:
+                handle.seek(0, 2)
+                size = handle.tell()
+                handle.seek(max(0, size - tail))
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    data = await run_in_threadpool(read)
+    if data is None:
+        raise ApiError(
+            404,
+            "log_not_found",
+            f"story {story_id!r} has no log for {role.value} attempt {attempt}",
+            {"story_id": story_id, "role": role.value, "attempt": attempt},
+        )
+    return Response(data, media_type="text/plain; charset=utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 from domain.config import StorylineConfig
@@ -52,6 +53,8 @@ class CoderReactions:
         self.index = index
         self.launcher = launcher
         self.worktrees = Worktrees(project, config.base_branch)
+        # Worktree creation is disk- and lock-heavy: bounded however many stories start.
+        self._worktree_slots = threading.BoundedSemaphore(config.worktree_parallelism)
 
     # ------------------------------------------------------------------ backlog
 
@@ -123,7 +126,8 @@ class CoderReactions:
 
     def _ensure_worktree(self, story: Story) -> bool:
         try:
-            path = self.worktrees.ensure(story.id)
+            with self._worktree_slots:
+                path = self.worktrees.ensure(story.id)
         except GitError as exc:
             return self._block(story, f"cannot create the worktree: {exc}")
         try:

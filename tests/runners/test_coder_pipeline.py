@@ -233,3 +233,30 @@ def test_agent_pid_is_gone_after_block(tmp_path: Path, database: Database) -> No
         p.wait_for("s1", lambda s: s.running_agent is None)
     assert not process_alive(pid)
     assert os.getpid() != pid
+
+
+def test_agent_logs_are_reachable_through_the_api(tmp_path: Path, database: Database) -> None:
+    import httpx
+
+    repo = make_repo(tmp_path / "repo")
+    config = make_config(tmp_path, {"s1": FIX})
+    with running_pipeline(repo, database, config, with_api=True) as p:
+        p.add("s1")
+        p.start("s1")
+        p.wait_stage("s1", Stage.MERGE, Stage.DONE, Stage.MERGE_FAILURE)
+        url = p.supervisor.launcher.api_url
+        assert url is not None
+        with httpx.Client(base_url=url) as http:
+            log = http.get("/stories/s1/agents/coder/1/log")
+            tail = http.get("/stories/s1/agents/coder/1/log", params={"tail": 40})
+            missing = http.get("/stories/s1/agents/coder/9/log")
+            unknown = http.get("/stories/nope/agents/coder/1/log")
+            bad_role = http.get("/stories/s1/agents/boss/1/log")
+            hostile = http.get("/stories/..%2F..%2Fetc/agents/coder/1/log")
+    assert log.status_code == 200 and log.headers["content-type"].startswith("text/plain")
+    assert '"type":"result"' in log.text.replace(" ", "") and "fix add" in log.text
+    assert len(tail.content) == 40 and log.content.endswith(tail.content)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "log_not_found"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "story_not_found"
+    assert bad_role.status_code == 422
+    assert hostile.status_code in (404, 422)
