@@ -17,7 +17,7 @@ from domain.errors import DomainError, IllegalTransition, VersionConflict
 from domain.ids import feature_branch
 from domain.stages import FINISHED_STAGES, AgentOutcome, AgentRole, Stage
 from domain.story import Story
-from runners.gates import run_gates
+from runners.gates import run_story_gates
 from runners.git_ops import GitError, Worktrees
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
@@ -222,12 +222,8 @@ class CoderReactions:
                 f"{self.config.base_branch}; the agent committed nothing",
             )
             return
-        gates = self.config.gates
-        run = run_gates(
-            gates.commands,
-            self.worktrees.path_for(story.id),
-            timeout_secs=gates.timeout_secs,
-            pidfile=self.project / ".storyline" / "run" / f"gate-{story.id}.pid",
+        run = run_story_gates(
+            self.config.gates, self.worktrees.path_for(story.id), self.project, story.id
         )
         if not run.passed:
             self._gates_failed(story, run.output)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from domain.config import GatesConfig
 from runners.agents.spawn_spec import is_secret_name
 
 MAX_GATE_OUTPUT = 2_000_000
@@ -115,6 +116,16 @@ def run_gates(
         if proc.returncode != 0:
             return GateRun(False, _cap("\n".join(parts)), shown)
     return GateRun(True, _cap("\n".join(parts)))
+
+
+def run_story_gates(gates: GatesConfig, cwd: Path, project: Path, story_id: str) -> GateRun:
+    """Run a story's gates in ``cwd``, tracked by the story's gate pid file."""
+    return run_gates(
+        gates.commands,
+        cwd,
+        timeout_secs=gates.timeout_secs,
+        pidfile=project / ".storyline" / "run" / f"gate-{story_id}.pid",
+    )
 
 
 def _cap(text: str) -> str:

@@ -19,7 +19,7 @@ from domain.config import StorylineConfig
 from domain.errors import DomainError, IllegalTransition, VersionConflict
 from domain.stages import AgentRole, MergeFailureKind, Stage
 from domain.story import Story
-from runners.gates import run_gates
+from runners.gates import run_story_gates
 from runners.git_ops import GitError, MergeWorkspaces, SquashResult
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
@@ -150,7 +150,18 @@ class MergeReactions:
 
     def _squash_and_land(self, story: Story) -> None:
         self.workspaces.prepare(story.id)
-        result = self.workspaces.squash_merge(story.id, self._message(story))
+        self._land(story, self.workspaces.squash_merge(story.id, self._message(story)))
+
+    def _merge_resolution(self, story: Story) -> None:
+        """Land what a mergemaster committed in the conflicted workspace."""
+        head = self.workspaces.finish_resolution(story.id, self._message(story))
+        base = self.workspaces.started_base(story.id)
+        if base is None:
+            raise GitError("the merge workspace lost its recorded base")
+        self._land(story, SquashResult(outcome="merged", base_sha=base, commit_sha=head))
+
+    def _land(self, story: Story, result: SquashResult) -> None:
+        """Gate the squashed commit, then compare-and-swap the base onto it."""
         for _ in range(CAS_ATTEMPTS):
             if not self._handle_result(story, result):
                 return
@@ -162,31 +173,6 @@ class MergeReactions:
                 return
             # Someone moved the base while we merged: re-apply on the new tip, never overwrite.
             logger.info("base moved during the merge of %s; re-applying", story.id)
-            result = self.workspaces.rebase_onto_base(story.id)
-        self._fail(story, MergeFailureKind.OTHER, "the base branch kept moving during the merge")
-
-    def _merge_resolution(self, story: Story) -> None:
-        head = self.workspaces.finish_resolution(story.id, self._message(story))
-        base = self.workspaces.started_base(story.id)
-        if base is None:
-            raise GitError("the merge workspace lost its recorded base")
-        result = SquashResult(
-            outcome="merged",
-            base_sha=base,
-            commit_sha=head,
-            conflicts=[],
-            conflict_lines=[],
-            output="",
-        )
-        for _ in range(CAS_ATTEMPTS):
-            if not self._handle_result(story, result):
-                return
-            assert result.commit_sha is not None
-            if not self._merge_gates_pass(story):
-                return
-            if self.workspaces.advance_base(result.base_sha, result.commit_sha):
-                self._succeed(story, result.commit_sha)
-                return
             result = self.workspaces.rebase_onto_base(story.id)
         self._fail(story, MergeFailureKind.OTHER, "the base branch kept moving during the merge")
 
@@ -212,12 +198,8 @@ class MergeReactions:
         return False
 
     def _merge_gates_pass(self, story: Story) -> bool:
-        gates = self.config.merge_gates
-        run = run_gates(
-            gates.commands,
-            self.workspaces.path_for(story.id),
-            timeout_secs=gates.timeout_secs,
-            pidfile=self.project / ".storyline" / "run" / f"gate-{story.id}.pid",
+        run = run_story_gates(
+            self.config.merge_gates, self.workspaces.path_for(story.id), self.project, story.id
         )
         if not run.passed:
             self._fail(story, MergeFailureKind.GATES_FAILED, run.output)

@@ -121,14 +121,13 @@ class Supervisor:
 
     def start(self) -> None:
         self.app.add_commit_listener(lambda _position: self.wake())
-        if self.app.db.kind == "postgres":
-            # Commits made by other processes (a separate API, the CLI) reach this one by
-            # NOTIFY (the event store's insert function sends it), not by the next poll:
-            # measured, a separate runner reacted in ~950 ms with the 1 s poll alone.
-            self._listener = threading.Thread(
-                target=self._listen, name="supervisor-listen", daemon=True
-            )
-            self._listener.start()
+        # Commits made by other processes (a separate API, the CLI) must wake this one too,
+        # not wait for the next poll: measured, a separate runner took ~950 ms to react
+        # with the 1 s poll alone (BENCHMARKS.md, row 6x).
+        self._listener = threading.Thread(
+            target=self._listen, name="supervisor-listen", daemon=True
+        )
+        self._listener.start()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self._thread.start()
 
@@ -282,6 +281,35 @@ class Supervisor:
         return False
 
     def _listen(self) -> None:
+        if self.app.db.kind == "postgres":
+            self._listen_postgres()
+        else:
+            self._watch_sqlite()
+
+    def _watch_sqlite(self, interval: float = 0.025) -> None:
+        """Wake when another connection commits: SQLite has no NOTIFY, but a connection's
+        ``PRAGMA data_version`` changes whenever any other connection (in any process) has
+        committed, and reading it costs about 10 us."""
+        import sqlite3
+
+        path = self.app.db.sqlite_path
+        while not self._stop.is_set():
+            try:
+                conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+                try:
+                    seen = conn.execute("PRAGMA data_version").fetchone()[0]
+                    while not self._stop.wait(interval):
+                        version = conn.execute("PRAGMA data_version").fetchone()[0]
+                        if version != seen:
+                            seen = version
+                            self.wake()
+                finally:
+                    conn.close()
+            except Exception:
+                logger.warning("watching %s for commits failed; polling", path)
+                self._stop.wait(self.poll_interval)
+
+    def _listen_postgres(self) -> None:
         import psycopg
 
         from service.application import events_table
