@@ -37,10 +37,21 @@ class Lease:
         self.holder = holder or default_holder()
         self.ttl_secs = ttl_secs
         self._held_until = 0.0
+        self._renew_at = 0.0
 
     @property
     def held(self) -> bool:
         return time.time() < self._held_until
+
+    def ensure(self) -> bool:
+        """Hold the lease, renewing it only when a third of its time has passed.
+
+        The supervisor calls this on every wake-up (every commit); renewing each time would
+        add a database write per transition.
+        """
+        if self.held and time.time() < self._renew_at:
+            return True
+        return self.acquire()
 
     def acquire(self) -> bool:
         """Take or renew the lease; True while this process holds it."""
@@ -59,6 +70,7 @@ class Lease:
                 (self.name, self.holder, expires, now),
             )
         self._held_until = expires - self.ttl_secs / 3 if rows else 0.0
+        self._renew_at = now + self.ttl_secs / 3 if rows else 0.0
         return bool(rows)
 
     def release(self) -> None:

@@ -183,10 +183,8 @@ class Supervisor:
                 self._woken = False
 
     def _tick(self) -> None:
-        if not self.lease.held and not self.lease.acquire():
-            return
-        if self.lease.held is False:
-            return
+        if not self.lease.ensure():
+            return  # another runner process holds the lease
         touched = self.index.catch_up(self.app)
         with self._busy_lock:
             touched |= self._pending

@@ -160,3 +160,34 @@ def test_runner_killed_mid_merge_lands_the_change_at_most_once(
     merges = [e.type for e in app.history("s1") if e.type.startswith("Merge")]
     assert merges == ["MergeStarted", "MergeSucceeded"]
     app.close()
+
+
+def test_two_runner_processes_never_spawn_an_attempt_twice(
+    tmp_path: Path, database: Database
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    config = make_config(tmp_path, {"*": FIX})
+    (repo / "storyline.toml").write_text(dump_toml(config))
+    app = StorylineApplication(database)
+    ids = ["a1", "a2", "a3"]
+    for sid in ids:
+        app.create_story(
+            story_id=sid, name=sid, description="d", acceptance_criteria=["passes"], actor="user:t"
+        )
+    log = tmp_path / "runner.log"
+    runners = [start_runner(repo, database, log), start_runner(repo, database, log)]
+    try:
+        for sid in ids:
+            app.transition(sid, "start_coding", actor="user:t")
+        for sid in ids:
+            wait(app, sid, lambda s: s.stage in (Stage.DONE, Stage.MERGE_FAILURE))
+    finally:
+        for runner in runners:
+            runner.send_signal(signal.SIGTERM)
+        for runner in runners:
+            runner.wait(timeout=30)
+    for sid in ids:
+        attempts = [e.data["attempt"] for e in app.history(sid) if e.type == "AgentSpawnRequested"]
+        assert attempts == [1], f"{sid}: {attempts}"
+    assert len(calls(tmp_path)) == len(ids)
+    app.close()
