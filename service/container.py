@@ -41,7 +41,8 @@ def ensure_schema(db: Database) -> None:
     tables at start-up: ``storyline db upgrade`` does it once.
     """
     if db.kind == "sqlite":
-        migrations.upgrade(db)
+        if migrations.current_revision(db) != migrations.head_revision():
+            migrations.upgrade(db)
         return
     try:
         current = migrations.current_revision(db)

@@ -216,3 +216,21 @@ def test_commit_listeners_hear_positions(app: StorylineApplication) -> None:
         name="n", description="d", acceptance_criteria=CRITERIA, actor="user:a"
     )
     assert heard == [committed.position]
+
+
+def test_head_revision_read_from_files_matches_alembic() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from service import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations.SCRIPT_LOCATION))
+    assert migrations.head_revision() == ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_migrated_database_reports_the_head(database: Database) -> None:
+    from service import migrations
+
+    assert migrations.current_revision(database) == migrations.head_revision()
+    assert migrations.is_up_to_date(database)

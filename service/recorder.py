@@ -1,0 +1,106 @@
+"""The PostgreSQL recorder storyline uses: the library's, with cheaper hot statements.
+
+Selected through the library's own ``APPLICATION_RECORDER_TOPIC`` setting (see
+``service.application.persistence_env``). Same tables, same DB function, same transaction
+and NOTIFY, same errors; only how the two statements of a command reach the server differs:
+
+* saving one event (what every command does) calls the same ``es_insert_events_text``
+  function, but builds its one-element array server-side from four plain parameters. The
+  library sends an array of composites, which psycopg renders as text in Python (the
+  event's bytes hex-escaped, then quoted for the composite, then for the array) and the
+  server parses back: measured 164 us of client CPU per save against 74 us this way.
+* reading a story's events (every load and fast-forward) uses statements rendered once,
+  where the library composes and renders its SQL on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.utils import retry
+from psycopg import Connection
+from psycopg.sql import SQL, Composable, Identifier
+
+SelectKey = tuple[bool, bool, bool, bool]
+
+
+class StorylinePostgresRecorder(PostgresApplicationRecorder):
+    def __init__(
+        self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
+    ) -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        self._insert_one_query = SQL(
+            "SELECT * FROM {schema}.{function}(ARRAY[ROW(%s, %s, %s, %s)::{schema}.{type}])"
+        ).format(
+            schema=Identifier(self.datastore.schema),
+            function=Identifier(self.pg_function_name_insert_events),
+            type=Identifier(self.stored_event_type_name),
+        )
+        self._rendered: dict[object, str] = {}
+
+    def _render(self, key: object, query: Callable[[], Composable], conn: Connection[Any]) -> str:
+        # Rendering needs a connection (identifier quoting); the text never changes after.
+        text = self._rendered.get(key)
+        if text is None:
+            text = self._rendered[key] = query().as_string(conn)
+        return text
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        if self.datastore.enable_db_functions and len(stored_events) == 1:
+            return self._insert_one(stored_events[0])
+        return super().insert_events(stored_events, **kwargs)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _insert_one(self, event: StoredEvent) -> Sequence[int]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                self._render("insert_one", lambda: self._insert_one_query, conn),
+                (event.originator_id, event.originator_version, event.topic, event.state),
+                prepare=True,
+            )
+            return [row[self.pg_function_name_insert_events] for row in curs.fetchall()]
+
+    def _select_query(self, key: SelectKey) -> Composable:
+        has_gt, has_lte, desc, has_limit = key
+        statement = self.select_events_statement
+        if has_gt:
+            statement += SQL(" AND originator_version > %s")
+        if has_lte:
+            statement += SQL(" AND originator_version <= %s")
+        order = " ORDER BY originator_version DESC" if desc else " ORDER BY originator_version ASC"
+        statement += SQL(order)
+        if has_limit:
+            statement += SQL(" LIMIT %s")
+        return statement
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        key: SelectKey = (gt is not None, lte is not None, desc, limit is not None)
+        params: list[Any] = [originator_id]
+        params += [value for value in (gt, lte, limit) if value is not None]
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            statement = self._render(key, lambda: self._select_query(key), conn)
+            curs.execute(statement, params, prepare=True)
+            return [
+                StoredEvent(
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+                for row in curs.fetchall()
+            ]
