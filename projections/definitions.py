@@ -58,16 +58,20 @@ class Projection(ABC):
 
     name: ClassVar[str]
     table_names: ClassVar[tuple[str, ...]]
-    server_side = False
-    """True when the projection needs no decoded events: the database derives its rows, so
-    the runner may apply it on another connection while it decodes for the others."""
 
-    def __init__(
-        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
-    ) -> None:
+    buffered = False
+    """True when :meth:`apply` only folds in memory and :meth:`flush` writes; False when
+    :meth:`apply` writes rows itself, so its position must move in every transaction."""
+    pipelined = False
+    """True when the projection keeps no state between batches and needs no Python per
+    event, so the runner may write a batch of it on another connection while it folds the
+    next batch for the others."""
+    events_table: str | None = None
+    """The event store's table, for projections that read it in SQL (set by :func:`build`)."""
+
+    def __init__(self, tables: Mapping[str, Table], writer: BulkWriter) -> None:
         self.tables = {name: tables[name] for name in self.table_names}
         self.writer = writer
-        self.events_table = events_table
 
     @property
     def all_tables(self) -> list[Table]:
@@ -100,11 +104,10 @@ class KeyedProjection(Projection, Generic[K, S]):
     """
 
     key_function: ClassVar[Callable[[LoggedEvent], Any] | None] = None
+    buffered = True
 
-    def __init__(
-        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
-    ) -> None:
-        super().__init__(tables, writer, events_table)
+    def __init__(self, tables: Mapping[str, Table], writer: BulkWriter) -> None:
+        super().__init__(tables, writer)
         self.table = self.tables[self.table_names[0]]
         self._cache: dict[K, S] = {}
         self._stored: set[K] = set()
@@ -252,23 +255,30 @@ class AgentRunsProjection(KeyedProjection[tuple[str, str, int], RunState]):
 class HistoryProjection(Projection):
     """The audit trail: one row per event, append-only.
 
-    On PostgreSQL the rows are derived by the server from the stored events in one
-    ``INSERT ... SELECT`` over the batch's exact positions (nothing crosses the wire; a
-    rebuild's history costs no Python time per event). It extracts the same fields as
-    ``service.events_log.decode``; events whose class has moved past version 1 (they may
-    need upcasting) and unknown topics go through ``decode`` instead. A test compares both
-    paths on the same log.
+    On PostgreSQL the rows are derived by the server from the stored events, in one
+    ``INSERT ... SELECT`` over the batch's exact positions: nothing crosses the wire and no
+    Python runs per event, so the runner lets the server do it on another connection while
+    it decodes and folds the next batch for the other projections (``pipelined``). The SQL
+    extracts the same fields as ``service.events_log.decode``; events whose class has moved
+    past version 1 (they may need upcasting) and unknown topics go through ``decode``
+    instead, and a test compares both paths on the same log. Elsewhere (SQLite, or without
+    ``events_table``) rows are built from the decoded events.
     """
 
     name = "history"
     table_names = ("story_history",)
 
-    def __init__(
-        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
-    ) -> None:
-        super().__init__(tables, writer, events_table)
-        self.server_side = writer.postgres and events_table is not None
-        self._type_names: dict[str, str | None] = {}
+    def __init__(self, tables: Mapping[str, Table], writer: BulkWriter) -> None:
+        super().__init__(tables, writer)
+        self._plain_topics: dict[str, bool] = {}
+
+    @property
+    def server_side(self) -> bool:
+        return self.writer.postgres and self.events_table is not None
+
+    @property
+    def pipelined(self) -> bool:  # type: ignore[override]
+        return self.server_side
 
     def reset(self, *, empty: bool) -> None:
         return None
@@ -279,57 +289,68 @@ class HistoryProjection(Projection):
             self.writer.insert(conn, table, [history_row(e) for e in batch.events])
             return
         positions: list[int] = []
-        topics: dict[str, str] = {}
+        topics: set[str] = set()
         in_python: list[Any] = []
         for row in batch.rows:
-            topic = row[3]
-            name = self._type_name(topic)
-            if name is None:
-                in_python.append(row)
-            else:
+            if self._in_sql(row[3]):
                 positions.append(row[0])
-                topics[topic] = name
+                topics.add(row[3])
+            else:
+                in_python.append(row)
         if positions:
             raw: Any = conn.connection.driver_connection
+            params = (positions[0], positions[-1], list(topics))
             with raw.cursor() as cursor:
-                cursor.execute(
-                    self._statement(table),
-                    (list(topics), list(topics.values()), positions),
-                )
+                cursor.execute(self._statement(table), params)
+                # The range holds exactly the rows read (holes in it are final, see
+                # projections.log); anything else is refused rather than half-applied.
                 if cursor.rowcount != len(positions):
                     raise RuntimeError(
-                        f"history: {cursor.rowcount} of {len(positions)} events found in the log"
+                        f"history: {cursor.rowcount} events in the log between positions "
+                        f"{positions[0]} and {positions[-1]}, {len(positions)} read"
                     )
         if in_python:
-            self.writer.insert(conn, table, [history_row(e) for e in Batch(in_python).events])
+            rows = [history_row(e) for e in Batch(in_python).events]
+            self.writer.insert(conn, table, rows)
 
-    def _type_name(self, topic: str) -> str | None:
-        """The type name decode() gives ``topic``, if SQL may derive its row (else None)."""
-        if topic not in self._type_names:
+    def _in_sql(self, topic: str) -> bool:
+        """Whether SQL derives the same row as decode() for events of ``topic``.
+
+        It must need no upcasting (class version 1), and decode()'s type name (the class
+        name) must be what SQL reads off the pinned topic ``storyline.<Name>.v<N>``.
+        """
+        known = self._plain_topics.get(topic)
+        if known is None:
             try:
                 cls = resolve_topic(topic)
             except Exception:
                 cls = None
-            plain = cls is not None and getattr(cls, "class_version", 1) == 1
-            self._type_names[topic] = cls.__name__ if plain and cls is not None else None
-        return self._type_names[topic]
+            parts = topic.split(".")
+            known = (
+                cls is not None
+                and getattr(cls, "class_version", 1) == 1
+                and len(parts) >= 2
+                and parts[1] == cls.__name__
+            )
+            self._plain_topics[topic] = known
+        return known
 
     def _statement(self, table: Table) -> str:
         removed = ",".join((*COMMON_KEYS, "class_version"))
-        # OFFSET 0 keeps the planner from inlining the subquery, which would parse the JSON
-        # once per field taken from it instead of once per event.
+        # The derived table with OFFSET 0 is evaluated once per event, so the JSON is parsed
+        # once (inlined, it would be parsed once per field taken from it).
         return (
             f'INSERT INTO "{table.name}" (position, story_id, version, type, actor, reason, '
             "from_stage, to_stage, timestamp, data) "
-            "SELECT e.notification_id, e.originator_id, e.originator_version, t.name, "
-            "coalesce(j.v->>'actor', ''), j.v->>'reason', j.v->>'from_stage', "
-            "j.v->>'to_stage', (j.v->>'timestamp')::timestamptz, "
+            "SELECT j.notification_id, j.originator_id, j.originator_version, "
+            "split_part(j.topic, '.', 2), coalesce(j.v->>'actor', ''), j.v->>'reason', "
+            "j.v->>'from_stage', j.v->>'to_stage', (j.v->>'timestamp')::timestamptz, "
             f"j.v - '{{{removed}}}'::text[] "
+            "FROM (SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, "
+            "convert_from(e.state, 'UTF8')::jsonb AS v "
             f'FROM "{self.events_table}" e '
-            "JOIN unnest(%s::text[], %s::text[]) AS t(topic, name) ON t.topic = e.topic "
-            "CROSS JOIN LATERAL "
-            "(SELECT convert_from(e.state, 'UTF8')::jsonb AS v OFFSET 0) j "
-            "WHERE e.notification_id = ANY(%s::bigint[])"
+            "WHERE e.notification_id >= %s AND e.notification_id <= %s "
+            "AND e.topic = ANY(%s::text[]) OFFSET 0) j"
         )
 
 
@@ -366,10 +387,8 @@ class _StoryMetrics(KeyedProjection[str, StoryMetric]):
     table_names = ("story_metrics",)
     key_function = _metrics_key
 
-    def __init__(
-        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
-    ) -> None:
-        super().__init__(tables, writer, events_table)
+    def __init__(self, tables: Mapping[str, Table], writer: BulkWriter) -> None:
+        super().__init__(tables, writer)
         self.stages: dict[str, StageMetric] = {}
         self.changed: set[str] = set()
 
@@ -397,11 +416,10 @@ class MetricsProjection(Projection):
 
     name = "metrics"
     table_names = ("story_metrics", "stage_metrics")
+    buffered = True
 
-    def __init__(
-        self, tables: Mapping[str, Table], writer: BulkWriter, events_table: str | None = None
-    ) -> None:
-        super().__init__(tables, writer, events_table)
+    def __init__(self, tables: Mapping[str, Table], writer: BulkWriter) -> None:
+        super().__init__(tables, writer)
         self.stories = _StoryMetrics(self.tables, writer)
         self._stages_loaded = False
         self._stages_stored: set[str] = set()
@@ -478,7 +496,9 @@ def build(
 ) -> Projection:
     """A projection writing ``tables`` (default: the live ones).
 
-    ``events_table`` names the event store's table for projections that can derive their rows
-    in SQL on PostgreSQL; without it they use the decoded events.
+    ``events_table`` names the event store's table for projections that can derive their
+    rows in SQL on PostgreSQL; without it every projection works from decoded events.
     """
-    return PROJECTIONS[name](tables if tables is not None else LIVE_TABLES, writer, events_table)
+    projection = PROJECTIONS[name](tables if tables is not None else LIVE_TABLES, writer)
+    projection.events_table = events_table
+    return projection

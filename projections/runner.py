@@ -27,8 +27,9 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,6 +70,8 @@ class ProjectionFailed(RuntimeError):
 FLUSH_EVENTS = 250_000
 FLUSH_SECONDS = 5.0
 FLUSH_PENDING = 50_000
+PIPELINE_DEPTH = 4
+"""Batches a pipelined projection may be behind the others (each holds its rows in memory)."""
 
 
 @dataclass
@@ -84,6 +87,17 @@ class _Tracked:
     flushed_at: float = 0.0
     retry_at: float = 0.0
     failures: int = 0
+
+
+@dataclass
+class _Applied:
+    """What one transaction did: the bookkeeping to apply once it has committed."""
+
+    ready: list[_Tracked]
+    stale: list[tuple[_Tracked, tuple[int, int] | None]]
+    flushed: list[_Tracked]
+    last: int
+    events: int
 
 
 class _Careful(Exception):
@@ -158,6 +172,10 @@ class ProjectionRunner:
             n: _Tracked(n, build(n, self.writer, events_table=self._events_table))
             for n in self.names
         }
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: deque[Future[_Applied]] = deque()
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[Batch]] | None = None
         self._synced = False
         # One batch at a time per runner: the thread, rebuild() and run_once() share state.
         self._lock = threading.RLock()
@@ -166,7 +184,6 @@ class ProjectionRunner:
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._listening = False
-        self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ tracking rows
 
@@ -221,14 +238,22 @@ class ProjectionRunner:
         return {r.name: (r.position, r.generation) for r in rows}
 
     def _split_stale(
-        self, conn: Connection, group: Sequence[_Tracked]
+        self,
+        conn: Connection,
+        group: Sequence[_Tracked],
+        expected: dict[str, tuple[int, int]] | None = None,
     ) -> tuple[list[_Tracked], list[tuple[_Tracked, tuple[int, int] | None]]]:
+        """Lock the group's tracking rows; split off those not where this runner expects.
+
+        ``expected`` (position, generation) per name defaults to what is committed.
+        """
         current = self._lock_rows(conn, [item.name for item in group])
         ready: list[_Tracked] = []
         stale: list[tuple[_Tracked, tuple[int, int] | None]] = []
         for item in group:
             found = current.get(item.name)
-            if found == (item.committed, item.generation):
+            wanted = (item.committed, item.generation) if expected is None else expected[item.name]
+            if found == wanted:
                 ready.append(item)
             else:
                 stale.append((item, found))
@@ -252,10 +277,11 @@ class ProjectionRunner:
                 .values(position=position, updated_at=_now(), error=None, error_position=None)
             )
 
-    def _committed(self, items: Sequence[_Tracked]) -> None:
+    def _committed(self, items: Sequence[_Tracked], position: int | None = None) -> None:
+        """Record that ``items`` committed up to ``position`` (default: what they folded)."""
         now = time.monotonic()
         for item in items:
-            item.committed = item.position
+            item.committed = item.position if position is None else position
             item.since_flush = 0
             item.flushed_at = now
             item.failures = 0
@@ -293,6 +319,7 @@ class ProjectionRunner:
         try:
             while stop is None or not stop.is_set():
                 if not self._synced:
+                    self._settle_in_flight()
                     self._sync()
                 now = time.monotonic()
                 groups: dict[int, list[_Tracked]] = {}
@@ -301,7 +328,7 @@ class ProjectionRunner:
                         groups.setdefault(item.position, []).append(item)
                 moved = False
                 for position in sorted(groups):
-                    batch = self.reader.read_batch(position, batch_size)
+                    batch = self._read(position, batch_size, prefetch=len(groups) == 1)
                     if not batch:
                         continue
                     moved = True
@@ -310,7 +337,8 @@ class ProjectionRunner:
                         took = self._apply_apart(group, batch)
                     else:
                         try:
-                            took = self._apply_together(group, batch, len(batch) < batch_size)
+                            caught_up = len(batch) < batch_size
+                            took = self._apply_together(group, position, batch, caught_up)
                         except _Careful:
                             careful = True
                             continue
@@ -319,12 +347,54 @@ class ProjectionRunner:
                     if progress is not None:
                         progress(min(item.position for item in tracked))
                 if not moved:
+                    # Caught up: write what is folded. If that finds a projection moved by
+                    # another runner, it restarts from there, so look at the log again.
+                    self._wait_in_flight()
+                    if self._flush_pending(tracked):
+                        continue
                     break
         finally:
+            self._drop_prefetch()
             # Whatever is folded but unwritten is written now (or, if that fails, forgotten
             # and folded again next time).
+            try:
+                self._wait_in_flight()
+            except Exception:
+                logger.exception("a pipelined batch failed; it will be applied again")
+                self._synced = False
             self._flush_pending(tracked)
         return applied
+
+    def _read(self, after: int, limit: int, *, prefetch: bool) -> Batch:
+        """The batch after ``after``; while catching up, the next one is read meanwhile.
+
+        Reading waits on the server about as long as it takes to build the rows; with one
+        read always in flight, that wait overlaps decoding and folding the batch before.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == after:
+            batch = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # never two reads at once: the reader keeps hole state
+            batch = self.reader.read_batch(after, limit)
+        if prefetch and len(batch) == limit:
+            future = self._read_ahead().submit(self.reader.read_batch, batch.last, limit)
+            self._ahead = (batch.last, future)
+        return batch
+
+    def _drop_prefetch(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                ahead[1].result()
+            except Exception:
+                logger.debug("a read ahead failed", exc_info=True)
+
+    def _read_ahead(self) -> ThreadPoolExecutor:
+        if self._reader_pool is None:
+            self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        return self._reader_pool
 
     def _due(self, item: _Tracked, now: float) -> bool:
         return (
@@ -333,48 +403,119 @@ class ProjectionRunner:
             or now - item.flushed_at >= FLUSH_SECONDS
         )
 
-    def _apply_together(self, group: list[_Tracked], batch: Batch, caught_up: bool) -> bool:
-        """The common case: no savepoints; server-side projections run alongside.
+    def _apply_together(
+        self, group: list[_Tracked], start: int, batch: Batch, caught_up: bool
+    ) -> bool:
+        """The common case: no savepoints, server-side projections pipelined.
 
-        A projection whose rows the database derives by itself (history on PostgreSQL)
-        gets its own transaction on another connection, run by a helper thread while this
-        one decodes and folds for the others: the server's work and ours overlap instead of
-        adding up. Each transaction still commits rows with their own position, and if one
-        of them fails the position check sorts out which one committed.
+        A projection whose rows the server derives by itself (history on PostgreSQL) is
+        written by a helper thread on its own connection, a few batches behind: the server
+        works on earlier batches while this thread reads, decodes and folds the next ones
+        (the helper runs no Python per event, so the two do not fight over the GIL). Each
+        of its transactions still checks the tracking row against the position that batch
+        starts from, captured here when it was queued, and commits rows with their position:
+        exactly once as ever. The helper only reports; this thread does all bookkeeping when
+        it collects the reports, and leaves out of a batch any projection that is no longer
+        where the batch starts (the helper found it stale, say). A failure anywhere rewinds
+        the whole group to what is committed.
         """
-        aside = [i for i in group if i.projection.server_side] if len(group) > 1 else []
-        here = [i for i in group if i not in aside]
         try:
-            future = self._helper().submit(self._apply_plain, aside, batch, True) if aside else None
-            try:
-                self._apply_plain(here, batch, caught_up)
-            finally:
-                if future is not None:
-                    future.result()
+            self._collect_in_flight(keep=PIPELINE_DEPTH - 1)
+            group = [item for item in group if item.position == start]
+            if not group:
+                return False
+            aside = [i for i in group if i.projection.pipelined] if len(group) > 1 else []
+            here = [i for i in group if i not in aside]
+            if aside:
+                expected = {item.name: (start, item.generation) for item in aside}
+                for item in aside:
+                    item.position = batch.last  # folded, as far as grouping is concerned
+                self._in_flight.append(
+                    self._helper().submit(self._apply_plain, aside, batch, True, expected)
+                )
+            self._book(self._apply_plain(here, batch, caught_up))
+            if caught_up:
+                self._wait_in_flight()
         except Exception as error:
             logger.debug("batch up to %s failed; going on carefully", batch.last, exc_info=True)
+            self._settle_in_flight()
             self._rewind(group)
             raise _Careful from error
         return True
 
-    def _apply_plain(self, group: list[_Tracked], batch: Batch, flush_all: bool) -> None:
+    def _collect_in_flight(self, keep: int) -> None:
+        """Book the helper's finished reports, waiting until at most ``keep`` are pending."""
+        queue = self._in_flight
+        while queue and (len(queue) > keep or queue[0].done()):
+            self._book(queue.popleft().result())
+
+    def _wait_in_flight(self) -> None:
+        self._collect_in_flight(keep=0)
+
+    def _settle_in_flight(self) -> None:
+        """Wait for the helper without caring how it ended (the caller rewinds anyway)."""
+        while self._in_flight:
+            try:
+                self._collect_in_flight(keep=0)
+            except Exception:
+                logger.debug("pipelined batch failed", exc_info=True)
+
+    def _apply_plain(
+        self,
+        group: list[_Tracked],
+        batch: Batch,
+        flush_all: bool,
+        expected: dict[str, tuple[int, int]] | None = None,
+    ) -> _Applied:
+        """One transaction for ``group``; touches no bookkeeping (it may run in the helper)."""
+        if not flush_all and group and all(item.projection.buffered for item in group):
+            return self._fold(group, batch)
         last = batch.last
         with write_transaction(self.engine) as conn:
-            ready, stale = self._split_stale(conn, group)
+            ready, stale = self._split_stale(conn, group, expected)
             for item in ready:
                 item.projection.apply(conn, batch)
             now = time.monotonic()
             flushed = []
             for item in ready:
-                item.since_flush += len(batch)
-                if flush_all or self._due(item, now):
+                due = item.since_flush + len(batch) >= FLUSH_EVENTS or self._due(item, now)
+                if flush_all or not item.projection.buffered or due:
                     item.projection.flush(conn)
                     flushed.append(item)
             self._advance(conn, {item.name: last for item in flushed})
-        for item in ready:
-            item.position = last
-        self._committed(flushed)
-        self._handle_stale(stale)
+        return _Applied(ready, stale, flushed, last, len(batch))
+
+    def _fold(self, group: list[_Tracked], batch: Batch) -> _Applied:
+        """Fold in memory, and write (in a transaction) only the projections now due.
+
+        While catching up most batches write nothing, so they need no transaction at all:
+        a plain connection serves reads of uncached state, and the tracking rows are checked
+        when the folded state is written (if another runner moved them meanwhile, what was
+        folded since the last commit is dropped and folded again from its position).
+        """
+        with self.engine.connect() as conn:
+            for item in group:
+                item.projection.apply(conn, batch)
+        now = time.monotonic()
+        due = [i for i in group if i.since_flush + len(batch) >= FLUSH_EVENTS or self._due(i, now)]
+        if not due:
+            return _Applied(list(group), [], [], batch.last, len(batch))
+        with write_transaction(self.engine) as conn:
+            flushed, stale = self._split_stale(conn, due)
+            for item in flushed:
+                item.projection.flush(conn)
+            self._advance(conn, {item.name: batch.last for item in flushed})
+        left_out = {id(item) for item, _ in stale}
+        ready = [item for item in group if id(item) not in left_out]
+        return _Applied(ready, stale, flushed, batch.last, len(batch))
+
+    def _book(self, applied: _Applied) -> None:
+        for item in applied.ready:
+            # A pipelined projection already counts later queued batches as folded.
+            item.position = max(item.position, applied.last)
+            item.since_flush += applied.events
+        self._committed(applied.flushed, applied.last)
+        self._handle_stale(applied.stale)
 
     def _apply_apart(self, group: list[_Tracked], batch: Batch) -> bool:
         """Each projection in its own savepoint, so a failing one is rolled back alone."""
@@ -409,10 +550,13 @@ class ProjectionRunner:
             self._isolate(item, batch)
         return bool(done)
 
-    def _flush_pending(self, tracked: Sequence[_Tracked]) -> None:
+    def _flush_pending(self, tracked: Sequence[_Tracked]) -> bool:
+        """Write everything folded but not yet written; True if some projection was stale."""
+        if not self._synced:
+            return False  # positions will be reloaded; nothing folded can be trusted
         waiting = [i for i in tracked if i.position > i.committed]
         if not waiting:
-            return
+            return False
         try:
             with write_transaction(self.engine) as conn:
                 ready, stale = self._split_stale(conn, waiting)
@@ -422,9 +566,10 @@ class ProjectionRunner:
         except Exception:
             logger.exception("could not write the projections' pending changes")
             self._rewind(waiting)
-            return
+            return False
         self._committed(ready)
         self._handle_stale(stale)
+        return bool(stale)
 
     def _helper(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -646,9 +791,10 @@ class ProjectionRunner:
 
     def close(self) -> None:
         self.stop()
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
+        for pool in (self._executor, self._reader_pool):
+            if pool is not None:
+                pool.shutdown()
+        self._executor = self._reader_pool = None
         self.engine.dispose()
 
     def __enter__(self) -> ProjectionRunner:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 from service.events_log import LoggedEvent
@@ -93,7 +94,7 @@ class StoryState:
     queued_at: datetime | None = None
 
     def as_row(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in STORY_FIELDS)
+        return _story_row(self)
 
     @classmethod
     def from_row(cls, row: Any) -> StoryState:
@@ -142,6 +143,7 @@ class StoryState:
 
 
 STORY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StoryState))
+_story_row = attrgetter(*STORY_FIELDS)
 SHARED_SNAPSHOT_KEYS: tuple[str, ...] = tuple(StoryState("x").shared())
 
 
@@ -387,7 +389,7 @@ class RunState:
     position: int = 0
 
     def as_row(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in RUN_FIELDS)
+        return _run_row(self)
 
     @classmethod
     def from_row(cls, row: Any) -> RunState:
@@ -396,6 +398,7 @@ class RunState:
 
 
 RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunState))
+_run_row = attrgetter(*RUN_FIELDS)
 
 
 def run_key(event: LoggedEvent) -> RunKey | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import threading
 
 from projections import PROJECTION_NAMES, ProjectionRunner, ReadModels
 from projections.state import ALL_STAGES, SHARED_SNAPSHOT_KEYS
 from projections.workload import drive_app
 from service.application import StorylineApplication
+from service.settings import Database
 from tests.projections.conftest import dump_projection_tables
 
 
@@ -47,7 +49,7 @@ def test_live_following_equals_a_rebuild_row_by_row(
 
 
 def test_incremental_batches_equal_one_big_rebuild(
-    database, app: StorylineApplication, read_models: ReadModels
+    database: Database, app: StorylineApplication, read_models: ReadModels
 ) -> None:
     drive_app(app, random.Random(3), stories=15, steps=300)
     # One event per transaction: the most incremental following there is.
@@ -79,3 +81,41 @@ def test_rebuild_of_one_projection_leaves_the_others_alone(
     assert {s.name: s.position for s in read_models.status()} == before
     assert runner.check("board") == {}
     assert set(PROJECTION_NAMES) >= {"board", "history", "agent_runs", "merge_queue", "metrics"}
+
+
+def test_check_reads_one_snapshot_while_writers_and_followers_go_on(
+    database: Database, app: StorylineApplication, runner: ProjectionRunner
+) -> None:
+    """A check replays into TEMP tables inside one read snapshot: on SQLite that takes no
+    write lock, so writers and the follower carry on, and it reports no false differences
+    however far they get meanwhile."""
+    drive_app(app, random.Random(31), stories=8, steps=200)
+    runner.run_once()
+    runner.start()
+    errors: list[BaseException] = []
+    writing = threading.Event()
+    writing.set()
+
+    def write() -> None:
+        seed = 100
+        try:
+            while writing.is_set():
+                drive_app(app, random.Random(seed), stories=3, steps=40)
+                seed += 1
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    checker = ProjectionRunner(database)
+    try:
+        for _ in range(3):
+            assert checker.check() == {}
+    finally:
+        writing.clear()
+        writer.join(60)
+        checker.close()
+        runner.stop()
+    assert errors == []
+    runner.run_once()
+    assert runner.check() == {}
