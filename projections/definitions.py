@@ -14,7 +14,8 @@ generation unchanged) and is dropped after any failure. After a rebuild has empt
 tables the cache is *complete*: a key it does not hold has no row, so nothing is read back.
 
 Changed rows are written by :class:`BulkWriter` (replace by key: a pipelined upsert for
-small batches, delete + COPY for large ones on PostgreSQL).
+small batches, delete + binary COPY for large ones on PostgreSQL). The history writes its
+rows as it applies a batch (it keeps no state), so its position moves with every batch.
 """
 
 from __future__ import annotations
@@ -173,9 +174,9 @@ class KeyedProjection(Projection, Generic[K, S]):
         get = cache.get
         if key_of is None:
             for event in events:
-                key = event.story_id
-                cache[key] = fold(get(key), event)
-                dirty[key] = None
+                story: Any = event.story_id  # K is the story id when there is no key function
+                cache[story] = fold(get(story), event)
+                dirty[story] = None
             return
         for event in events:
             key = key_of(event)
@@ -256,9 +257,10 @@ class HistoryProjection(Projection):
     """The audit trail: one row per event, append-only.
 
     On PostgreSQL the rows are derived by the server from the stored events, in one
-    ``INSERT ... SELECT`` over the batch's exact positions: nothing crosses the wire and no
-    Python runs per event, so the runner lets the server do it on another connection while
-    it decodes and folds the next batch for the other projections (``pipelined``). The SQL
+    ``INSERT ... SELECT`` over the batch's range of positions (checked against the number
+    of events read): nothing crosses the wire and no Python runs per event, so the runner
+    lets the server do it on another connection while it decodes and folds the next batches
+    for the other projections (``pipelined``). The SQL
     extracts the same fields as ``service.events_log.decode``; events whose class has moved
     past version 1 (they may need upcasting) and unknown topics go through ``decode``
     instead, and a test compares both paths on the same log. Elsewhere (SQLite, or without
@@ -393,14 +395,10 @@ class _StoryMetrics(KeyedProjection[str, StoryMetric]):
         self.changed: set[str] = set()
 
     def fold_function(self) -> Callable[[StoryMetric | None, LoggedEvent], StoryMetric]:
-        stages = self.stages
-        changed = self.changed
+        stages, changed = self.stages, self.changed
 
         def fold(state: StoryMetric | None, event: LoggedEvent) -> StoryMetric:
-            story, touched = apply_metric_event(state, stages, event)
-            if touched:
-                changed.update(touched)
-            return story
+            return apply_metric_event(state, event, stages, changed)
 
         return fold
 

@@ -125,11 +125,11 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 class BulkWriter:
     """Bulk writes of rows given as tuples in table column order, holding Python values.
 
-    PostgreSQL: binary COPY for large batches (rebuilds: values are packed by psycopg's C
-    dumpers, typed from the table definition, and the server parses no text), a pipelined
-    ``executemany`` for small ones (live following), where COPY's extra round trips would
-    dominate. SQLite: executemany through SQLAlchemy, whose column types convert datetimes
-    and JSON.
+    PostgreSQL: binary COPY for large batches (rebuilds: numbers, times and text are packed
+    by psycopg's C dumpers, typed from the table definition, so the server parses only the
+    JSON), a pipelined ``executemany`` (one ``execute`` for a single row) for small ones
+    (live following), where COPY's extra round trips would dominate. SQLite: executemany
+    through SQLAlchemy, whose column types convert datetimes and JSON.
     """
 
     def __init__(self, dialect_name: str) -> None:
@@ -239,7 +239,12 @@ class BulkWriter:
     def _executemany(self, conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         raw: Any = conn.connection.driver_connection
         with raw.cursor() as cursor:
-            cursor.executemany(sql, rows)
+            if len(rows) == 1:
+                # A live batch usually changes one row: executemany's pipeline round trip
+                # (enter, sync, exit) would cost more than the statement.
+                cursor.execute(sql, rows[0])
+            else:
+                cursor.executemany(sql, rows)
 
     def _copy(self, conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
         raw: Any = conn.connection.driver_connection

@@ -342,17 +342,16 @@ class ReadModels:
         now = now or datetime.now(UTC)
         sm, st = t.story_metrics, t.stage_metrics
         with self.engine.connect() as conn:
-            per_stage = dict(
-                conn.execute(select(sm.c.stage, func.count()).group_by(sm.c.stage)).all()
-            )
+            counted = select(sm.c.stage, func.count().label("stories")).group_by(sm.c.stage)
+            per_stage: dict[str, int] = {r.stage: r.stories for r in conn.execute(counted)}
             closed = {r.stage: r for r in conn.execute(select(st))}
             open_rows = conn.execute(
                 select(sm.c.stage, sm.c.entered_at).where(sm.c.stage.not_in(TERMINAL_STAGES))
             )
             open_seconds: dict[str, float] = {}
-            for stage, entered_at in open_rows:
-                elapsed = max((now - entered_at).total_seconds(), 0.0)
-                open_seconds[stage] = open_seconds.get(stage, 0.0) + elapsed
+            for row in open_rows:
+                elapsed = max((now - row.entered_at).total_seconds(), 0.0)
+                open_seconds[row.stage] = open_seconds.get(row.stage, 0.0) + elapsed
             costs = list(
                 conn.execute(
                     select(sm.c.story_id, sm.c.cost_usd, sm.c.tokens_in, sm.c.tokens_out).order_by(
@@ -412,9 +411,8 @@ class ReadModels:
         wanted = select_names(names)
         pp = t.projection_positions
         with self.engine.connect() as conn:
-            found = dict(
-                conn.execute(select(pp.c.name, pp.c.position).where(pp.c.name.in_(wanted))).all()
-            )
+            query = select(pp.c.name, pp.c.position).where(pp.c.name.in_(wanted))
+            found: dict[str, int] = {row.name: row.position for row in conn.execute(query)}
         return {name: int(found.get(name, 0)) for name in wanted}
 
     def wait_for(

@@ -11,7 +11,11 @@ sees a position it did not expect, drops its in-memory state and resumes from th
 Catching up (a rebuild, or a follower that was down) folds batches in memory and writes
 every ``FLUSH_EVENTS`` events, ``FLUSH_SECONDS`` seconds or ``FLUSH_PENDING`` changed rows,
 and whenever it reaches the head of the log; each projection's position moves only with its
-own writes. Live following therefore writes every batch.
+own writes, and batches that write nothing need no transaction. Live following (batches
+shorter than the batch size) writes every batch. While catching up, the next batch is read
+in the background, and on PostgreSQL the history (derived by the server) is written by a
+helper connection up to ``PIPELINE_DEPTH`` batches behind, so the server's work overlaps
+decoding and folding here.
 
 Failure isolation: if a batch fails, the runner rewinds every projection of that batch to
 its committed position and goes on carefully: each projection in its own SAVEPOINT, writing
@@ -68,8 +72,11 @@ class ProjectionFailed(RuntimeError):
 
 
 FLUSH_EVENTS = 250_000
+"""While catching up, write at least every this many events (bounds redone work)."""
 FLUSH_SECONDS = 5.0
+"""... and at least this often, so status shows progress."""
 FLUSH_PENDING = 50_000
+"""... and whenever this many rows wait in memory (bounds memory)."""
 PIPELINE_DEPTH = 4
 """Batches a pipelined projection may be behind the others (each holds its rows in memory)."""
 
@@ -111,7 +118,9 @@ def _bulk() -> Iterator[None]:
     Replaying allocates a few objects per event while holding every story's state; each
     allocation-triggered collection then walks that whole state, which made decoding and
     folding 1.5-3x slower. The folded state has no reference cycles to collect, so the
-    collector is simply off until the replay ends (and back to how it was after).
+    collector is simply off until the replay ends (and back to how it was after). Only
+    explicit bulk operations (rebuild, check) do this, never the live follower: in a server
+    process other threads' cyclic garbage waits for the collector meanwhile.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -191,7 +200,7 @@ class ProjectionRunner:
         for attempt in range(3):
             try:
                 with write_transaction(self.engine) as conn:
-                    existing = set(conn.scalars(select(_pp.c.name)))
+                    existing: set[str] = set(conn.scalars(select(_pp.c.name)))
                     missing = [n for n in self.names if n not in existing]
                     if missing:
                         conn.execute(
@@ -327,6 +336,7 @@ class ProjectionRunner:
                     if item.retry_at <= now:
                         groups.setdefault(item.position, []).append(item)
                 moved = False
+                more = False
                 for position in sorted(groups):
                     batch = self._read(position, batch_size, prefetch=len(groups) == 1)
                     if not batch:
@@ -341,13 +351,19 @@ class ProjectionRunner:
                             took = self._apply_together(group, position, batch, caught_up)
                         except _Careful:
                             careful = True
+                            more = True
                             continue
                     if took:
                         applied += len(batch)
+                    # Read again unless this batch was the end of the log and everyone in the
+                    # group took it (a stale, failed or rewound projection starts elsewhere).
+                    if len(batch) == batch_size or any(i.position != batch.last for i in group):
+                        more = True
                     if progress is not None:
                         progress(min(item.position for item in tracked))
-                if not moved:
-                    # Caught up: write what is folded. If that finds a projection moved by
+                if not moved or not more:
+                    # Caught up (every batch came back short: no need to read again to see
+                    # nothing). Write what is folded; if that finds a projection moved by
                     # another runner, it restarts from there, so look at the log again.
                     self._wait_in_flight()
                     if self._flush_pending(tracked):
@@ -419,12 +435,20 @@ class ProjectionRunner:
         where the batch starts (the helper found it stale, say). A failure anywhere rewinds
         the whole group to what is committed.
         """
+        # Only while catching up: for a live batch of a few events, another transaction on
+        # another thread costs more than it saves.
+        pipelining = not caught_up
         try:
-            self._collect_in_flight(keep=PIPELINE_DEPTH - 1)
+            # Batches of a projection must commit in order: before one is applied here, every
+            # batch queued for the helper has to be in (and booked).
+            self._collect_in_flight(keep=PIPELINE_DEPTH - 1 if pipelining else 0)
             group = [item for item in group if item.position == start]
             if not group:
                 return False
-            aside = [i for i in group if i.projection.pipelined] if len(group) > 1 else []
+            pipelined = [i for i in group if i.projection.pipelined]
+            if pipelined and (not pipelining or len(group) == 1):
+                self._wait_in_flight()
+            aside = pipelined if pipelining and len(group) > 1 else []
             here = [i for i in group if i not in aside]
             if aside:
                 expected = {item.name: (start, item.generation) for item in aside}
@@ -628,8 +652,9 @@ class ProjectionRunner:
     ) -> int:
         """Drop the projection(s) and replay the whole log; returns the events replayed.
 
-        ``progress(position, head)`` is called after every batch. Rows and position are
-        committed batch by batch, so an interrupted rebuild resumes like any follower.
+        ``progress(position, head)`` is called after every batch. Rows are committed with
+        their positions as the replay goes (see the module doc), so an interrupted rebuild
+        resumes like any follower.
         Raises :class:`ProjectionFailed` if a projection recorded an error on the way (the
         others are rebuilt regardless).
         """

@@ -497,11 +497,11 @@ class StageMetric:
 
 def apply_metric_event(
     story: StoryMetric | None,
-    stages: dict[str, StageMetric],
     event: LoggedEvent,
-) -> tuple[StoryMetric, set[str]]:
-    """Fold one event; returns the story's metric and the stages whose totals changed."""
-    changed: set[str] = set()
+    stages: dict[str, StageMetric],
+    changed: set[str],
+) -> StoryMetric:
+    """Fold one event into a story's metric and the stage totals; adds changed stages."""
     to_stage = event.to_stage
     if story is None:
         story = StoryMetric(event.story_id, to_stage or "backlog", event.timestamp)
@@ -520,7 +520,7 @@ def apply_metric_event(
         story.cost_usd += data.get("cost_usd", 0.0)
         story.tokens_in += data.get("tokens_in", 0)
         story.tokens_out += data.get("tokens_out", 0)
-    return story, changed
+    return story
 
 
 def _stage(stages: dict[str, StageMetric], name: str) -> StageMetric:

@@ -84,7 +84,7 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
             if story.worktree_path is None:
                 wt = {"path": f"/w/{story.id}", "branch": f"feature/story-{story.id}"}
                 options.append((("worktree_ready", wt, None), 60))
-            coder = {"role": "coder", "agent": "coder-1", "runtime": "claude-code"}
+            coder: dict[str, Any] = {"role": "coder", "agent": "coder-1", "runtime": "claude-code"}
             coder["model"] = rng.choice(["sonnet", "opus", None])
             coder["purpose"] = "fixup" if story.fixup_pending else "code"
             options.append((("spawn_agent", coder, None), 40))
@@ -103,7 +103,7 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
     elif stage is Stage.MERGE:
         if story.merging:
             kind = rng.choice(KINDS)
-            failed = {"kind": kind, "details": f"{kind} details"}
+            failed: dict[str, Any] = {"kind": kind, "details": f"{kind} details"}
             if kind == "conflict_detected":
                 failed["conflicts"] = ["src/x.py"]
             done = {"merge_commit": f"{rng.randrange(16**12):012x}", "base_branch": "main"}
@@ -122,10 +122,10 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
                 options.append((("merge_resolved", {}, "resolved"), 30))
                 options.append((("merge_gave_up", {}, "cannot resolve"), 20))
         else:
-            kind = story.merge_failure_kind
+            failure = story.merge_failure_kind
             options = [(("requeue_merge", {}, "operator requeue"), 15), (block, 8)]
-            options.append((("request_fixup", {}, "fixup"), 30 if kind is not None else 10))
-            if kind is MergeFailureKind.CONFLICT_DETECTED and not story.final:
+            options.append((("request_fixup", {}, "fixup"), 30 if failure is not None else 10))
+            if failure is MergeFailureKind.CONFLICT_DETECTED and not story.final:
                 mm = {"role": "mergemaster", "agent": "mm", "runtime": "claude-code"}
                 options += [
                     (("spawn_agent", {**mm, "purpose": "mergemaster"}, None), 50),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.application import StorylineApplication
 from service.events_log import LoggedEvent
@@ -33,6 +34,7 @@ class StoryIndex:
     position: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     catch_up_lock: threading.Lock = field(default_factory=threading.Lock)
+    reader: Any = None
 
     def apply(self, events: Iterable[LoggedEvent]) -> set[str]:
         """Fold events in; returns the ids of stories that need a look (incl. dependants)."""
@@ -75,11 +77,20 @@ class StoryIndex:
         return touched
 
     def catch_up(self, app: StorylineApplication, batch: int = 5000) -> set[str]:
-        """Fold in everything committed since the index's position."""
+        """Fold in everything committed since the index's position.
+
+        With a ``reader`` (the projections' EventReader) a position that is allocated but
+        not yet committed on PostgreSQL holds the index back instead of being skipped for
+        good; without one the application's plain log read is used (SQLite commits in
+        position order).
+        """
         touched: set[str] = set()
         with self.catch_up_lock:
             while True:
-                events = app.events_after(self.position, batch)
+                if self.reader is not None:
+                    events = self.reader.read(self.position, batch)
+                else:
+                    events = app.events_after(self.position, batch)
                 if not events:
                     return touched
                 touched |= self.apply(events)

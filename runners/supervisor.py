@@ -75,6 +75,15 @@ class Supervisor:
         self.poll_interval = poll_interval
         self.full_sweep_interval = full_sweep_interval
         self.index = StoryIndex()
+        self._engine = None
+        if service.db.kind == "postgres":
+            from sqlalchemy import create_engine
+
+            from projections.log import EventReader
+
+            # PostgreSQL may commit positions out of order: read like the projections do.
+            self._engine = create_engine(service.db.sqlalchemy_url, pool_size=2)
+            self.index.reader = EventReader(service.db, self._engine, gap_timeout=5.0)
         self.lease = Lease(self.app, ttl_secs=lease_ttl)
         tokens = AgentTokens(self.app) if use_agent_tokens else None
         self.launcher = AgentLauncher(
@@ -145,6 +154,8 @@ class Supervisor:
             self.lease.release()
         except Exception:
             logger.exception("could not release the runner lease")
+        if self._engine is not None:
+            self._engine.dispose()
 
     def wake(self) -> None:
         with self._wake:

@@ -168,7 +168,7 @@ class Pipeline:
         return self.app.get_story(story_id)
 
     def wait_for(
-        self, story_id: str, predicate: Callable[[Story], bool], timeout: float = 60.0
+        self, story_id: str, predicate: Callable[[Story], bool], timeout: float = 150.0
     ) -> Story:
         deadline = time.monotonic() + timeout
         story = self.story(story_id)
@@ -180,7 +180,7 @@ class Pipeline:
         history = [(e.type, e.reason) for e in self.app.history(story_id)]
         raise AssertionError(f"story {story_id} stuck in {story.stage}: {history}")
 
-    def wait_stage(self, story_id: str, *stages: Stage, timeout: float = 60.0) -> Story:
+    def wait_stage(self, story_id: str, *stages: Stage, timeout: float = 150.0) -> Story:
         return self.wait_for(story_id, lambda s: s.stage in stages and not s.running_agent, timeout)
 
     def types(self, story_id: str) -> list[str]:

@@ -117,7 +117,9 @@ def test_sigkilled_worker_applies_every_event_exactly_once(
     # Exactly once: one history row per event, with the event's own content.
     logged = app.events_after(0, limit=head + 1)
     with read_models.engine.connect() as conn:
-        positions = list(conn.scalars(select(story_history.c.position).order_by("position")))
+        positions: list[int] = list(
+            conn.scalars(select(story_history.c.position).order_by(story_history.c.position))
+        )
         runs = conn.execute(select(agent_runs)).all()
     assert positions == [e.position for e in logged]
     history: list[dict[str, object]] = []

@@ -44,7 +44,7 @@ def logged(events: list[object], start: int) -> list[LoggedEvent]:
         out.append(
             decode(
                 start + offset,
-                stored.originator_id,
+                str(stored.originator_id),
                 stored.originator_version,
                 stored.topic,
                 stored.state,
@@ -70,6 +70,7 @@ def test_folded_state_equals_the_aggregate_after_every_command(seed: int) -> Non
     runs: dict[tuple[str, str, int], RunState] = {}
     story_metrics: dict[str, StoryMetric] = {}
     stage_metrics: dict[str, StageMetric] = {}
+    changed: set[str] = set()
     aggregates: dict[str, Story] = {}
     position = 0
     seen_types: Counter[str] = Counter()
@@ -83,7 +84,9 @@ def test_folded_state_equals_the_aggregate_after_every_command(seed: int) -> Non
             key = run_key(event)
             if key is not None:
                 runs[key] = apply_run_event(runs.get(key), event)
-            story_metrics[sid], _ = apply_metric_event(story_metrics.get(sid), stage_metrics, event)
+            story_metrics[sid] = apply_metric_event(
+                story_metrics.get(sid), event, stage_metrics, changed
+            )
         aggregates[story.id] = story
         assert states[story.id].shared() == shared_of(story)
 

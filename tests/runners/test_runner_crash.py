@@ -43,7 +43,7 @@ def start_runner(repo: Path, db: Database, log: Path) -> subprocess.Popen[bytes]
     )
 
 
-def wait(app: StorylineApplication, sid: str, predicate, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+def wait(app: StorylineApplication, sid: str, predicate, timeout: float = 150.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         story = app.get_story(sid)
