@@ -1,7 +1,7 @@
 """``python -m bench``: every benchmark row in one run, side by side, with the ratios.
 
     python -m bench                      # the full run (~15 min), rewrites "## Full run"
-    python -m bench --quick              # the one-minute version, rewrites "## Quick run"
+    python -m bench --quick              # the ~2-minute version (--write yes: "## Quick run")
     python -m bench --only raw_insert,app_transitions --no-sqlite
 
 Rows: 1 raw INSERT limit, 2 bare eventsourcing app, 3 storyline application layer,
@@ -49,6 +49,19 @@ BENCHES: dict[str, tuple[str, str]] = {
 # rounds and keep each row's best round (interference only ever slows a round down).
 ROUNDS = ("raw_insert", "bare_library", "app_transitions")
 ENTRY = {"http": "run_http", "projection_rebuild": "run_rebuild_only"}
+
+
+METHODS = """\
+How: every client is its own process (multiprocessing, spawn), so the 4-client rows are
+4 processes and the client side is not serialised on one GIL; rows 1-3 are the best of 3
+interleaved rounds (5 s after a 1.5 s warm-up each; every round is listed in the note)
+because other jobs share this VM. Row 3 drives 20 stories per client through random
+*legal* commands of every stage (`projections.workload.next_command`), with
+`expected_version`. Row 4 is `bench/http_transitions.py` (the API engineer's). Row 6
+latency = AgentStarted.timestamp - CodingStarted.timestamp (taken before its commit, so an
+upper bound by the commit time; AgentStarted is taken right after `Popen` returned, i.e.
+the agent executable was exec'd). Row 7 requests are sequential from one keep-alive
+client; `serve` runs without runners (they would act on the generated stories)."""
 
 
 @dataclass
@@ -176,6 +189,8 @@ def render(results: list[Measurement], env: dict[str, str], command: str, second
         f"- Load average (1 min) at the start and the end: {env['load']} / "
         f"{os.getloadavg()[0]:.2f} (other jobs on this shared VM show up here)",
         "",
+        METHODS,
+        "",
         "| Row | Measurement | DB | Clients | Result | p50 ms | p99 ms | Note |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -263,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "--write",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="update the output file (auto: only when every row ran, i.e. no --only)",
+        help="update the output file (auto: only for a full run of every row: no --only/--quick)",
     )
     args = parser.parse_args(args_list)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHES)
@@ -297,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + shlex.join(args_list) if args_list else "python -m bench"
     table = render(results, env, command.strip(), elapsed)
     print(table)
-    write = args.write == "yes" or (args.write == "auto" and not args.only)
+    # Only a complete full run replaces the recorded figures by default.
+    write = args.write == "yes" or (args.write == "auto" and not args.only and not args.quick)
     if write:
         heading = "Quick run" if args.quick else "Full run"
         replace_section(args.output, heading, table)

@@ -95,12 +95,17 @@ def _drive(app: Any, samples: int, warmup: int, prefix: str) -> list[Sample]:
         )
         time.sleep(0.05)  # the runner sees the creation first, as in real use
         app.transition(sid, "start_coding", actor="user:bench")
-        _wait(lambda sid=sid: "AgentStarted" in _events(app, sid), 60, f"{sid} to start")
+
+        def started(sid: str = sid) -> bool:
+            return "AgentStarted" in _events(app, sid)
+
+        def exited(sid: str = sid) -> bool:
+            return app.get_story(sid).running_agent is None
+
+        _wait(started, 60, f"{sid} to start")
         seen = _events(app, sid)
         app.transition(sid, "block", actor="user:bench", reason="sample taken")
-        _wait(
-            lambda sid=sid: app.get_story(sid).running_agent is None, 60, f"{sid}'s agent to exit"
-        )
+        _wait(exited, 60, f"{sid}'s agent to exit")
         time.sleep(0.05)
         if i < warmup:
             continue
