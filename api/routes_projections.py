@@ -26,19 +26,40 @@ def _require_read(caller: Principal, what: str) -> None:
 
 
 @router.get("/board", response_model=BoardOut, responses=responses(), summary="The board")
-async def board(request: Request, caller: Principal = Depends(principal)) -> Response:
+async def board(
+    request: Request,
+    stage: Stage | None = None,
+    limit: Annotated[
+        int | None,
+        Query(ge=1, le=1000, description="At most this many stories per stage column"),
+    ] = None,
+    caller: Principal = Depends(principal),
+) -> Response:
     _require_read(caller, "the board")
     read_models = state_of(request).read_models
 
-    def columns() -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {stage.value: [] for stage in Stage}
+    def whole(name: str | None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
         cursor: str | None = None
         while True:
-            rows, cursor = read_models.board(None, BOARD_PAGE, cursor)
-            for row in map(_row, rows):
-                out.setdefault(str(row.get("stage")), []).append(row)
+            rows, cursor = read_models.board(name, BOARD_PAGE, cursor)
+            found.extend(map(_row, rows))
             if not cursor:
-                return out
+                return found
+
+    def columns() -> dict[str, list[dict[str, Any]]]:
+        wanted = [stage] if stage is not None else list(Stage)
+        if limit is not None:
+            # One page per column: a board of 100,000 stories stays a small answer.
+            return {
+                s.value: list(map(_row, read_models.board(s.value, limit, None)[0])) for s in wanted
+            }
+        if stage is not None:
+            return {stage.value: whole(stage.value)}
+        out: dict[str, list[dict[str, Any]]] = {s.value: [] for s in Stage}
+        for row in whole(None):
+            out.setdefault(str(row.get("stage")), []).append(row)
+        return out
 
     return JsonResponse({"stages": await run_in_threadpool(columns)})
 

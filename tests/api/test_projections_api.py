@@ -109,3 +109,22 @@ def test_projection_endpoints(serve_api: ServerFactory) -> None:
     assert {p["name"] for p in health["projections"]} >= {"board", "history"}
     assert health["caught_up"] is True
     assert health["runners"] == []
+
+
+def test_board_filters_by_stage_and_caps_each_column(serve_api: ServerFactory) -> None:
+    live: LiveServer = serve_api(projections=True)
+    client = live.client()
+    ids = [create(client, f"story {n}", priority=n) for n in range(4)]
+    for sid in ids[:3]:
+        send(client, sid, "start_coding")
+    coding = client.get("/board", params={"stage": "coding", "limit": 2})
+    assert coding.status_code == 200
+    assert list(coding.json()["stages"]) == ["coding"]
+    rows = coding.json()["stages"]["coding"]
+    assert [r["id"] for r in rows] == [ids[2], ids[1]]  # highest priority first, capped at 2
+    everything = client.get("/board", params={"stage": "coding"}).json()["stages"]["coding"]
+    assert len(everything) == 3
+    capped = client.get("/board", params={"limit": 1}).json()["stages"]
+    assert len(capped["coding"]) == 1 and len(capped["backlog"]) == 1 and capped["done"] == []
+    assert_error(client.get("/board", params={"stage": "nowhere"}), 422, "validation_error")
+    assert_error(client.get("/board", params={"limit": 0}), 422, "validation_error")
