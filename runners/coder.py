@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from pathlib import Path
 
 from domain.config import StorylineConfig
@@ -125,11 +126,19 @@ class CoderReactions:
         return "code"
 
     def _ensure_worktree(self, story: Story) -> bool:
-        try:
-            with self._worktree_slots:
-                path = self.worktrees.ensure(story.id)
-        except GitError as exc:
-            return self._block(story, f"cannot create the worktree: {exc}")
+        path = None
+        for attempt in range(3):
+            try:
+                with self._worktree_slots:
+                    path = self.worktrees.ensure(story.id)
+                break
+            except GitError as exc:
+                # A transient git failure (a lock, a concurrent registration) gets two more
+                # tries before the story is blocked with git's own message.
+                if attempt == 2:
+                    return self._block(story, f"cannot create the worktree: {exc}")
+                logger.warning("worktree for %s failed, retrying: %s", story.id, exc)
+                time.sleep(0.5 * (attempt + 1))
         try:
             self.app.transition(
                 story.id,

@@ -418,7 +418,9 @@ def purge_worktree(path: Path, common: Path) -> None:
 
 def worktrees_holding(repo: Path, ref: str) -> list[Path]:
     """Paths of existing worktrees that have ``ref`` checked out (the main one included)."""
-    out = run_git(["worktree", "list", "--porcelain", "-z"], repo).stdout
+    # Listing reads every admin directory: not while another entry is being registered.
+    with repo_lock(common_dir(repo)):
+        out = run_git(["worktree", "list", "--porcelain", "-z"], repo).stdout
     holders: list[Path] = []
     for block in out.split("\0\0"):
         fields = [f for f in block.split("\0") if f]
@@ -470,7 +472,10 @@ def create_worktree(repo: Path, common: Path, path: Path, target: Sequence[str])
         )
     try:
         run_git(["reset", "--hard", "--quiet"], path, ceiling=path.parent)
-        run_git(["worktree", "unlock", str(path)], repo)
+        # `worktree unlock` reads every entry's admin directory; one being registered at
+        # this moment by another thread is half-written ("failed to read .../commondir").
+        with repo_lock(common):
+            run_git(["worktree", "unlock", str(path)], repo)
     except GitError:
         with repo_lock(common):
             purge_worktree(path, common)
