@@ -753,3 +753,16 @@ def test_git_env_ignores_an_inherited_git_dir(
 
     assert (path / "a.txt").exists()
     assert not (other / ".storyline").exists()
+
+
+def test_parallel_creation_never_trips_over_a_half_registered_entry(repo: Path) -> None:
+    # Stress check for a race seen once in CI: `git worktree unlock` of one entry read
+    # another entry's admin directory while it was being registered ("failed to read
+    # .git/worktrees/x/commondir"). The timing is rare: this does not reproduce it on demand.
+    stories = [f"p{n}" for n in range(16)]
+    results = Worktrees(repo, "main").ensure_many(stories, parallelism=8)
+    failures = {sid: r for sid, r in results.items() if isinstance(r, GitError)}
+    assert failures == {}
+    assert sorted(
+        Path(p).name for p in registered_worktrees(repo) if "/.storyline/worktrees/" in p
+    ) == sorted(stories)
