@@ -11,6 +11,7 @@ import base64
 import binascii
 import math
 import time
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -212,15 +213,18 @@ class ReadModels:
             query = query.where(b.c.stage == stage)
         if cursor is not None:
             priority, story_id = decode_cursor(cursor)
+            # The redundant ``priority <= p`` bound lets the index start at the cursor's
+            # priority group instead of the stage's first row.
             query = query.where(
-                or_(b.c.priority < priority, and_(b.c.priority == priority, story_key > story_id))
+                b.c.priority <= priority,
+                or_(b.c.priority < priority, and_(b.c.priority == priority, story_key > story_id)),
             )
         query = query.order_by(b.c.priority.desc(), story_key).limit(limit + 1)
         with self.engine.connect() as conn:
             rows = list(conn.execute(query))
-            ranks = self._queue_ranks(conn)
-        more = len(rows) > limit
-        states = [StoryState.from_row(row) for row in rows[:limit]]
+            more = len(rows) > limit
+            states = [StoryState.from_row(row) for row in rows[:limit]]
+            ranks = self._queue_ranks(conn, states)
         page = [board_json(s, ranks.get(s.story_id)) for s in states]
         next_cursor = encode_cursor(states[-1].priority, states[-1].story_id) if more else None
         return page, next_cursor
@@ -230,17 +234,31 @@ class ReadModels:
             row = conn.execute(select(t.board).where(t.board.c.story_id == story_id)).first()
             if row is None:
                 return None
-            ranks = self._queue_ranks(conn)
-        return board_json(StoryState.from_row(row), ranks.get(story_id))
+            state = StoryState.from_row(row)
+            ranks = self._queue_ranks(conn, [state])
+        return board_json(state, ranks.get(story_id))
 
-    def _queue_ranks(self, conn: Any) -> dict[str, int]:
-        b = t.board
-        queued = conn.execute(
-            select(b.c.story_id)
-            .where(b.c.queued_position.is_not(None))
-            .order_by(b.c.queued_position)
+    def _queue_ranks(self, conn: Any, states: Sequence[StoryState]) -> dict[str, int]:
+        """Merge-queue ranks (1 = next to merge) of the given stories that are queued.
+
+        Only the queue up to the last of them is read, through the queued-position index:
+        a page of the board costs at most one index range, however many stories exist.
+        """
+        queued = sorted(
+            (s.queued_position, s.story_id) for s in states if s.queued_position is not None
         )
-        return {story_id: rank for rank, (story_id,) in enumerate(queued, start=1)}
+        if not queued:
+            return {}
+        b = t.board
+        ahead = [
+            position
+            for (position,) in conn.execute(
+                select(b.c.queued_position)
+                .where(b.c.queued_position.is_not(None), b.c.queued_position <= queued[-1][0])
+                .order_by(b.c.queued_position)
+            )
+        ]
+        return {story_id: bisect_right(ahead, position) for position, story_id in queued}
 
     def board_as_of(self, position: int) -> list[dict[str, Any]]:
         """The board as it was right after log position ``position``, replayed in memory.

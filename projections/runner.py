@@ -703,10 +703,23 @@ class ProjectionRunner:
 
             with _bulk():
                 applied = self._catch_up(selected, self.rebuild_batch_size, report)
+            self._analyze(tables)
             failures = self._failures(names)
             if failures:
                 raise ProjectionFailed(failures)
             return applied
+
+    def _analyze(self, tables: Sequence[Table]) -> None:
+        """Fresh planner statistics after a bulk rewrite.
+
+        Autovacuum would get there eventually; until it does, PostgreSQL plans the board's
+        pages from the statistics of the empty tables (a sequential scan and a sort).
+        """
+        if self.engine.dialect.name != "postgresql":
+            return
+        with self.engine.begin() as conn:
+            for table in dict.fromkeys(tables):
+                conn.exec_driver_sql(f'ANALYZE "{table.name}"')
 
     def _failures(self, names: Sequence[str]) -> dict[str, str]:
         with self.engine.connect() as conn:

@@ -93,6 +93,38 @@ def test_merge_queue_order_follows_the_events_that_queued_stories(
     assert read_models.board_row(b)["blocked_from"] is None  # type: ignore[index]
 
 
+def test_queue_ranks_count_the_whole_queue_even_when_a_page_shows_part_of_it(
+    app: StorylineApplication, runner: ProjectionRunner, read_models: ReadModels
+) -> None:
+    # Queued in the order low, mid, high, top; the board pages by priority, so the first
+    # page shows the stories queued last, whose ranks count the ones not on the page.
+    low, mid, high, top = (
+        create(app, n, priority=p) for n, p in (("l", 1), ("m", 2), ("h", 3), ("t", 4))
+    )
+    idle = create(app, "idle", priority=9)
+    for story_id in (low, mid, high, top):
+        to_merge(app, story_id)
+    runner.run_once()
+
+    first, cursor = read_models.board(limit=3)
+    assert [(row["id"], row["queue_position"]) for row in first] == [
+        (idle, None),
+        (top, 4),
+        (high, 3),
+    ]
+    second, _ = read_models.board(limit=3, cursor=cursor)
+    assert [(row["id"], row["queue_position"]) for row in second] == [(mid, 2), (low, 1)]
+    assert read_models.board_row(high)["queue_position"] == 3  # type: ignore[index]
+    assert read_models.board_row(idle)["queue_position"] is None  # type: ignore[index]
+
+    app.transition(low, "start_merge", actor=ACTOR)
+    app.transition(low, "merge_failed", actor=ACTOR, data={"kind": "conflict_detected"})
+    runner.run_once()
+    assert read_models.board_row(top)["queue_position"] == 3  # type: ignore[index]
+    merge_page, _ = read_models.board(stage="merge", limit=1)
+    assert [(row["id"], row["queue_position"]) for row in merge_page] == [(top, 3)]
+
+
 def test_board_pages_by_priority_then_id_with_an_opaque_cursor(
     app: StorylineApplication, runner: ProjectionRunner, read_models: ReadModels
 ) -> None:
