@@ -1,9 +1,9 @@
-"""``storyline serve``: the HTTP API (uvicorn) with the projections running in-process.
+"""``storyline serve``: the HTTP API (uvicorn) with the projections and runners beside it.
 
-The lead registers :func:`serve` on the CLI (``main_app.command("serve")(serve)``).
-Background work (the projection runner now, the runner supervisor later) is a list of
-components with ``start()``/``stop()`` built by :func:`build_components`; the app's lifespan
-starts them after the socket is bound and stops them on shutdown.
+Background work (the projection follower, as a thread or a child process, and the runner
+supervisor) is a list of components with ``start()``/``stop()`` built by
+:func:`build_components`; the app's lifespan starts them after the socket is bound and stops
+them on shutdown.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 import typer
 
@@ -78,19 +78,50 @@ def _status_dicts(value: Any) -> list[dict[str, Any]]:
     return [{"status": str(value)}]
 
 
-def build_components(
-    service: Service, *, runners: bool, api_url: str
-) -> tuple[list[BackgroundComponent], Callable[[], list[dict[str, Any]]]]:
-    """The background components of a server and the runner status for ``/healthz``."""
+ProjectionsMode = Literal["auto", "thread", "process"]
+
+
+def projection_component(service: Service, mode: ProjectionsMode) -> BackgroundComponent:
+    """The projection follower: a thread of this process, or a child process.
+
+    ``auto`` is a child process on PostgreSQL (it runs on another core instead of taking the
+    API's GIL: HTTP transitions/s +45% with 4 clients, see BENCHMARKS.md) and a thread on
+    SQLite, where the in-process commit listener wakes it at once and one process keeps
+    the single-file database to itself.
+    """
+    if mode == "auto":
+        mode = "process" if service.db.kind == "postgres" else "thread"
+    if mode == "process":
+        from projections.process import ProjectionProcess
+
+        return ProjectionProcess(service.db)
     from projections import ProjectionRunner
 
-    components: list[BackgroundComponent] = [ProjectionRunner(service.db, service.app)]
+    return ProjectionRunner(service.db, service.app)
+
+
+def _is_process(component: BackgroundComponent) -> bool:
+    from projections.process import ProjectionProcess
+
+    return isinstance(component, ProjectionProcess)
+
+
+def build_components(
+    service: Service, *, runners: bool, api_url: str, projections: ProjectionsMode = "thread"
+) -> tuple[list[BackgroundComponent], Callable[[], list[dict[str, Any]]]]:
+    """The background components of a server and their status for ``/healthz``."""
+    follower = projection_component(service, projections)
+    components: list[BackgroundComponent] = [follower]
     supervised = runner_components(service, api_url=api_url) if runners else []
     components.extend(supervised)
+    # A follower thread reports through the projections' own status; a child process
+    # also reports whether it is running.
+    reported = [follower] if _is_process(follower) else []
+    reported.extend(supervised)
 
     def runner_status() -> list[dict[str, Any]]:
         statuses: list[dict[str, Any]] = []
-        for component in supervised:
+        for component in reported:
             status = getattr(component, "status", None)
             if callable(status):
                 statuses.extend(_status_dicts(status()))
@@ -105,6 +136,7 @@ def make_app(
     tokens: StaticTokens,
     api_url: str,
     runners: bool = True,
+    projections: ProjectionsMode = "thread",
     extra_components: Sequence[BackgroundComponent] = (),
 ) -> tuple[Any, Any]:
     """The ASGI app of ``serve`` and its read models (close them after the server)."""
@@ -112,7 +144,9 @@ def make_app(
     from projections import ReadModels
 
     read_models = ReadModels(service.db)
-    components, runner_status = build_components(service, runners=runners, api_url=api_url)
+    components, runner_status = build_components(
+        service, runners=runners, api_url=api_url, projections=projections
+    )
     app = create_app(
         service,
         read_models,
@@ -150,11 +184,25 @@ def serve(
     no_runners: Annotated[
         bool, typer.Option("--no-runners", help="Serve the API and projections only.")
     ] = False,
+    projections: Annotated[
+        str,
+        typer.Option(
+            "--projections",
+            help="Where the projection follower runs: thread (this process), process "
+            "(a child process), or auto (process on PostgreSQL, thread on SQLite).",
+        ),
+    ] = "auto",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the HTTP API with the projections (and, later, the runners) in this process."""
     import uvicorn
 
+    if projections not in ("auto", "thread", "process"):
+        typer.echo(
+            f"error: --projections must be auto, thread or process, not {projections!r}", err=True
+        )
+        raise typer.Exit(2)
+    mode = cast(ProjectionsMode, projections)
     try:
         service = open_service(project, database_url, pool_size=POOL_SIZE)
     except (ConfigError, SettingsError) as exc:
@@ -176,7 +224,9 @@ def serve(
         # Agents run on this machine: they reach a wildcard bind through loopback.
         local_host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind
         api_url = f"http://{_url_host(local_host)}:{listen_port}"
-        app, read_models = make_app(service, tokens=tokens, api_url=api_url, runners=not no_runners)
+        app, read_models = make_app(
+            service, tokens=tokens, api_url=api_url, runners=not no_runners, projections=mode
+        )
         typer.echo(
             f"storyline API on http://{bind}:{listen_port} (database {service.db.display})",
             err=True,
@@ -207,6 +257,7 @@ __all__ = [
     "build_components",
     "check_bind",
     "make_app",
+    "projection_component",
     "runner_components",
     "serve",
 ]

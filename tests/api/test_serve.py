@@ -89,3 +89,131 @@ def test_serve_runs_api_and_projections(database: Database, tmp_path: Path) -> N
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "authentication is off" in err
+
+
+def wait_until_up(process: subprocess.Popen[str], url: str) -> httpx.Response:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2)
+        except httpx.TransportError:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.05)
+
+
+def follower_status(url: str) -> dict[str, object]:
+    runners = httpx.get(f"{url}/healthz", timeout=10).json()["runners"]
+    [status] = [r for r in runners if r.get("component") == "projections"]
+    return dict(status)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone as far as work goes; it waits for its parent to reap it.
+    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+    return bool(stat) and stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def eventually(check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def create_caught_up(url: str, name: str) -> str:
+    created = httpx.post(
+        f"{url}/stories",
+        params={"wait": "true"},
+        json={"name": name, "acceptance_criteria": ["a"]},
+        timeout=30,
+    )
+    assert created.status_code == 201
+    assert created.headers["x-storyline-caught-up"] == "true"
+    story_id: str = created.json()["id"]
+    listed = httpx.get(f"{url}/stories", timeout=30).json()["stories"]
+    assert story_id in [row["id"] for row in listed]
+    return story_id
+
+
+def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
+    database: Database, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = run_serve(
+        "--project",
+        str(tmp_path),
+        "--database-url",
+        database_url(database),
+        "--port",
+        str(port),
+        "--no-runners",
+        "--projections",
+        "process",
+        "--log-level",
+        "warning",
+    )
+    try:
+        assert wait_until_up(process, url).status_code == 200
+        first = follower_status(url)
+        assert first["running"] is True and first["restarts"] == 0
+        child = int(first["pid"])  # type: ignore[call-overload]
+        assert child != process.pid
+        create_caught_up(url, "before the crash")
+
+        os.kill(child, signal.SIGKILL)
+        eventually(lambda: follower_status(url)["restarts"] == 1)
+        second = follower_status(url)
+        assert second["running"] is True and second["pid"] != child
+        # The new child resumes from the committed positions: nothing is applied twice.
+        create_caught_up(url, "after the crash")
+        board = httpx.get(f"{url}/stories", timeout=30).json()["stories"]
+        assert sorted(row["name"] for row in board) == ["after the crash", "before the crash"]
+        replacement = int(second["pid"])  # type: ignore[call-overload]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "projection worker exited" in err  # the crash is in the server's log
+    assert not alive(replacement)
+
+
+def test_the_projection_child_stops_when_the_server_is_killed(
+    database: Database, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = run_serve(
+        "--project",
+        str(tmp_path),
+        "--database-url",
+        database_url(database),
+        "--port",
+        str(port),
+        "--no-runners",
+        "--projections",
+        "process",
+        "--log-level",
+        "warning",
+    )
+    try:
+        wait_until_up(process, url)
+        child = int(follower_status(url)["pid"])  # type: ignore[call-overload]
+        process.kill()
+        process.communicate(timeout=60)
+        eventually(lambda: not alive(child), timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_an_unknown_projections_mode_is_refused(tmp_path: Path) -> None:
+    process = run_serve("--project", str(tmp_path), "--projections", "fork", "--port", "1")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "--projections must be auto, thread or process" in err
