@@ -123,7 +123,7 @@ def rebuild(
     project: ProjectOption = None,
     database_url: DatabaseOption = None,
     as_json: JsonOption = False,
-    batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 5000,
+    batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 20000,
 ) -> None:
     """Drop a projection (or all) and replay the whole log into it."""
     _check_name(name)

@@ -47,17 +47,20 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 # Throughput rows sharing the machine with whatever else runs on it: run in interleaved
 # rounds and keep each row's best round (interference only ever slows a round down).
-ROUNDS = ("raw_insert", "bare_library", "app_transitions")
+ROUNDS = ("raw_insert", "bare_library", "app_transitions", "http")
 ENTRY = {"http": "run_http", "projection_rebuild": "run_rebuild_only"}
 
 
 METHODS = """\
 How: every client is its own process (multiprocessing, spawn), so the 4-client rows are
-4 processes and the client side is not serialised on one GIL; rows 1-3 are the best of 3
+4 processes and the client side is not serialised on one GIL; rows 1-4 are the best of 3
 interleaved rounds (5 s after a 1.5 s warm-up each; every round is listed in the note)
 because other jobs share this VM. Row 3 drives 20 stories per client through random
 *legal* commands of every stage (`projections.workload.next_command`), with
-`expected_version`. Row 4 is `bench/http_transitions.py` (the API engineer's). Row 6
+`expected_version`. Row 4 runs `storyline serve --no-runners` as on PostgreSQL in
+production (projections in their child process) against 4 client processes of the lean
+keep-alive client `bench/http_load.py` (httpx would spend ~0.7 ms of client CPU per request
+on the server's two cores), in the same rounds as rows 1-3. Row 6
 latency = AgentStarted.timestamp - CodingStarted.timestamp (taken before its commit, so an
 upper bound by the commit time; AgentStarted is taken right after `Popen` returned, i.e.
 the agent executable was exec'd). Row 7 requests are sequential from one keep-alive

@@ -116,7 +116,7 @@ def rebuild_rows(db: Database, events: int) -> list[Measurement]:
         from bench.projection_rebuild import bare_read, rebuild
     except ImportError as exc:
         return [pending("5", "projection rebuild vs bare read", f"bench.projection_rebuild: {exc}")]
-    batch = 5000
+    batch = 20000  # the rebuild default; the bare read gets the same batches
     bare_read(db, batch)  # warm the cache, so both timed passes read from memory
     count, read_secs = bare_read(db, batch)
     applied, rebuild_secs = rebuild(db, batch)

@@ -357,7 +357,8 @@ class HistoryProjection(Projection):
 
 
 COMMON_KEYS = ("timestamp", "actor", "reason", "from_stage", "to_stage", "originator_topic")
-"""The payload keys decode() lifts out of ``data`` (``service.events_log._COMMON``)."""
+"""The payload keys ``service.events_log.decode`` lifts out of ``data``
+(``tests/projections/test_history_paths.py`` compares the two paths event by event)."""
 
 
 def history_row(e: LoggedEvent) -> tuple[Any, ...]:

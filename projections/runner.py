@@ -159,7 +159,7 @@ class ProjectionRunner:
         names: Sequence[str] | None = None,
         batch_size: int = 1000,
         *,
-        rebuild_batch_size: int = 5000,
+        rebuild_batch_size: int = 20000,
         poll_interval: float = 1.0,
         retry_interval: float = 5.0,
         gap_lock_timeout: float = 2.0,

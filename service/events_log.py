@@ -15,10 +15,11 @@ from eventsourcing.utils import resolve_topic
 
 import domain.events  # noqa: F401  (registers the pinned topics)
 
-_COMMON = ("timestamp", "actor", "reason", "from_stage", "to_stage", "originator_topic")
 
-
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets every field through object.__setattr__, which made
+# construction 3.6x slower (1.38 -> 0.38 us) on the rebuild's hot path; nothing mutates
+# a logged event and nothing hashes one.
+@dataclass(slots=True)
 class LoggedEvent:
     position: int
     story_id: str
@@ -67,24 +68,31 @@ def decode(
     position: int, story_id: str, version: int, topic: str, state: bytes | memoryview
 ) -> LoggedEvent:
     name, class_version, cls = _type_info(topic)
-    payload: dict[str, Any] = orjson.loads(bytes(state))
+    payload: dict[str, Any] = orjson.loads(state)  # bytes and memoryview alike, no copy
     from_version = payload.pop("class_version", 1)
     while cls is not None and from_version < class_version:
         getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(payload)
         from_version += 1
-    common = {key: payload.pop(key, None) for key in _COMMON}
+    pop = payload.pop
+    timestamp = pop("timestamp")
+    actor = pop("actor", None)
+    reason = pop("reason", None)
+    from_stage = pop("from_stage", None)
+    to_stage = pop("to_stage", None)
+    pop("originator_topic", None)
+    # Positional: keyword arguments cost a measurable share of a 5 us decode.
     return LoggedEvent(
-        position=int(position),
-        story_id=str(story_id),
-        version=int(version),
-        type=name,
-        topic=topic,
-        timestamp=datetime.fromisoformat(common["timestamp"]),
-        actor=common["actor"] or "",
-        reason=common["reason"],
-        from_stage=common["from_stage"],
-        to_stage=common["to_stage"],
-        data=payload,
+        int(position),
+        str(story_id),
+        int(version),
+        name,
+        topic,
+        datetime.fromisoformat(timestamp),
+        actor or "",
+        reason,
+        from_stage,
+        to_stage,
+        payload,
     )
 
 
