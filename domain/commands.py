@@ -113,7 +113,8 @@ def _tail(text: str) -> str:
     return text if len(text) <= MAX_OUTPUT else text[-MAX_OUTPUT:]
 
 
-Handler = Callable[[Story, str, str | None, Any, Policy, Mapping[str, Stage | None]], None]
+# What a handler returns (a spawn's attempt number, say) is not the dispatcher's business.
+Handler = Callable[[Story, str, str | None, Any, Policy, Mapping[str, Stage | None]], object]
 
 
 def _spec(model: type[_Data], handler: Handler) -> tuple[type[_Data], Handler]:

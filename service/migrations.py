@@ -54,7 +54,6 @@ def current_revision(db: Database) -> str | None:
             conn.close()
         return str(row[0]) if row else None
     import psycopg
-    from psycopg import sql
 
     with psycopg.connect(
         host=db.host,
@@ -63,12 +62,12 @@ def current_revision(db: Database) -> str | None:
         password=db.password or None,
         dbname=db.dbname,
         connect_timeout=10,
-    ) as conn:
+    ) as pg:
         try:
-            row = conn.execute(sql.SQL("SELECT version_num FROM alembic_version")).fetchone()
+            found = pg.execute("SELECT version_num FROM alembic_version").fetchone()
         except psycopg.errors.UndefinedTable:
             return None
-    return str(row[0]) if row else None
+    return str(found[0]) if found else None
 
 
 @cache
