@@ -170,6 +170,17 @@ def _memory_mb(pid: int) -> tuple[float, float]:
     return rss, hwm
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def _timed(client: Any, paths: list[str]) -> tuple[list[float], int]:
     latencies: list[float] = []
     bad = 0
@@ -259,16 +270,24 @@ def api_rows(settings: Settings, db: Database, stories: int, events: int) -> lis
                         note=f"{text}{'; ' + note if note else ''}",
                     )
                 )
+        # serve and its children (the projection follower runs as one on PostgreSQL).
         rss, hwm = _memory_mb(server.pid)
+        children = [_memory_mb(child) for child in _children(server.pid)]
+        rss += sum(c[0] for c in children)
+        hwm += sum(c[1] for c in children)
         out.append(
             Measurement(
                 "7m",
-                "resident memory of storyline serve --no-runners at that scale",
+                "resident memory of storyline serve --no-runners at that scale, with its "
+                "projection process",
                 "postgres",
                 None,
                 rss,
                 "MB",
-                note=f"VmRSS after the requests; peak (VmHWM) {hwm:.0f} MB",
+                note=(
+                    f"VmRSS after the requests, {len(children)} child process(es) included; "
+                    f"peak (VmHWM) {hwm:.0f} MB"
+                ),
             )
         )
     finally:
