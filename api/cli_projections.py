@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from projections import PROJECTION_NAMES, ProjectionFailed, ProjectionRunner, ReadModels
+from projections.names import PROJECTION_NAMES
 from service.container import Service, open_service
 
 app = typer.Typer(
@@ -90,6 +90,8 @@ def status(
 ) -> None:
     """Position, lag and errors of every projection."""
     with _service(project, database_url) as service:
+        from projections import ReadModels
+
         read_models = ReadModels(service.db)
         try:
             statuses = read_models.status()
@@ -128,6 +130,8 @@ def rebuild(
     """Drop a projection (or all) and replay the whole log into it."""
     _check_name(name)
     with _service(project, database_url) as service:
+        from projections import ProjectionFailed, ProjectionRunner
+
         runner = ProjectionRunner(service.db, rebuild_batch_size=batch_size)
         started = time.perf_counter()
         error: ProjectionFailed | None = None
@@ -189,6 +193,8 @@ def check(
     """Rebuild into scratch tables and diff them with the live ones (exit 1 on differences)."""
     _check_name(name)
     with _service(project, database_url) as service:
+        from projections import ProjectionRunner
+
         runner = ProjectionRunner(service.db)
         try:
             differences = runner.check(name)

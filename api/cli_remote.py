@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from api.client import ClientError, StorylineClient
-from api.errors import domain_status
+from api.error_shapes import domain_status
 from domain.errors import DomainError
 from service.container import Service, open_service
 

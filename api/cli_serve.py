@@ -12,15 +12,17 @@ import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import typer
 
 from api.auth import StaticTokens, TokenError, is_loopback, load_tokens
-from api.routes_common import BackgroundComponent
 from service.config_file import ConfigError
 from service.container import Service, open_service
 from service.settings import SettingsError
+
+if TYPE_CHECKING:
+    from api.routes_common import BackgroundComponent
 
 SWITCH_INTERVAL = 0.0005
 """GIL switch interval for the server process (Python's default is 5 ms). The event loop

@@ -27,9 +27,36 @@ Tables (Alembic revision 0002): ``board``, ``story_history``, ``agent_runs``,
 ``projection_positions``. A standalone follower runs with ``python -m projections.worker``.
 """
 
-from projections.definitions import PROJECTION_NAMES
-from projections.read_models import ProjectionStatus, ReadModels, render_prometheus
-from projections.runner import ProjectionFailed, ProjectionRunner
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from projections.names import PROJECTION_NAMES
+
+if TYPE_CHECKING:
+    from projections.read_models import ProjectionStatus, ReadModels, render_prometheus
+    from projections.runner import ProjectionFailed, ProjectionRunner
+
+# Loaded on first use (PEP 562): importing the package for its names must not pull in
+# SQLAlchemy and psycopg, which cost a CLI command half a second of start-up.
+_LAZY = {
+    "ProjectionStatus": "projections.read_models",
+    "ReadModels": "projections.read_models",
+    "render_prometheus": "projections.read_models",
+    "ProjectionFailed": "projections.runner",
+    "ProjectionRunner": "projections.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'projections' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PROJECTION_NAMES",

@@ -30,6 +30,7 @@ from sqlalchemy import Connection, Table, select, tuple_
 from projections import tables as t
 from projections.engine import BulkWriter
 from projections.log import Batch
+from projections.names import PROJECTION_NAMES
 from projections.state import (
     ALL_STAGES,
     QueueState,
@@ -467,7 +468,8 @@ PROJECTIONS: dict[str, type[Projection]] = {
 }
 """Every projection by name, in the order status lists them."""
 
-PROJECTION_NAMES: tuple[str, ...] = tuple(PROJECTIONS)
+if tuple(PROJECTIONS) != PROJECTION_NAMES:  # pragma: no cover - a programming error
+    raise RuntimeError(f"projections.names is out of date: {tuple(PROJECTIONS)}")
 
 LIVE_TABLES: dict[str, Table] = {table.name: table for table in t.PROJECTION_TABLES}
 
