@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.settings import Database
@@ -91,3 +95,64 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
     )
     assert "retries exhausted" in divide["blocked_reason"]
     assert list((project / ".storyline" / "logs" / "subtract").glob("coder-*.log"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_demo_against_a_separate_server(tmp_path: Path, database: Database) -> None:
+    """``demo --prepare``, then ``serve`` in its own process, then ``demo --url``: the
+    README's recipe for watching the pipeline on a server started by hand."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORYLINE_")}
+    env["COLUMNS"] = "160"
+    if database.kind == "postgres":
+        env["STORYLINE_DATABASE_URL"] = database.url
+    project = tmp_path / "calc"
+    prepared = storyline("demo", "--prepare", "--dir", str(project), env=env)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert f"storyline demo --url http://127.0.0.1:8765 --project {project}" in prepared.stdout
+
+    refused = storyline("demo", "--url", "http://127.0.0.1:1", "--project", str(tmp_path), env=env)
+    assert refused.returncode == 2 and "is not a demo project" in refused.stderr
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--project", str(project), "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        run = storyline("demo", "--url", url, "--project", str(project), env=env)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "replay check: skipped (the server's database is not local)" in run.stdout
+        rows = httpx.get(f"{url}/stories", params={"limit": 100}).json()["stories"]
+        board = {row["id"]: row["stage"] for row in rows}
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err[-3000:]
+    assert board == {
+        "add": "done",
+        "subtract": "done",
+        "multiply": "done",
+        "banner-en": "done",
+        "banner-fr": "done",
+        "divide": "blocked",
+    }
