@@ -20,7 +20,7 @@ from api.errors import ApiError, domain_error_body, domain_status
 from api.sse import CommitNotifier, LogReader, StreamSettings
 from domain.errors import DomainError
 from service.container import Service
-from service.idempotency import IdempotencyStore, fingerprint, valid_key
+from service.idempotency import IdempotencyMark, IdempotencyStore, fingerprint, valid_key
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +172,19 @@ def run_command(
     actor: str,
     key: str | None,
     request_fp: str,
-    command: Callable[[], Outcome],
+    command: Callable[[IdempotencyMark | None], Outcome],
+    recover: Callable[[str, int], Outcome],
 ) -> tuple[int, dict[str, Any], bool]:
     """Run ``command`` at most once per (actor, key): returns (status, body, replayed).
 
-    Domain refusals are answers too (stored and replayed); an unexpected failure releases
-    the key so that a retry runs the command.
+    ``command(mark)`` passes ``mark`` to the application, which marks the key in the
+    event's transaction; ``recover(story_id, position)`` rebuilds the answer of a command
+    that committed but whose process died before storing it. Domain refusals are answers
+    too (stored and replayed); an unexpected failure releases the key so that a retry runs
+    the command.
     """
     if key is None:
-        status, body = _guarded(command)
+        status, body = _guarded(lambda: command(None))
         return status, body, False
     store = state.idempotency
     deadline = time.monotonic() + state.idempotency_wait
@@ -191,6 +195,11 @@ def run_command(
         if claim.state == "replay":
             assert claim.status_code is not None
             return claim.status_code, claim.body, True
+        if claim.state == "committed":
+            assert claim.story_id is not None and claim.position is not None
+            status, body = recover(claim.story_id, claim.position)
+            store.complete(actor, key, status, body)
+            return status, body, True
         if claim.state == "mismatch":
             raise ApiError(
                 422,
@@ -209,8 +218,9 @@ def run_command(
                 {"idempotency_key": key},
             )
         time.sleep(0.02)
+    mark = IdempotencyMark(actor, key)
     try:
-        status, body = _guarded(command)
+        status, body = _guarded(lambda: command(mark))
     except BaseException:
         store.release(actor, key)
         raise
@@ -218,7 +228,7 @@ def run_command(
         store.complete(actor, key, status, body)
     except Exception:
         # The command is committed: answer it. A retry within the lease sees "in progress";
-        # after it, the command may run again (see service.idempotency).
+        # after it, the answer is rebuilt from the key's commit mark (service.idempotency).
         logger.exception("could not record the answer for an idempotency key")
     return status, body, False
 

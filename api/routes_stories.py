@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ from api.schemas import (
 from domain.ids import validate_story_id
 from domain.stages import AgentRole, Stage
 from domain.story import Story
+from service.idempotency import IdempotencyMark
 
 router = APIRouter(tags=["stories"])
 
@@ -55,6 +57,16 @@ def story_body(
     body["position"] = position
     body["as_of"] = as_of
     return body
+
+
+def _recover(state: ApiState, status: int) -> Callable[[str, int], tuple[int, dict[str, Any]]]:
+    """The answer a committed command gave: the story as of the command's log position."""
+
+    def answer(story_id: str, position: int) -> tuple[int, dict[str, Any]]:
+        story = state.service.app.get_story_as_of(story_id, position=position)
+        return status, story_body(story, position)
+
+    return answer
 
 
 def _answer(
@@ -90,7 +102,7 @@ async def create_story(
     key = idempotency_key(request)
     request_fp = request_fingerprint(request, key, lambda: body.model_dump(mode="json"))
 
-    def command() -> tuple[int, dict[str, Any]]:
+    def command(mark: IdempotencyMark | None) -> tuple[int, dict[str, Any]]:
         committed = state.service.app.create_story(
             name=body.name,
             description=body.description,
@@ -101,11 +113,14 @@ async def create_story(
             story_id=body.id,
             reason=body.reason,
             actor=caller.actor,
+            idempotency=mark,
         )
         return 201, story_body(committed.story, committed.position)
 
     def run() -> Response:
-        status, out, replayed = run_command(state, caller.actor, key, request_fp, command)
+        status, out, replayed = run_command(
+            state, caller.actor, key, request_fp, command, _recover(state, 201)
+        )
         return _answer(state, status, out, replayed, wait)
 
     return await run_in_threadpool(run)
@@ -130,7 +145,7 @@ async def transition(
     key = idempotency_key(request)
     request_fp = request_fingerprint(request, key, lambda: body.model_dump(mode="json"))
 
-    def command() -> tuple[int, dict[str, Any]]:
+    def command(mark: IdempotencyMark | None) -> tuple[int, dict[str, Any]]:
         committed = state.service.app.transition(
             story_id,
             body.event,
@@ -138,11 +153,14 @@ async def transition(
             expected_version=body.expected_version,
             reason=body.reason,
             data=body.data,
+            idempotency=mark,
         )
         return 200, story_body(committed.story, committed.position)
 
     def run() -> Response:
-        status, out, replayed = run_command(state, caller.actor, key, request_fp, command)
+        status, out, replayed = run_command(
+            state, caller.actor, key, request_fp, command, _recover(state, 200)
+        )
         return _answer(state, status, out, replayed, wait)
 
     return await run_in_threadpool(run)

@@ -29,6 +29,7 @@ from domain.stages import Stage
 from domain.story import Story
 from service.codec import OrjsonTranscoder, PydanticMapper
 from service.events_log import LoggedEvent, decode_row
+from service.idempotency import MARK_KWARG, IdempotencyMark
 from service.settings import Database
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(db.sqlite_path),
             "SQLITE_LOCK_TIMEOUT": "30",
+            # The library's recorder, marking idempotency keys (service/recorder.py).
+            "APPLICATION_RECORDER_TOPIC": "service.recorder:StorylineSQLiteRecorder",
         }
     return {
         **common,
@@ -83,6 +86,11 @@ def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": "10",
         "POSTGRES_SCHEMA": "public",
     }
+
+
+def _marked(mark: IdempotencyMark | None) -> dict[str, IdempotencyMark]:
+    """``save()`` keyword arguments that carry ``mark`` to the recorder (none without)."""
+    return {} if mark is None else {MARK_KWARG: mark}
 
 
 def _project_story(story: Story | None, events: Iterable[StoryEvent]) -> Story | None:
@@ -252,8 +260,12 @@ class StorylineApplication(Application[str]):
         priority: int = 0,
         story_id: str | None = None,
         reason: str | None = None,
+        idempotency: IdempotencyMark | None = None,
     ) -> Committed:
-        """Create a story; without ``story_id`` the next free number is allocated."""
+        """Create a story; without ``story_id`` the next free number is allocated.
+
+        ``idempotency``: the key this command runs under, marked in the event's transaction
+        (see ``service.idempotency``)."""
         deps = list(depends_on)
         for dep in deps:
             validate_story_id(dep)
@@ -274,7 +286,7 @@ class StorylineApplication(Application[str]):
                 reason=reason,
             )
             try:
-                recordings = self.save(story)
+                recordings = self.save(story, **_marked(idempotency))
             except IntegrityError:
                 if story_id is not None or attempts >= 20:
                     raise StoryExists(sid) from None
@@ -296,19 +308,23 @@ class StorylineApplication(Application[str]):
         expected_version: int | None = None,
         reason: str | None = None,
         data: Mapping[str, Any] | None = None,
+        idempotency: IdempotencyMark | None = None,
     ) -> Committed:
-        """Apply the named transition; a stale ``expected_version`` is a VersionConflict."""
+        """Apply the named transition; a stale ``expected_version`` is a VersionConflict.
+
+        ``idempotency``: as for :meth:`create_story`."""
         validate_story_id(story_id)
+        marked = _marked(idempotency)
         recent = self._recent.get(story_id)
         if recent is not None:
             try:
                 return self._apply(
-                    recent, event, actor, expected_version, reason, data, fresh=False
+                    recent, event, actor, expected_version, reason, data, marked, fresh=False
                 )
             except _Stale:
                 self._recent.forget(story_id)
         story = self.get_story(story_id)
-        return self._apply(story, event, actor, expected_version, reason, data, fresh=True)
+        return self._apply(story, event, actor, expected_version, reason, data, marked, fresh=True)
 
     def _apply(
         self,
@@ -318,6 +334,7 @@ class StorylineApplication(Application[str]):
         expected_version: int | None,
         reason: str | None,
         data: Mapping[str, Any] | None,
+        marked: dict[str, IdempotencyMark],
         *,
         fresh: bool,
     ) -> Committed:
@@ -347,7 +364,7 @@ class StorylineApplication(Application[str]):
                 raise _Stale from None
             raise
         try:
-            recordings = self.save(story)
+            recordings = self.save(story, **marked)
         except IntegrityError:
             if not fresh:
                 raise _Stale from None

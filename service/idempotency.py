@@ -5,10 +5,14 @@ answer after it, so a retry that arrives while the first request is still runnin
 "in progress" rather than running the command twice. Keys are scoped per actor and kept
 for ``ttl_secs``; rows live in the database, so a restarted API still remembers them.
 
-Known window: the event commit and the answer's row are two transactions. A process killed
-between them leaves a claimed key without an answer; after ``lease_secs`` a retry may run
-the command again. A transition that names ``expected_version`` is still safe then (the
-retry gets a version conflict instead of a second event).
+The event and the answer are two transactions, but the first one also marks the key: the
+event store's insert writes the story id and the event's log position onto the key's row in
+the event's own transaction (:class:`IdempotencyMark`, passed through the library's
+``save(**kwargs)`` to ``service.recorder``). A process killed between the commit and the
+answer therefore leaves a key that says "committed at position P": after ``lease_secs`` a
+retry gets ``Claim("committed")`` and rebuilds the first answer from the story as of P
+instead of running the command again. A key without the mark (the process died before
+the commit) is taken over and the command runs, as it never ran.
 """
 
 from __future__ import annotations
@@ -43,18 +47,47 @@ def valid_key(key: str) -> bool:
     return 0 < len(key) <= MAX_KEY_LENGTH and all(33 <= ord(ch) <= 126 for ch in key)
 
 
+MARK_KWARG = "idempotency_mark"
+"""The keyword under which ``Application.save`` hands an :class:`IdempotencyMark` to the
+recorder (the library passes save's keyword arguments through to ``insert_events``)."""
+
+
+@dataclass(frozen=True)
+class IdempotencyMark:
+    """The key a command runs under; the recorder marks it in the event's transaction."""
+
+    actor: str
+    key: str
+
+
+MARK_SQL = (
+    f"UPDATE {TABLE} SET story_id = ?, committed_position = ? "
+    "WHERE actor = ? AND idem_key = ? AND status_code IS NULL"
+)
+"""Run by the recorders inside the insert's transaction (``?`` placeholders; the PostgreSQL
+recorder converts them)."""
+
+
+def mark_params(mark: IdempotencyMark, story_id: str, position: int) -> tuple[Any, ...]:
+    return (story_id, position, mark.actor, mark.key)
+
+
 @dataclass(frozen=True)
 class Claim:
     """What :meth:`IdempotencyStore.claim` found.
 
     ``state`` is ``claimed`` (run the command, then :meth:`complete` or :meth:`release`),
     ``replay`` (send ``status_code``/``body`` again), ``mismatch`` (the key was used with a
-    different body) or ``in_progress`` (the first request has not finished yet).
+    different body), ``in_progress`` (the first request has not finished yet) or
+    ``committed`` (the first request's command committed at ``position`` on ``story_id``
+    but its process died before answering: rebuild that answer, then :meth:`complete`).
     """
 
-    state: Literal["claimed", "replay", "mismatch", "in_progress"]
+    state: Literal["claimed", "replay", "mismatch", "in_progress", "committed"]
     status_code: int | None = None
     body: Any = None
+    story_id: str | None = None
+    position: int | None = None
 
 
 class IdempotencyStore:
@@ -90,8 +123,8 @@ class IdempotencyStore:
             if inserted:
                 return Claim("claimed")
         rows = self._sql.query(
-            f"SELECT fingerprint, status_code, response_body, created_at FROM {TABLE} "
-            "WHERE actor = ? AND idem_key = ?",
+            f"SELECT fingerprint, status_code, response_body, created_at, story_id, "
+            f"committed_position FROM {TABLE} WHERE actor = ? AND idem_key = ?",
             (actor, key),
         )
         if not rows:
@@ -104,6 +137,13 @@ class IdempotencyStore:
             return Claim("replay", int(row["status_code"]), orjson.loads(row["response_body"]))
         if now - float(row["created_at"]) < self.lease_secs:
             return Claim("in_progress")
+        if row["committed_position"] is not None:
+            # The command committed; its process died before storing the answer.
+            return Claim(
+                "committed",
+                story_id=str(row["story_id"]),
+                position=int(row["committed_position"]),
+            )
         # The first request's process died before answering: take the lease over, but only
         # if nobody else did in the meantime (compare-and-swap on created_at).
         taken = self._sql.write(

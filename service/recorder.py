@@ -11,6 +11,10 @@ and NOTIFY, same errors; only how the two statements of a command reach the serv
   server parses back: measured 164 us of client CPU per save against 74 us this way.
 * reading a story's events (every load and fast-forward) uses statements rendered once,
   where the library composes and renders its SQL on every call.
+
+It also marks idempotency keys: a save that carries an :class:`IdempotencyMark` writes the
+story and the event's log position onto the key's row in the insert's own transaction
+(see ``service.idempotency``). The SQLite recorder below does the same.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from uuid import UUID
 
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from eventsourcing.utils import retry
-from psycopg import Connection
+from psycopg import Connection, Cursor
+from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composable, Identifier
 
+from service.idempotency import MARK_KWARG, MARK_SQL, IdempotencyMark, mark_params
+
 SelectKey = tuple[bool, bool, bool, bool]
+_PG_MARK_SQL = MARK_SQL.replace("?", "%s")
 
 
 class StorylinePostgresRecorder(PostgresApplicationRecorder):
@@ -52,9 +61,61 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        if self.datastore.enable_db_functions and len(stored_events) == 1:
-            return self._insert_one(stored_events[0])
+        mark: IdempotencyMark | None = kwargs.get(MARK_KWARG)
+        if self.datastore.enable_db_functions and stored_events:
+            if mark is not None:
+                return self._insert_marked(stored_events, mark)
+            if len(stored_events) == 1:
+                return self._insert_one(stored_events[0])
+        # Without DB functions the library inserts in its own transaction and hands the
+        # ids to _fetch_ids_after_insert_events below, which marks the key there.
         return super().insert_events(stored_events, **kwargs)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _insert_marked(
+        self, stored_events: Sequence[StoredEvent], mark: IdempotencyMark
+    ) -> Sequence[int]:
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            if len(stored_events) == 1:
+                event = stored_events[0]
+                curs.execute(
+                    self._render("insert_one", lambda: self._insert_one_query, conn),
+                    (event.originator_id, event.originator_version, event.topic, event.state),
+                    prepare=True,
+                )
+            else:
+                composites = [
+                    self.construct_pg_stored_event(
+                        originator_id=e.originator_id,
+                        originator_version=e.originator_version,
+                        topic=e.topic,
+                        state=e.state,
+                    )
+                    for e in stored_events
+                ]
+                curs.execute(self.sql_invoke_pg_function_insert_events, (composites,))
+            ids = [row[self.pg_function_name_insert_events] for row in curs.fetchall()]
+            self._mark(curs, mark, stored_events, ids)
+        return ids
+
+    def _fetch_ids_after_insert_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+        mark: IdempotencyMark | None = kwargs.get(MARK_KWARG)
+        if mark is not None and ids:
+            self._mark(curs, mark, stored_events, ids)
+        return ids
+
+    @staticmethod
+    def _mark(
+        curs: Cursor[DictRow],
+        mark: IdempotencyMark,
+        stored_events: Sequence[StoredEvent],
+        ids: Sequence[int],
+    ) -> None:
+        params = mark_params(mark, str(stored_events[-1].originator_id), max(ids))
+        curs.execute(_PG_MARK_SQL, params)
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def _insert_one(self, event: StoredEvent) -> Sequence[int]:
@@ -104,3 +165,16 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
                 )
                 for row in curs.fetchall()
             ]
+
+
+class StorylineSQLiteRecorder(SQLiteApplicationRecorder):
+    """The library's SQLite recorder, marking idempotency keys in the insert's transaction."""
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        mark: IdempotencyMark | None = kwargs.get(MARK_KWARG)
+        if mark is not None and ids:
+            c.execute(MARK_SQL, mark_params(mark, str(stored_events[-1].originator_id), max(ids)))
+        return ids

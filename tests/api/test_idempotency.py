@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from domain.config import TokenConfig
 from tests.api.conftest import (
@@ -137,3 +138,86 @@ def test_concurrent_requests_with_one_key_run_once(live: LiveServer) -> None:
     assert sum(1 for r in responses if "idempotent-replayed" not in r.headers) == 1
     history = live.client().get(f"/stories/{sid}/history").json()["events"]
     assert [e["type"] for e in history] == ["StoryCreated", "CodingStarted"]
+
+
+def test_an_answer_lost_after_the_commit_is_rebuilt_not_run_again(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies between the event's commit and storing the answer (injected: the
+    answer's write fails). The event's own transaction marked the key, so a retry after
+    the lease rebuilds the first answer: no second story, no second event."""
+    store = live.state.idempotency
+    client = live.client()
+
+    def lost(*_: object) -> None:
+        raise OSError("killed before the answer was stored")
+
+    monkeypatch.setattr(store, "complete", lost)
+    created = client.post("/stories", json=BODY, headers={"Idempotency-Key": "lost-1"})
+    assert created.status_code == 201  # the first caller still got its answer
+    sid = created.json()["id"]
+    moved = client.post(
+        f"/stories/{sid}/transitions",
+        json={"event": "start_coding"},  # no expected_version: running twice would be refused
+        headers={"Idempotency-Key": "lost-2"},
+    )
+    assert moved.status_code == 200
+    head = client.get("/events").json()["head"]
+    monkeypatch.undo()
+
+    # Within the lease the key is still "in progress" (the first request may be alive).
+    live.state.idempotency_wait = 0.0
+    busy = client.post("/stories", json=BODY, headers={"Idempotency-Key": "lost-1"})
+    assert_error(busy, 409, "idempotency_key_in_use")
+
+    store.lease_secs = 0.0  # the lease of the dead request has run out
+    again = client.post("/stories", json=BODY, headers={"Idempotency-Key": "lost-1"})
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == created.json()
+    moved_again = client.post(
+        f"/stories/{sid}/transitions",
+        json={"event": "start_coding"},
+        headers={"Idempotency-Key": "lost-2"},
+    )
+    assert moved_again.status_code == 200
+    assert moved_again.headers["idempotent-replayed"] == "true"
+    assert moved_again.json() == moved.json()
+
+    log = client.get("/events").json()
+    assert log["head"] == head
+    assert [(e["story_id"], e["type"]) for e in log["events"]] == [
+        (sid, "StoryCreated"),
+        (sid, "CodingStarted"),
+    ]
+    # The rebuilt answer is stored: the next retry is a plain replay.
+    third = client.post("/stories", json=BODY, headers={"Idempotency-Key": "lost-1"})
+    assert third.json() == created.json()
+
+
+def test_a_claim_whose_command_never_committed_runs_after_the_lease(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies before the commit (injected: the command fails after the claim in
+    a way that leaves the key claimed): after the lease the retry runs the command."""
+    store = live.state.idempotency
+    client = live.client()
+
+    def killed(**_: object) -> None:
+        raise RuntimeError("killed before the commit")
+
+    monkeypatch.setattr(store, "release", lambda *_: None)  # as if killed: nothing cleans up
+    monkeypatch.setattr(live.service.app, "create_story", killed)
+    # Its own connection, closed after the answer: uvicorn drops a connection whose request
+    # raised, which a keep-alive client may see as a reset instead of the 500.
+    failed = client.post(
+        "/stories", json=BODY, headers={"Idempotency-Key": "never", "Connection": "close"}
+    )
+    assert_error(failed, 500, "internal_error")
+    monkeypatch.undo()
+    store.lease_secs = 0.0
+    retried = client.post("/stories", json=BODY, headers={"Idempotency-Key": "never"})
+    assert retried.status_code == 201
+    assert "idempotent-replayed" not in retried.headers
+    log = client.get("/events").json()["events"]
+    assert [(e["story_id"], e["type"]) for e in log] == [(retried.json()["id"], "StoryCreated")]

@@ -1,0 +1,95 @@
+"""The event store marks an idempotency key in the event's own transaction (both backends).
+
+A command saved with an :class:`IdempotencyMark` writes the story and the event's log
+position onto the key's row as the event commits; a save that fails (a lost race) marks
+nothing, because the mark rolls back with the insert. This is what lets a retry after a
+crash rebuild the first answer (``service.idempotency``, ``Claim("committed")``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from eventsourcing.persistence import IntegrityError
+
+from service.application import StorylineApplication
+from service.idempotency import MARK_KWARG, IdempotencyMark, IdempotencyStore
+from service.settings import Database
+from service.sqlstore import SqlStore
+
+ACTOR = "user:ann"
+
+
+def key_row(app: StorylineApplication, key: str) -> dict[str, Any]:
+    rows = SqlStore(app).query(
+        "SELECT story_id, committed_position, status_code FROM storyline_idempotency "
+        "WHERE actor = ? AND idem_key = ?",
+        (ACTOR, key),
+    )
+    return dict(rows[0])
+
+
+def test_a_saved_command_marks_its_key_with_the_events_position(database: Database) -> None:
+    app = StorylineApplication(database)
+    try:
+        store = IdempotencyStore(app)
+        assert store.claim(ACTOR, "create", "fp-create").state == "claimed"
+        created = app.create_story(
+            name="n",
+            description="d",
+            acceptance_criteria=["a"],
+            actor=ACTOR,
+            idempotency=IdempotencyMark(ACTOR, "create"),
+        )
+        row = key_row(app, "create")
+        assert row["story_id"] == created.story.id
+        assert row["committed_position"] == created.position
+        assert row["status_code"] is None  # the answer is the API's second write
+
+        assert store.claim(ACTOR, "move", "fp-move").state == "claimed"
+        moved = app.transition(
+            created.story.id,
+            "start_coding",
+            actor=ACTOR,
+            idempotency=IdempotencyMark(ACTOR, "move"),
+        )
+        assert key_row(app, "move")["committed_position"] == moved.position
+
+        store.lease_secs = 0.0
+        claim = store.claim(ACTOR, "move", "fp-move")
+        assert (claim.state, claim.story_id, claim.position) == (
+            "committed",
+            created.story.id,
+            moved.position,
+        )
+    finally:
+        app.close()
+
+
+def test_a_save_that_loses_a_race_leaves_its_key_unmarked(database: Database) -> None:
+    setup = StorylineApplication(database)
+    sid = setup.create_story(
+        name="n", description="d", acceptance_criteria=["a"], actor=ACTOR
+    ).story.id
+    setup.close()
+    winner, loser = StorylineApplication(database), StorylineApplication(database)
+    try:
+        store = IdempotencyStore(winner)
+        for key in ("win", "lose"):
+            assert store.claim(ACTOR, key, f"fp-{key}").state == "claimed"
+        stale = loser.get_story(sid)  # version 1, read before the winner commits
+        winner.transition(
+            sid, "block", actor=ACTOR, reason="r", idempotency=IdempotencyMark(ACTOR, "win")
+        )
+        stale.block(actor=ACTOR, reason="r")
+        # The insert of version 2 fails on the winner's row: the same transaction's mark
+        # must be gone with it.
+        with pytest.raises(IntegrityError):
+            loser.save(stale, **{MARK_KWARG: IdempotencyMark(ACTOR, "lose")})
+        assert key_row(winner, "win")["committed_position"] is not None
+        assert key_row(winner, "lose")["committed_position"] is None
+        assert [e.type for e in winner.history(sid)] == ["StoryCreated", "StoryBlocked"]
+    finally:
+        winner.close()
+        loser.close()
