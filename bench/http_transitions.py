@@ -6,7 +6,8 @@ One run, one fresh PostgreSQL database, the same concurrency everywhere (``--cli
    of the event store's shape (one autocommit INSERT per transition);
 2. the application layer in-process: ``StorylineApplication.transition`` per command;
 3. HTTP: ``POST /stories/{id}/transitions`` against ``storyline serve`` (a separate process:
-   uvicorn, projections running as in production, no runners), keep-alive clients.
+   uvicorn, projections following as in production: in a child process on PostgreSQL; no
+   runners), keep-alive httpx clients (threads of this process).
 
 Each client drives its own stories through ``block``/``unblock`` with ``expected_version``
 (every command is a real, guarded transition that commits one event), moving to a fresh
@@ -323,7 +324,8 @@ def main() -> None:
     if http.cpu:
         per = {k: v / http.count * 1000 for k, v in http.cpu.items()}
         print(
-            f"CPU per HTTP transition: server {per['server']:.2f} ms (API, projections), "
+            f"CPU per HTTP transition: server {per['server']:.2f} ms (the API; projections follow "
+            "in a child process), "
             f"clients {per['clients']:.2f} ms"
         )
     load = os.getloadavg()
