@@ -106,6 +106,12 @@ class StorylineClient:
                 attempt += 1
                 time.sleep(0.2 * attempt)
                 continue
+            if response.status_code == 503 and attempt < self.retries:
+                # The server's database was busy or away: nothing was committed, and a
+                # write carries the same idempotency key, so sending it again is safe.
+                attempt += 1
+                time.sleep(0.2 * attempt)
+                continue
             if response.status_code >= 400:
                 raise ClientError.from_response(response)
             return response

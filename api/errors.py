@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from eventsourcing.persistence import OperationalError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -108,6 +109,18 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, message, headers=getattr(exc, "headers", None))
 
 
+async def _database_handler(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused or could not take the work now (unreachable, or on SQLite every
+    # writer slot busy past the pool's timeout): nothing was committed (a claimed
+    # idempotency key was released), so the same request may simply be sent again.
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    response = error_response(
+        503, "database_unavailable", "the database is unavailable or busy; retry shortly"
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
@@ -118,6 +131,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(OperationalError, _database_handler)
     app.add_exception_handler(Exception, _unexpected_handler)
 
 

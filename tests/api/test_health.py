@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any
 
 import pytest
+from eventsourcing.persistence import ConnectionUnavailableError
 
+from api.client import StorylineClient
 from tests.api.conftest import LiveServer, ServerFactory, assert_error
 
 
@@ -98,3 +100,36 @@ def test_components_follow_the_server_and_report_health(serve_api: ServerFactory
     assert live.client().get("/healthz").json()["status"] == "degraded"
     live.stop()
     assert component.calls == ["start", "stop", "stop"]
+
+
+def test_a_busy_or_unreachable_database_is_503_and_the_request_can_be_resent(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the library raises when it cannot get the database (the pool's writer slot
+    still busy after its timeout on SQLite, a lost connection): nothing was committed, so
+    the answer says to retry, and a retry with the same key runs the command."""
+    app = live.service.app
+    create = app.create_story
+    failures = [ConnectionUnavailableError("timed out waiting for a writer connection")]
+
+    def busy_once(**kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return create(**kwargs)
+
+    monkeypatch.setattr(app, "create_story", busy_once)
+    client = live.client()
+    body = {"name": "n", "acceptance_criteria": ["a"]}
+    busy = client.post("/stories", json=body, headers={"Idempotency-Key": "busy"})
+    assert_error(busy, 503, "database_unavailable")
+    assert busy.headers["retry-after"] == "1"
+    assert "writer connection" not in busy.text  # no internals
+    retried = client.post("/stories", json=body, headers={"Idempotency-Key": "busy"})
+    assert retried.status_code == 201
+    assert "idempotent-replayed" not in retried.headers  # it ran: the first never committed
+
+    # The Python client resends a 503 by itself, with the same key.
+    failures.append(ConnectionUnavailableError("timed out waiting for a writer connection"))
+    with StorylineClient(live.url) as storyline:
+        story = storyline.create_story(name="again", acceptance_criteria=["a"])
+    assert story["name"] == "again" and not failures
