@@ -9,10 +9,10 @@ The event and the answer are two transactions, but the first one also marks the 
 event store's insert writes the story id and the event's log position onto the key's row in
 the event's own transaction (:class:`IdempotencyMark`, passed through the library's
 ``save(**kwargs)`` to ``service.recorder``). A process killed between the commit and the
-answer therefore leaves a key that says "committed at position P": after ``lease_secs`` a
-retry gets ``Claim("committed")`` and rebuilds the first answer from the story as of P
-instead of running the command again. A key without the mark (the process died before
-the commit) is taken over and the command runs, as it never ran.
+answer therefore leaves a key that says "committed at position P": a retry gets
+``Claim("committed")`` and rebuilds the first answer from the story as of P instead of
+running the command again. A key without the mark (the process died before the commit)
+is taken over after ``lease_secs`` and the command runs, as it never ran.
 """
 
 from __future__ import annotations
@@ -135,15 +135,17 @@ class IdempotencyStore:
             return Claim("mismatch")
         if row["status_code"] is not None:
             return Claim("replay", int(row["status_code"]), orjson.loads(row["response_body"]))
-        if now - float(row["created_at"]) < self.lease_secs:
-            return Claim("in_progress")
         if row["committed_position"] is not None:
-            # The command committed; its process died before storing the answer.
+            # The command committed but its answer is not stored: its process died, or it is
+            # about to store it. Either way the answer can be rebuilt now (the same answer,
+            # whoever stores it first).
             return Claim(
                 "committed",
                 story_id=str(row["story_id"]),
                 position=int(row["committed_position"]),
             )
+        if now - float(row["created_at"]) < self.lease_secs:
+            return Claim("in_progress")
         # The first request's process died before answering: take the lease over, but only
         # if nobody else did in the meantime (compare-and-swap on created_at).
         taken = self._sql.write(
@@ -162,8 +164,11 @@ class IdempotencyStore:
 
     def release(self, actor: str, key: str) -> None:
         """Forget an unanswered claim (the command failed unexpectedly; a retry may run)."""
+        # A marked key stays: its command committed (the failure came after the commit, a
+        # lost connection say), and a retry must get that command's answer.
         self._sql.write(
-            f"DELETE FROM {TABLE} WHERE actor = ? AND idem_key = ? AND status_code IS NULL",
+            f"DELETE FROM {TABLE} WHERE actor = ? AND idem_key = ? AND status_code IS NULL "
+            "AND committed_position IS NULL",
             (actor, key),
         )
 

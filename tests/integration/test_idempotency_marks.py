@@ -56,13 +56,14 @@ def test_a_saved_command_marks_its_key_with_the_events_position(database: Databa
         )
         assert key_row(app, "move")["committed_position"] == moved.position
 
-        store.lease_secs = 0.0
-        claim = store.claim(ACTOR, "move", "fp-move")
+        claim = store.claim(ACTOR, "move", "fp-move")  # within the lease too
         assert (claim.state, claim.story_id, claim.position) == (
             "committed",
             created.story.id,
             moved.position,
         )
+        store.release(ACTOR, "move")  # a failure after the commit must not forget the mark
+        assert store.claim(ACTOR, "move", "fp-move").state == "committed"
     finally:
         app.close()
 
