@@ -140,11 +140,11 @@ def create_caught_up(url: str, name: str) -> str:
     return story_id
 
 
-def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
+def serve_with_follower_process(
     database: Database, tmp_path: Path
-) -> None:
+) -> tuple[subprocess.Popen[str], str]:
+    """``serve --projections process`` without runners on a free port: (process, url)."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     process = run_serve(
         "--project",
         str(tmp_path),
@@ -158,6 +158,13 @@ def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
         "--log-level",
         "warning",
     )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
+    database: Database, tmp_path: Path
+) -> None:
+    process, url = serve_with_follower_process(database, tmp_path)
     try:
         assert wait_until_up(process, url).status_code == 200
         first = follower_status(url)
@@ -186,21 +193,7 @@ def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
 def test_the_projection_child_stops_when_the_server_is_killed(
     database: Database, tmp_path: Path
 ) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = run_serve(
-        "--project",
-        str(tmp_path),
-        "--database-url",
-        database_url(database),
-        "--port",
-        str(port),
-        "--no-runners",
-        "--projections",
-        "process",
-        "--log-level",
-        "warning",
-    )
+    process, url = serve_with_follower_process(database, tmp_path)
     try:
         wait_until_up(process, url)
         child = int(follower_status(url)["pid"])  # type: ignore[call-overload]
