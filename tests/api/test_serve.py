@@ -47,7 +47,10 @@ def test_refuses_a_public_address_without_tokens(tmp_path: Path) -> None:
     assert "refusing to serve on '0.0.0.0' without API tokens" in err
 
 
-def test_serve_runs_api_and_projections(database: Database, tmp_path: Path) -> None:
+def serve_without_runners(
+    database: Database, tmp_path: Path, *options: str
+) -> tuple[subprocess.Popen[str], str]:
+    """``serve --no-runners`` (plus ``options``) on a free port: (process, url)."""
     port = free_port()
     process = run_serve(
         "--project",
@@ -59,18 +62,15 @@ def test_serve_runs_api_and_projections(database: Database, tmp_path: Path) -> N
         "--no-runners",
         "--log-level",
         "warning",
+        *options,
     )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_serve_runs_api_and_projections(database: Database, tmp_path: Path) -> None:
+    process, url = serve_without_runners(database, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health = httpx.get(f"{url}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.05)
+        health = wait_until_up(process, url)
         assert health.status_code == 200
         assert {p["name"] for p in health.json()["projections"]} >= {"board", "history"}
         created = httpx.post(
@@ -140,31 +140,10 @@ def create_caught_up(url: str, name: str) -> str:
     return story_id
 
 
-def serve_with_follower_process(
-    database: Database, tmp_path: Path
-) -> tuple[subprocess.Popen[str], str]:
-    """``serve --projections process`` without runners on a free port: (process, url)."""
-    port = free_port()
-    process = run_serve(
-        "--project",
-        str(tmp_path),
-        "--database-url",
-        database_url(database),
-        "--port",
-        str(port),
-        "--no-runners",
-        "--projections",
-        "process",
-        "--log-level",
-        "warning",
-    )
-    return process, f"http://127.0.0.1:{port}"
-
-
 def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
     database: Database, tmp_path: Path
 ) -> None:
-    process, url = serve_with_follower_process(database, tmp_path)
+    process, url = serve_without_runners(database, tmp_path, "--projections", "process")
     try:
         assert wait_until_up(process, url).status_code == 200
         first = follower_status(url)
@@ -193,7 +172,7 @@ def test_projections_in_a_child_process_are_restarted_and_stop_with_the_server(
 def test_the_projection_child_stops_when_the_server_is_killed(
     database: Database, tmp_path: Path
 ) -> None:
-    process, url = serve_with_follower_process(database, tmp_path)
+    process, url = serve_without_runners(database, tmp_path, "--projections", "process")
     try:
         wait_until_up(process, url)
         child = int(follower_status(url)["pid"])  # type: ignore[call-overload]
