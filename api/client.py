@@ -3,7 +3,9 @@
 Methods mirror the application layer and return the API's JSON. Every failure answer is
 raised as :class:`ClientError` carrying the server's error shape. Mutating calls always send
 an ``Idempotency-Key`` (a fresh one unless given) and retry a dropped connection with the
-same key, so a retry never applies a command twice.
+same key, so a retry never applies a command twice. A ``409 idempotency_key_in_use`` (an
+earlier attempt with the key is still running on the server, or its server died and the
+claim is not released yet) is sent again with back-off, a bounded number of times.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class StorylineClient:
         token: str | None = None,
         timeout: float = 30.0,
         retries: int = 2,
+        in_use_retries: int = 6,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         base = url or os.environ.get(URL_ENV)
@@ -64,6 +67,7 @@ class StorylineClient:
             headers["Authorization"] = f"Bearer {token}"
         self.base_url = base.rstrip("/")
         self.retries = retries
+        self.in_use_retries = in_use_retries
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
@@ -94,6 +98,7 @@ class StorylineClient:
             headers["Idempotency-Key"] = idempotency_key or uuid.uuid4().hex
         query = {k: v for k, v in (params or {}).items() if v is not None}
         attempt = 0
+        in_use = 0
         while True:
             try:
                 response = self._http.request(
@@ -112,6 +117,15 @@ class StorylineClient:
                 attempt += 1
                 time.sleep(0.2 * attempt)
                 continue
+            if response.status_code == 409 and mutating and in_use < self.in_use_retries:
+                error = ClientError.from_response(response)
+                if error.code == "idempotency_key_in_use":
+                    # The server already waited a few seconds for the first attempt; the key
+                    # is freed when that attempt answers or its owner is found gone.
+                    in_use += 1
+                    time.sleep(min(0.25 * 2 ** (in_use - 1), 2.0))
+                    continue
+                raise error
             if response.status_code >= 400:
                 raise ClientError.from_response(response)
             return response

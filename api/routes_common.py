@@ -218,11 +218,11 @@ def run_command(
                 {"idempotency_key": key},
             )
         time.sleep(0.02)
-    mark = IdempotencyMark(actor, key)
+    mark = IdempotencyMark(actor, key, claim.owner)
     try:
         status, body = _guarded(lambda: command(mark))
     except BaseException:
-        store.release(actor, key)
+        store.release(actor, key, claim.owner)
         raise
     try:
         store.complete(actor, key, status, body)
