@@ -159,6 +159,22 @@ def make_app(
     return app, read_models
 
 
+def stoppable_server(config: Any, app: Any) -> Any:
+    """A uvicorn server that ends the app's event streams as soon as it is asked to stop.
+
+    uvicorn waits for open requests before the lifespan shutdown runs, and an event
+    stream never ends by itself: each connected client (a board, ``storyline watch``)
+    would hold a SIGTERM for the whole graceful-shutdown timeout."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.storyline.notifier.close()
+            super().handle_exit(sig, frame)
+
+    return _Server(config)
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -196,7 +212,10 @@ def serve(
     ] = "auto",
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Run the HTTP API with the projections (and, later, the runners) in this process."""
+    """Serve the HTTP API with the projections and the runners (agents, gates, merges).
+
+    Stops on SIGTERM or Ctrl-C: open event streams end at once, running agents are stopped
+    (their exits recorded) and a gate or merge command in progress is waited for."""
     import uvicorn
 
     if projections not in ("auto", "thread", "process"):
@@ -235,7 +254,7 @@ def serve(
         )
         sys.setswitchinterval(SWITCH_INTERVAL)
         try:
-            server = uvicorn.Server(
+            server = stoppable_server(
                 uvicorn.Config(
                     app,
                     host=bind,
@@ -243,7 +262,8 @@ def serve(
                     log_level=log_level,
                     server_header=False,
                     timeout_graceful_shutdown=5,
-                )
+                ),
+                app,
             )
             # uvicorn re-raises the Ctrl-C it handled; the shutdown was already graceful.
             with contextlib.suppress(KeyboardInterrupt):

@@ -38,12 +38,21 @@ class CommitNotifier:
     def __init__(self, app: StorylineApplication) -> None:
         self._lock = threading.Lock()
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.closed = False
         app.add_commit_listener(self._on_commit)
 
     @property
     def subscriber_count(self) -> int:
         with self._lock:
             return len(self._waiters)
+
+    def close(self) -> None:
+        """End every open stream now (the server is shutting down).
+
+        A stream is a request that never finishes by itself: without this, the server
+        would wait out its graceful-shutdown timeout for each connected client."""
+        self.closed = True
+        self._on_commit(0)
 
     def _on_commit(self, position: int) -> None:
         with self._lock:
@@ -179,7 +188,7 @@ async def event_stream(
     with notifier.subscribe() as wake:
         yield b"retry: %d\n\n" % settings.retry_ms
         last_sent = time.monotonic()
-        while True:
+        while not notifier.closed:
             wake.clear()
             events = await run_in_threadpool(reader.read, position, settings.batch)
             if events:

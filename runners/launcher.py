@@ -97,6 +97,15 @@ class AgentLauncher:
         with self._lock:
             return sum(1 for h in self._handles.values() if h.role is role)
 
+    def describe(self) -> list[str]:
+        """One phrase per running agent, for a person waiting on a shutdown."""
+        with self._lock:
+            handles = list(self._handles.values())
+        return [
+            f"story {h.story_id} ({h.role.value}, attempt {h.attempt}, pid {h.running.pid})"
+            for h in handles
+        ]
+
     def stories(self, role: AgentRole) -> list[str]:
         with self._lock:
             return [sid for sid, h in self._handles.items() if h.role is role]

@@ -22,6 +22,7 @@ from runners.coder import CoderReactions
 from runners.index import StoryIndex
 from runners.launcher import AgentLauncher
 from runners.lease import Lease
+from runners.merger import MergeReactions
 from service.agent_tokens import AgentTokens
 from service.container import Service
 
@@ -97,20 +98,14 @@ class Supervisor:
         self.coder = CoderReactions(
             self.app, self.config, service.project, self.index, self.launcher
         )
-        self.merger: object | None = None
-        try:
-            from runners.merger import MergeReactions
-        except ModuleNotFoundError:
-            self.merger = None
-        else:
-            self.merger = MergeReactions(
-                self.app,
-                self.config,
-                service.project,
-                self.index,
-                self.launcher,
-                on_slot_freed=lambda: self.slot_freed(Stage.MERGE.value),
-            )
+        self.merger = MergeReactions(
+            self.app,
+            self.config,
+            service.project,
+            self.index,
+            self.launcher,
+            on_slot_freed=lambda: self.slot_freed(Stage.MERGE.value),
+        )
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runner")
         self._wake = threading.Condition()
         self._woken = False
@@ -143,6 +138,19 @@ class Supervisor:
     def stop(self, kill_agents: bool = True) -> None:
         self._stop.set()
         self.wake()
+        with self._busy_lock:
+            busy = sorted(self._busy)
+        if busy:
+            logger.warning(
+                "shutting down: waiting for the step in progress on %s "
+                "(a gate or merge command finishes first)",
+                ", ".join(f"story {sid}" for sid in busy),
+            )
+        agents = self.launcher.describe() if kill_agents else []
+        if agents:
+            logger.warning(
+                "shutting down: stopping %d agent(s): %s", len(agents), "; ".join(agents)
+            )
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self._listener is not None:
@@ -273,9 +281,7 @@ class Supervisor:
                 return True
             return False
         if stage in (Stage.MERGE, Stage.MERGE_FAILURE):
-            if self.merger is not None:
-                return bool(self.merger.step(story))  # type: ignore[attr-defined]
-            return False
+            return self.merger.step(story)
         # blocked, done, archived: nothing may keep running for it.
         if self.launcher.running(story_id) is not None:
             self.launcher.stop(story_id, f"the story is {stage.value}")
@@ -285,8 +291,7 @@ class Supervisor:
             return True
         if stage in (Stage.DONE, Stage.ARCHIVED):
             self.coder.cleanup(story)
-            if self.merger is not None:
-                self.merger.cleanup(story)  # type: ignore[attr-defined]
+            self.merger.cleanup(story)
         return False
 
     def _listen(self) -> None:
@@ -363,8 +368,8 @@ class Supervisor:
 
     def _agent_exited(self, story_id: str, role: AgentRole, _result: AgentResult | None) -> None:
         # A freed slot may let another story go: look at every story waiting for one.
-        if self.merger is not None and role is AgentRole.MERGEMASTER:
-            self.merger.note_mergemaster_exit(story_id)  # type: ignore[attr-defined]
+        if role is AgentRole.MERGEMASTER:
+            self.merger.note_mergemaster_exit(story_id)
         waiting = (
             (Stage.CODING.value,)
             if role is AgentRole.CODER
