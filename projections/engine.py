@@ -10,13 +10,14 @@ rows and tracking position are lost together, so the events are simply applied a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
 from psycopg.types.json import Jsonb, set_json_dumps
-from sqlalchemy import JSON, Connection, Engine, Table, create_engine, event, tuple_
+from sqlalchemy import JSON, Connection, Engine, String, Table, create_engine, event, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -52,8 +53,27 @@ COPY_THRESHOLD = 100
 """Below this many rows a pipelined INSERT is cheaper than COPY's extra round trips."""
 
 
+NUL_REPLACEMENT = "\ufffd"
+"""What a read model stores for U+0000, which PostgreSQL text and jsonb cannot hold.
+
+The event keeps the NUL (the log is JSON bytes); every text and JSON value a projection
+writes goes through :func:`without_nul` or :func:`_json_dumps`, on both dialects, so the
+same log gives the same rows on SQLite and PostgreSQL and a rebuild equals the live rows."""
+
+# A JSON \u0000 escape, not preceded by an odd number of backslashes (then it would be the
+# text "\u0000" after an escaped backslash). The SQL of HistoryProjection does the same.
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def without_nul(text: str) -> str:
+    return text.replace("\x00", NUL_REPLACEMENT) if "\x00" in text else text
+
+
 def _json_dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    dumped = orjson.dumps(value).decode()
+    if "\\u0000" in dumped:  # orjson always escapes U+0000 so (it is a control character)
+        dumped = _JSON_NUL.sub(lambda m: m.group(1) + NUL_REPLACEMENT, dumped)
+    return dumped
 
 
 def _postgres_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -138,11 +158,13 @@ class BulkWriter:
         self._json_columns: dict[str, list[int]] = {}
         self._copy_types: dict[str, list[str]] = {}
         self._sqlite_upserts: dict[str, Any] = {}
+        self._text_columns: dict[str, list[int]] = {}
 
     def insert(self, conn: Connection, table: Table, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert rows whose keys are not in the table."""
         if not rows:
             return
+        rows = self._without_nul(table, rows)
         if not self.postgres:
             conn.execute(table.insert(), self._dicts(table, rows))
         elif len(rows) >= COPY_THRESHOLD:
@@ -160,6 +182,7 @@ class BulkWriter:
         """Write rows that replace any row with the same key (``stored_keys`` may exist)."""
         if not rows:
             return
+        rows = self._without_nul(table, rows)
         if not stored_keys:
             self.insert(conn, table, rows)
         elif self.postgres and len(rows) >= COPY_THRESHOLD:
@@ -171,6 +194,42 @@ class BulkWriter:
             conn.execute(self._sqlite_upsert(table), self._dicts(table, rows))
 
     # ------------------------------------------------------------------ helpers
+
+    def _without_nul(
+        self, table: Table, rows: Sequence[tuple[Any, ...]]
+    ) -> Sequence[tuple[Any, ...]]:
+        """The rows with NUL replaced in every text column (see :data:`NUL_REPLACEMENT`).
+
+        Every text column of every table, so a column added later is covered too. A row
+        is copied only when it holds a NUL; otherwise this costs one ``in`` per value.
+        """
+        indexes = self._text_columns.get(table.name)
+        if indexes is None:
+            indexes = [
+                i
+                for i, c in enumerate(table.columns)
+                if isinstance(getattr(c.type, "impl", c.type), String)
+            ]
+            self._text_columns[table.name] = indexes
+        cleaned: list[tuple[Any, ...]] | None = None
+        for n, row in enumerate(rows):
+            for i in indexes:
+                value = row[i]
+                if value is not None and "\x00" in value:
+                    break
+            else:
+                if cleaned is not None:
+                    cleaned.append(row)
+                continue
+            if cleaned is None:
+                cleaned = list(rows[:n])
+            cleaned.append(
+                tuple(
+                    without_nul(v) if i in indexes and v is not None else v
+                    for i, v in enumerate(row)
+                )
+            )
+        return rows if cleaned is None else cleaned
 
     def _dicts(self, table: Table, rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
         names = [c.name for c in table.columns]

@@ -43,7 +43,7 @@ from sqlalchemy import Column, Connection, MetaData, Table, exc, select, update
 
 from projections import tables as t
 from projections.definitions import LIVE_TABLES, Projection, build, select_names
-from projections.engine import BulkWriter, create_projection_engine, write_transaction
+from projections.engine import BulkWriter, create_projection_engine, without_nul, write_transaction
 from projections.log import Batch, EventReader
 from service.application import events_table
 from service.settings import Database
@@ -139,7 +139,7 @@ def _describe(error: BaseException) -> str:
     # SQLAlchemy's own message repeats the statement and its parameters (event data, maybe
     # large): the driver's message is what an operator needs.
     original = getattr(error, "orig", None)
-    text = f"{type(original or error).__name__}: {original or error}"
+    text = without_nul(f"{type(original or error).__name__}: {original or error}")
     return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
 
 
