@@ -15,15 +15,33 @@ and NOTIFY, same errors; only how the two statements of a command reach the serv
 It also marks idempotency keys: a save that carries an :class:`IdempotencyMark` writes the
 story and the event's log position onto the key's row in the insert's own transaction
 (see ``service.idempotency``). The SQLite recorder below does the same.
+
+And it resolves ambiguous commits. Inserts are retried when the connection fails, but a
+connection can fail after PostgreSQL committed and before its answer reached us (a restart,
+a failover, a proxy): the retry then violates the (story, version) key with our own event.
+Treating that as a lost race ran the command twice (a second story for an automatic id) or
+answered a conflict for the command's own event. So after a failed attempt, a key
+violation reads the rows back: identical topic and state bytes (the state holds the
+event's microsecond timestamp, actor and reason) mean the first attempt committed, and its
+log positions are the insert's result; anything else is a genuine race, raised as before.
+Only the failure path pays for this; SQLite has no reply to lose.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from eventsourcing.utils import retry
@@ -35,6 +53,17 @@ from service.idempotency import MARK_KWARG, MARK_SQL, IdempotencyMark, mark_para
 
 SelectKey = tuple[bool, bool, bool, bool]
 _PG_MARK_SQL = MARK_SQL.replace("?", "%s")
+
+INSERT_ATTEMPTS = 10
+"""Attempts per insert when the connection fails (the library's own retry budget)."""
+INSERT_RETRY_WAIT = 0.2
+
+_RETRYABLE = (InterfaceError, OperationalError)
+
+# The library's insert without its retry decorator: one attempt, for our own retry loop.
+_library_insert_once: Callable[..., Sequence[int] | None] = (
+    PostgresApplicationRecorder.insert_events.__wrapped__  # type: ignore[attr-defined]
+)
 
 
 class StorylinePostgresRecorder(PostgresApplicationRecorder):
@@ -49,6 +78,17 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
             function=Identifier(self.pg_function_name_insert_events),
             type=Identifier(self.stored_event_type_name),
         )
+        self._read_back_query = SQL(
+            "SELECT t.originator_id, t.originator_version, t.topic, t.state, t.notification_id"
+            " FROM {schema}.{table} AS t"
+            " JOIN unnest(%s::{id_type}[], %s::bigint[]) AS k(originator_id, originator_version)"
+            " ON t.originator_id = k.originator_id"
+            " AND t.originator_version = k.originator_version"
+        ).format(
+            schema=Identifier(self.datastore.schema),
+            table=Identifier(self.events_table_name),
+            id_type=Identifier(self.datastore.originator_id_type),
+        )
         self._rendered: dict[object, str] = {}
 
     def _render(self, key: object, query: Callable[[], Composable], conn: Connection[Any]) -> str:
@@ -61,17 +101,78 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
+        if not stored_events:
+            return super().insert_events(stored_events, **kwargs)
         mark: IdempotencyMark | None = kwargs.get(MARK_KWARG)
-        if self.datastore.enable_db_functions and stored_events:
-            if mark is not None:
-                return self._insert_marked(stored_events, mark)
-            if len(stored_events) == 1:
-                return self._insert_one(stored_events[0])
-        # Without DB functions the library inserts in its own transaction and hands the
-        # ids to _fetch_ids_after_insert_events below, which marks the key there.
-        return super().insert_events(stored_events, **kwargs)
+        attempt: Callable[[], Sequence[int] | None]
+        if not self.datastore.enable_db_functions:
+            # The library inserts in its own transaction and hands the ids to
+            # _fetch_ids_after_insert_events below, which marks the key there.
+            attempt = partial(_library_insert_once, self, stored_events, **kwargs)
+        elif mark is not None:
+            attempt = partial(self._insert_marked, stored_events, mark)
+        elif len(stored_events) == 1:
+            attempt = partial(self._insert_one, stored_events[0])
+        else:
+            attempt = partial(self._insert_many, stored_events)
+        return self._insert_resolving(stored_events, attempt)
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _insert_resolving(
+        self,
+        stored_events: Sequence[StoredEvent],
+        attempt: Callable[[], Sequence[int] | None],
+    ) -> Sequence[int] | None:
+        """Run ``attempt`` until it succeeds, retrying a failed connection; a key violation
+        after a failed attempt is resolved by reading the rows back (see the module doc)."""
+        failures = 0
+        ambiguous = False
+        while True:
+            try:
+                try:
+                    return attempt()
+                except IntegrityError:
+                    if not ambiguous:
+                        raise
+                    ids = self._ids_if_ours(stored_events)
+                    if ids is None:
+                        raise
+                    return ids
+            except _RETRYABLE as exc:
+                # Whether the statement reached the server is unknown: from now on a key
+                # violation may be our own commit.
+                ambiguous = True
+                failures += 1
+                if failures >= INSERT_ATTEMPTS:
+                    # Unknown whether it committed: an OperationalError is what the API
+                    # answers as 503, and a resend with the same key resolves it.
+                    if isinstance(exc, OperationalError):
+                        raise
+                    raise OperationalError(str(exc)) from exc
+                time.sleep(INSERT_RETRY_WAIT * (1 + 0.1 * (random.random() - 0.5)))
+
+    def _ids_if_ours(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:
+        """The log positions of ``stored_events`` if the store holds exactly these events
+        (same topic and state bytes at each key), else None."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                self._render("read_back", lambda: self._read_back_query, conn),
+                (
+                    [str(e.originator_id) for e in stored_events],
+                    [e.originator_version for e in stored_events],
+                ),
+            )
+            rows = {
+                (str(row["originator_id"]), int(row["originator_version"])): row
+                for row in curs.fetchall()
+            }
+        ids: list[int] = []
+        for event in stored_events:
+            row = rows.get((str(event.originator_id), event.originator_version))
+            if row is None or row["topic"] != event.topic or bytes(row["state"]) != event.state:
+                return None
+            ids.append(int(row["notification_id"]))
+        return ids
+
     def _insert_marked(
         self, stored_events: Sequence[StoredEvent], mark: IdempotencyMark
     ) -> Sequence[int]:
@@ -84,16 +185,9 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
                     prepare=True,
                 )
             else:
-                composites = [
-                    self.construct_pg_stored_event(
-                        originator_id=e.originator_id,
-                        originator_version=e.originator_version,
-                        topic=e.topic,
-                        state=e.state,
-                    )
-                    for e in stored_events
-                ]
-                curs.execute(self.sql_invoke_pg_function_insert_events, (composites,))
+                curs.execute(
+                    self.sql_invoke_pg_function_insert_events, (self._composites(stored_events),)
+                )
             ids = [row[self.pg_function_name_insert_events] for row in curs.fetchall()]
             self._mark(curs, mark, stored_events, ids)
         return ids
@@ -117,7 +211,6 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
         params = mark_params(mark, str(stored_events[-1].originator_id), max(ids))
         curs.execute(_PG_MARK_SQL, params)
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def _insert_one(self, event: StoredEvent) -> Sequence[int]:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(
@@ -126,6 +219,26 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
                 prepare=True,
             )
             return [row[self.pg_function_name_insert_events] for row in curs.fetchall()]
+
+    def _insert_many(self, stored_events: Sequence[StoredEvent]) -> Sequence[int]:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                self.sql_invoke_pg_function_insert_events,
+                (self._composites(stored_events),),
+                prepare=True,
+            )
+            return [row[self.pg_function_name_insert_events] for row in curs.fetchall()]
+
+    def _composites(self, stored_events: Sequence[StoredEvent]) -> list[Any]:
+        return [
+            self.construct_pg_stored_event(
+                originator_id=e.originator_id,
+                originator_version=e.originator_version,
+                topic=e.topic,
+                state=e.state,
+            )
+            for e in stored_events
+        ]
 
     def _select_query(self, key: SelectKey) -> Composable:
         has_gt, has_lte, desc, has_limit = key
