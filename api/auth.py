@@ -40,8 +40,8 @@ OPERATOR_EVENTS = frozenset(
 )
 """Transitions that override the pipeline: admin only."""
 
-AGENT_EVENTS = frozenset({"merge_resolved", "merge_gave_up"})
-"""The verdicts a mergemaster reports about its own story."""
+AGENT_EVENTS = frozenset({"merge_resolved", "merge_gave_up", "add_note"})
+"""The verdicts a mergemaster reports about its own story, and notes on it."""
 
 _ACTOR = re.compile(r"^[a-z]+:[A-Za-z0-9_.@-]+$")
 _RANKS = {"read": 1, "write": 2, "admin": 3}

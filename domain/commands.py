@@ -192,6 +192,7 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     "unblock": _spec(NoData, lambda s, a, r, d, p, deps: s.unblock(actor=a, reason=r)),
     "demote": _spec(NoData, lambda s, a, r, d, p, deps: s.demote(actor=a, reason=r)),
     "archive": _spec(NoData, lambda s, a, r, d, p, deps: s.archive(actor=a, reason=r)),
+    "add_note": _spec(NoData, lambda s, a, r, d, p, deps: s.add_note(actor=a, text=r)),
 }
 
 assert set(COMMANDS) == set(EVENT_NAMES), "every transition needs a command handler"

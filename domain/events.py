@@ -44,6 +44,7 @@ class StoryEvent(BaseModel, CanMutateAggregate[str]):
         if self.to_stage is not None:
             story.stage = self.to_stage
         story.last_event = type(self).__name__
+        story.state_version = self.originator_version
         self.apply_to(story)
 
     def apply_to(self, story: Story) -> None:
@@ -335,6 +336,22 @@ class StoryArchived(StoryEvent):
     abandoned: bool = False
 
 
+class NoteAdded(StoryEvent):
+    """A remark on the story by a person or an agent, legal in every stage.
+
+    The text is the event's ``reason`` (the free text every event carries), so every view
+    that shows reasons shows notes. A note is not a step of the state machine: it leaves
+    ``last_event`` (the runners decide their next step from it) and ``state_version`` alone,
+    so a command whose expected version is stale only by notes still applies.
+    """
+
+    TOPIC: ClassVar[str] = "storyline.NoteAdded.v1"
+
+    def apply(self, aggregate: Any) -> None:
+        story: Story = aggregate
+        story.notes += 1
+
+
 EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     StoryCreated,
     CodingStarted,
@@ -356,6 +373,7 @@ EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     StoryUnblocked,
     StoryDemoted,
     StoryArchived,
+    NoteAdded,
 )
 
 EVENTS_BY_NAME: dict[str, type[StoryEvent]] = {cls.__name__: cls for cls in EVENT_CLASSES}

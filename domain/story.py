@@ -29,6 +29,7 @@ from domain.events import (
     MergeRequeued,
     MergeStarted,
     MergeSucceeded,
+    NoteAdded,
     StoryArchived,
     StoryBlocked,
     StoryCreated,
@@ -116,6 +117,9 @@ class Story(BaseAggregate[str]):
         self.conflicts: list[str] = []
         self.blocked_from: Stage | None = None
         self.blocked_reason: str | None = None
+        self.notes = 0
+        self.state_version = 0
+        """The version of the last event that was not a note (see ``NoteAdded``)."""
 
     # ------------------------------------------------------------------ creation
 
@@ -495,6 +499,20 @@ class Story(BaseAggregate[str]):
         self._move(
             StoryArchived, actor=actor, to_stage=Stage.ARCHIVED, reason=reason, abandoned=abandoned
         )
+
+    # ------------------------------------------------------------------ notes
+
+    def add_note(self, *, actor: str, text: str | None) -> None:
+        if text is None or not text.strip():
+            raise InvalidCommand("a note needs text (sent as the event's reason)")
+        text = _clean_text(text, "note", max_len=10_000, allow_newlines=True)
+        self.trigger_event(
+            NoteAdded, actor=actor, reason=text, from_stage=self.stage, to_stage=self.stage
+        )
+
+    def accepts_expected_version(self, expected: int) -> bool:
+        """True when only notes were added since ``expected``: nothing a guard reads changed."""
+        return self.state_version <= expected <= self.version
 
     # ------------------------------------------------------------------ views
 

@@ -33,6 +33,8 @@ TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     "unblock": ("StoryUnblocked", (Stage.BLOCKED,)),
     "demote": ("StoryDemoted", (Stage.CODING, Stage.GATES, Stage.MERGE, Stage.BLOCKED)),
     "archive": ("StoryArchived", (Stage.DONE, Stage.BACKLOG, Stage.BLOCKED)),
+    # Not a move: a note (its text is the reason) may be added to a story in any stage.
+    "add_note": ("NoteAdded", tuple(Stage)),
 }
 
 EVENT_NAMES: tuple[str, ...] = tuple(TRANSITIONS)

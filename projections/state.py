@@ -303,6 +303,13 @@ def apply_story_event(state: StoryState | None, event: LoggedEvent) -> StoryStat
         state = StoryState(event.story_id, created_at=event.timestamp)
     # As in StoryEvent.apply: the stage moves first, then the event-specific change, which
     # may look at the new stage (AgentExited counts a transient mergemaster exit that way).
+    if event.type == "NoteAdded":
+        # As NoteAdded.apply: a note is not a step, so the board keeps the last step's event,
+        # actor and reason (the note itself is in the history).
+        state.version = event.version
+        state.position = event.position
+        state.last_change = event.timestamp
+        return state
     if event.to_stage is not None:
         state.stage = event.to_stage
     state.last_event = event.type

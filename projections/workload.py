@@ -140,6 +140,9 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
         ]
     elif stage is Stage.DONE:
         options = [(("archive", {}, None), 100)]
+    if stage is not Stage.ARCHIVED:
+        # Now and then a note: legal in every stage, never a step.
+        options.append((("add_note", {}, f"a note at {stage.value}"), 2))
     if running is not None and stage not in (Stage.CODING, Stage.MERGE_FAILURE):
         # An agent outliving its stage (blocked, demoted, resolved) still exits.
         options.append((_exit(rng, running["role"], running["attempt"]), 50))

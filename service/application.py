@@ -174,6 +174,17 @@ class _Stale(Exception):
     """The remembered state may be behind the store: decide on the store's state."""
 
 
+class _OnlyNotesMeanwhile(Exception):
+    """Another writer added only notes before this command saved: it runs again on ``story``
+    (a note changes nothing a guard reads, so it must not fail a runner's command)."""
+
+    def __init__(self, story: Story) -> None:
+        self.story = story
+
+
+_NOTE_RETRIES = 5
+
+
 @dataclass(frozen=True)
 class Committed:
     """The result of a command: the story after it and the log position of its event."""
@@ -324,7 +335,15 @@ class StorylineApplication(Application[str]):
             except _Stale:
                 self._recent.forget(story_id)
         story = self.get_story(story_id)
-        return self._apply(story, event, actor, expected_version, reason, data, marked, fresh=True)
+        for _ in range(_NOTE_RETRIES):
+            try:
+                return self._apply(
+                    story, event, actor, expected_version, reason, data, marked, fresh=True
+                )
+            except _OnlyNotesMeanwhile as meanwhile:
+                story = meanwhile.story
+        expected = expected_version if expected_version is not None else story.version
+        raise VersionConflict(story_id, expected, story.version)
 
     def _apply(
         self,
@@ -341,7 +360,7 @@ class StorylineApplication(Application[str]):
         """Guard and save on ``story``; unless ``fresh`` (just read from the store), every
         refusal is only provisional (``_Stale``) and is decided again on the store's state."""
         story_id = story.id
-        if expected_version is not None and story.version != expected_version:
+        if expected_version is not None and not story.accepts_expected_version(expected_version):
             if not fresh:
                 raise _Stale
             raise VersionConflict(story_id, expected_version, story.version)
@@ -368,12 +387,11 @@ class StorylineApplication(Application[str]):
         except IntegrityError:
             if not fresh:
                 raise _Stale from None
-            current = self._current_version(story_id)
-            raise VersionConflict(
-                story_id,
-                expected_version if expected_version is not None else loaded_version,
-                current,
-            ) from None
+            expected = expected_version if expected_version is not None else loaded_version
+            current = self.get_story(story_id)
+            if current.accepts_expected_version(expected):
+                raise _OnlyNotesMeanwhile(current) from None
+            raise VersionConflict(story_id, expected, current.version) from None
         position = recordings[-1].notification.id
         self._recent.put(story)
         self._committed(position)
@@ -467,13 +485,6 @@ class StorylineApplication(Application[str]):
             (story_id,),
         )
         return bool(rows)
-
-    def _current_version(self, story_id: str) -> int:
-        rows = self._fetch(
-            f"SELECT MAX(originator_version) AS v FROM {self._events} WHERE originator_id = ?",
-            (story_id,),
-        )
-        return int(rows[0]["v"] or 0) if rows else 0
 
     def _stage_of(self, story_id: str) -> Stage | None:
         try:

@@ -41,7 +41,7 @@ def test_create_then_read(live: LiveServer) -> None:
     assert created["version"] == 1
     assert created["position"] >= 1
     assert created["epic"] == "hardening"
-    assert created["legal_events"] == ["start_coding", "block", "archive"]
+    assert created["legal_events"] == ["start_coding", "block", "archive", "add_note"]
 
     named = new_story(client, id="story-a", depends_on=[created["id"]])
     assert named["id"] == "story-a"

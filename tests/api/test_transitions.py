@@ -102,12 +102,13 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     done = d.send("merge_succeeded", merge_commit="f00dfeed", base_branch="main")
     assert (done["stage"], done["merge_commit"]) == ("done", "f00dfeed")
     assert d.send("archive")["stage"] == "archived"
+    assert d.send("add_note", reason="archived: kept for the record")["stage"] == "archived"
 
     assert set(d.sent) == set(EVENT_NAMES)
     history = client.get(f"/stories/{d.story['id']}/history").json()["events"]
     assert len(history) == len(d.sent) + 1
     assert all(e["actor"] == "user:local" for e in history)
-    assert history[-1]["type"] == "StoryArchived"
+    assert history[-1]["type"] == "NoteAdded"
 
 
 def test_refusals_change_nothing(live: LiveServer) -> None:
@@ -125,7 +126,7 @@ def test_refusals_change_nothing(live: LiveServer) -> None:
         "illegal_transition",
     )
     assert details["stage"] == "backlog"
-    assert details["legal_events"] == ["start_coding", "block", "archive"]
+    assert details["legal_events"] == ["start_coding", "block", "archive", "add_note"]
 
     details = assert_error(
         client.post(url, json={"event": "start_coding", "expected_version": 7}),
