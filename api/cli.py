@@ -34,7 +34,11 @@ main_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="Create, migrate and inspect the database schema (PostgreSQL needs `db upgrade` once; "
+    "SQLite migrates itself).",
+    no_args_is_help=True,
+)
 story_app = typer.Typer(help="Create, inspect and move stories.", no_args_is_help=True)
 main_app.add_typer(db_app, name="db")
 main_app.add_typer(story_app, name="story")
@@ -345,7 +349,8 @@ def story_move(
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply a transition to a story."""
+    """Apply a named transition (start_coding, block, unblock, ...) to a story; a refusal
+    names the transitions legal from its stage."""
     payload: dict[str, Any] = {}
     if data is not None:
         try:
@@ -427,9 +432,21 @@ def demo(
         bool, typer.Option("--prepare", help="Only write the demo project (for --url).")
     ] = False,
     database_url: DbOpt = None,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate",
+            help="On PostgreSQL, create the schema first (as `storyline db upgrade` does); "
+            "SQLite migrates itself.",
+        ),
+    ] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 120.0,
 ) -> None:
-    """Run six stories through the whole pipeline on a throwaway project."""
+    """Run six stories through the whole pipeline on a throwaway project.
+
+    Starts the real service in this process (API, projections, runners with a scripted
+    coding agent) on the embedded SQLite default, or on $STORYLINE_DATABASE_URL (an empty
+    database; add --migrate for a new PostgreSQL one)."""
     from api import demo as demo_mod
 
     if url is not None:
@@ -452,7 +469,12 @@ def demo(
     out.print(f"demo project: {target}", markup=False)
     try:
         result = demo_mod.run_demo(
-            project=target, url=url, database_url=database_url, console=out, timeout=timeout
+            project=target,
+            url=url,
+            database_url=database_url,
+            console=out,
+            timeout=timeout,
+            migrate=migrate,
         )
     except (demo_mod.DemoError, ClientError, ConfigError, SettingsError) as exc:
         fail(f"demo failed: {exc} (project left at {target})", 1)
@@ -472,10 +494,16 @@ def runner(
     database_url: DbOpt = None,
     api_url: Annotated[
         str | None,
-        typer.Option("--api-url", help="URL of a storyline server, given to agents."),
+        typer.Option(
+            "--api-url",
+            help="URL of the storyline API the spawned agents report to ($STORYLINE_URL).",
+        ),
     ] = None,
 ) -> None:
-    """Run the runners alone (for PostgreSQL deployments with several processes)."""
+    """Run the runners without the API: worktrees, coding agents, gates, merges.
+
+    For deployments with several processes on PostgreSQL, beside `serve --no-runners`; a
+    lease in the database lets one runner process act at a time."""
     from runners.__main__ import main as runner_main
 
     argv: list[str] = []

@@ -231,6 +231,40 @@ def replay_check(project: Path, database_url: str | None) -> bool:
     return not any(differences.values())
 
 
+def prepare_database(project: Path, database_url: str | None, *, migrate: bool) -> None:
+    """Make the demo's database ready, or say in one line why it is not.
+
+    SQLite migrates itself. On PostgreSQL processes never create tables by themselves, but
+    the demo owns its data: ``migrate`` creates or upgrades the schema as ``storyline db
+    upgrade`` does. The scenario's story ids are fixed, so the database must hold none yet.
+    """
+    from service import migrations
+    from service.settings import resolve_database
+
+    db = resolve_database(project, database_url)
+    if db.kind == "sqlite":
+        return
+    if migrate:
+        migrations.upgrade(db)
+    elif migrations.current_revision(db) != migrations.head_revision():
+        raise DemoError(
+            f"the database {db.display} has no storyline schema (or an old one): run the demo "
+            "with --migrate, or `storyline db upgrade` first"
+        )
+    from service.application import StorylineApplication
+
+    app = StorylineApplication(db, pool_size=1)
+    try:
+        held = len(app.story_ids())
+    finally:
+        app.close()
+    if held:
+        raise DemoError(
+            f"the demo needs an empty database, and {db.display} already holds {held} "
+            "stories: point STORYLINE_DATABASE_URL at a new database"
+        )
+
+
 def run_demo(
     *,
     project: Path,
@@ -238,6 +272,7 @@ def run_demo(
     database_url: str | None,
     console: Console,
     timeout: float = 120.0,
+    migrate: bool = False,
 ) -> DemoResult:
     started = time.monotonic()
 
@@ -246,6 +281,7 @@ def run_demo(
         return watch(client, console, timeout)
 
     if url is None:
+        prepare_database(project, database_url, migrate=migrate)
         with local_server(project, database_url) as (server_url, _service):
             client = StorylineClient(server_url)
             try:

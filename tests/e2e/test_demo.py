@@ -164,3 +164,40 @@ def test_demo_against_a_separate_server(tmp_path: Path, pg_database: Database) -
         "banner-fr": "done",
         "divide": "blocked",
     }
+
+
+def test_the_readme_postgresql_demo_line_works_on_an_empty_database(tmp_path: Path) -> None:
+    """The README's PostgreSQL line, as written, on a database with no schema at all."""
+    import re
+
+    from tests.conftest import create_pg_database, drop_pg_database
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"`STORYLINE_DATABASE_URL=postgresql://… (\./storyline demo[^`]*)`", readme)
+    assert found, "the README no longer shows how to run the demo on PostgreSQL"
+    command = found.group(1)
+    db = create_pg_database()  # empty: not migrated
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STORYLINE_")}
+        env["COLUMNS"] = "160"
+        env["STORYLINE_DATABASE_URL"] = db.url
+        run = subprocess.run(
+            ["bash", "-c", command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "replay check: every projection rebuilt from the log equals the live one" in (
+            run.stdout
+        )
+        # A second run on the same database says what is wrong instead of failing midway.
+        again = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+        )
+        assert again.returncode == 1
+        assert "already holds 6 stories" in again.stdout + again.stderr
+    finally:
+        drop_pg_database(db)
