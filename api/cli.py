@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from api.cli_mcp import mcp
 from api.cli_projections import app as projections_app
 from api.cli_remote import StoryBackend, story_backend
 from api.cli_serve import serve
@@ -411,6 +412,7 @@ def story_history(
 
 
 main_app.command("serve")(serve)
+main_app.command("mcp")(mcp)
 main_app.add_typer(projections_app, name="projections")
 
 

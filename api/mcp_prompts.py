@@ -1,0 +1,67 @@
+"""What the ``storyline mcp`` prompts tell an agent, per role (pure text from a story snapshot).
+
+The mergemaster works somewhere unusual (a detached HEAD in a merge workspace, not its
+story's branch) and must report a verdict; the coder mostly needs to know where its gate
+failures are and that notes exist. Both texts name the tools by the names agents see.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_LISTED_CONFLICTS = 50
+
+
+def _conflicts(story: dict[str, Any]) -> str:
+    paths = [str(p) for p in story.get("conflicts") or []]
+    if not paths:
+        return "(none recorded: run `git status` to see them)"
+    listed = "\n".join(f"- {p}" for p in paths[:MAX_LISTED_CONFLICTS])
+    more = len(paths) - MAX_LISTED_CONFLICTS
+    return listed + (f"\n- ... and {more} more (see `git status`)" if more > 0 else "")
+
+
+def mergemaster_prompt(story: dict[str, Any]) -> str:
+    sid = story.get("id", "?")
+    branch = story.get("feature_branch") or f"feature/story-{sid}"
+    return f"""You are the mergemaster for story {sid} ("{story.get("name", "")}").
+
+Where you are: your working directory is the story's merge workspace, a separate git
+checkout on a detached HEAD at the tip of the base branch. The squash merge of {branch}
+onto it stopped on conflicts and was left in place. Do not create, switch or push branches:
+storyline lands your commit on the base branch itself after re-running the merge gates.
+
+Conflicted files:
+{_conflicts(story)}
+
+What to do:
+1. Resolve the conflict markers in each file, keeping the intent of both sides.
+2. `git add` the resolved files and `git commit` (on the detached HEAD).
+3. Report the verdict with a tool (it is required: without one, storyline retries you):
+   - report_merge_resolved(summary): the conflicts are resolved and committed.
+   - report_merge_gave_up(reason): it cannot be resolved without a person; say why.
+Useful: gate_output (what the merge printed), get_story, story_history, and add_note for
+anything a person should read later."""
+
+
+def coder_prompt(story: dict[str, Any]) -> str:
+    sid = story.get("id", "?")
+    retry = int(story.get("retry_count") or 0)
+    gates = (
+        f"Your previous run's gates failed (retry {retry}): call gate_output first and fix "
+        "what it reports."
+        if retry
+        else "Call gate_output after a failed run to read what the gates printed."
+    )
+    return f"""You are the coder for story {sid} ("{story.get("name", "")}").
+
+Work in your working directory (the story's worktree, on its feature branch) and commit
+your changes there; storyline runs the quality gates on your commits when you exit.
+
+Gate output: {gates} It returns the tail of the last gate run (failing tests, linter
+errors) and, after a failed merge, what the merge gates printed.
+
+Notes: add_note(text) records a note on the story's audit trail (shown in its history with
+you as the actor). Use it for what a reviewer should know: a decision, a workaround, a
+test you could not make pass. get_story and story_history show the story and what happened
+so far."""

@@ -1,0 +1,263 @@
+"""``storyline mcp``: a stdio MCP server through which an agent reads and reports on its story.
+
+It is a client of a running ``storyline serve`` over HTTP, like the agent it serves: a
+runner-spawned agent has exactly the server's URL and its attempt's story-scoped token
+(``STORYLINE_URL``, ``STORYLINE_TOKEN``, ``STORYLINE_STORY_ID`` in its environment, never in
+argv), and the server stays the one authority on what that token may do. The MCP server
+also refuses, by itself, any story but its own, so the scope holds even against a server
+that runs without tokens.
+
+Every tool validates its input (pydantic, from the signature) and answers a refusal with
+the server's error code and message (``forbidden: ...``, ``illegal_transition: ...``),
+never a traceback. Long texts (gate output, event data) are cut to their tail, which is
+where compilers and test runners print the decisive line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio.to_thread
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from api.client import TOKEN_ENV, URL_ENV, ClientError, StorylineClient
+from api.mcp_prompts import coder_prompt, mergemaster_prompt
+from domain.errors import DomainError
+from domain.ids import validate_story_id
+
+STORY_ENV = "STORYLINE_STORY_ID"
+SERVER_NAME = "storyline"
+"""Claude Code names the tools ``mcp__storyline__<tool>`` after this (the allowlist uses it)."""
+
+MAX_STRING = 2_000
+"""Event data strings beyond this are cut to their tail in tool answers."""
+DEFAULT_GATE_CHARS = 20_000
+MAX_GATE_CHARS = 200_000
+
+T = TypeVar("T")
+
+StoryIdArg = Annotated[
+    str | None,
+    Field(
+        default=None,
+        max_length=64,
+        description="Defaults to this attempt's story; no other story can be read.",
+    ),
+]
+Text = Annotated[str, Field(min_length=1, max_length=10_000)]
+
+
+class McpSettings(BaseModel):
+    """Where the server is and which story this MCP server serves (from the environment)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: Annotated[str, Field(min_length=1, max_length=2_000)]
+    story_id: str
+    token: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("story_id")
+    @classmethod
+    def _story(cls, value: str) -> str:
+        try:
+            return validate_story_id(value)
+        except DomainError as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def from_env(
+        cls, *, url: str | None = None, story_id: str | None = None, env: dict[str, str] | None
+    ) -> McpSettings:
+        environ = dict(os.environ) if env is None else env
+        url = url or environ.get(URL_ENV)
+        story = story_id or environ.get(STORY_ENV)
+        missing = [name for name, value in ((URL_ENV, url), (STORY_ENV, story)) if not value]
+        if missing or url is None or story is None:
+            raise ValueError(
+                "storyline mcp needs " + " and ".join(missing) + " (set by the runner for "
+                "each agent attempt; --url and --story override them)"
+            )
+        token = environ.get(TOKEN_ENV) or None
+        return cls(
+            url=url,
+            story_id=story,
+            token=SecretStr(token) if token else None,
+        )
+
+
+def clip(value: Any, limit: int = MAX_STRING) -> Any:
+    """``value`` with every string longer than ``limit`` cut to its tail (marked)."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return value
+        return f"[... {len(value) - limit} characters cut ...]\n" + value[-limit:]
+    if isinstance(value, list):
+        return [clip(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {k: clip(v, limit) for k, v in value.items()}
+    return value
+
+
+def _refusal(exc: ClientError) -> ToolError:
+    text = f"{exc.code}: {exc.message}" if exc.code else exc.message
+    if exc.details:
+        text += " " + json.dumps(exc.details, default=str)[:2_000]
+    return ToolError(text)
+
+
+class StoryTools:
+    """The tools' behaviour, one story, one HTTP client (kept apart from the MCP wiring)."""
+
+    def __init__(self, settings: McpSettings, client: StorylineClient | None = None) -> None:
+        self.settings = settings
+        token = settings.token.get_secret_value() if settings.token else ""
+        # An empty token (not None) keeps the client from reading $STORYLINE_TOKEN itself.
+        self.client = client or StorylineClient(settings.url, token=token, retries=2)
+
+    def own_story(self, story_id: str | None) -> str:
+        if story_id is None or story_id == self.settings.story_id:
+            return self.settings.story_id
+        raise ToolError(
+            f"forbidden: this MCP server serves story {self.settings.story_id} only, "
+            f"not story {story_id!r}"
+        )
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await anyio.to_thread.run_sync(fn)
+        except ClientError as exc:
+            raise _refusal(exc) from None
+
+    async def get_story(self, story_id: str | None = None) -> dict[str, Any]:
+        sid = self.own_story(story_id)
+        story = await self._call(lambda: self.client.get_story(sid))
+        return dict(clip(story))
+
+    async def story_history(self, story_id: str | None = None, limit: int = 50) -> dict[str, Any]:
+        sid = self.own_story(story_id)
+        events = await self._call(lambda: self.client.history(sid))
+        shown = events[-limit:]
+        return {"story_id": sid, "total": len(events), "events": clip(shown)}
+
+    async def gate_output(
+        self, story_id: str | None = None, max_chars: int = DEFAULT_GATE_CHARS
+    ) -> dict[str, Any]:
+        sid = self.own_story(story_id)
+        story = await self._call(lambda: self.client.get_story(sid))
+        return {
+            "story_id": sid,
+            "stage": story["stage"],
+            "retry_count": story["retry_count"],
+            "last_gate_output": clip(story.get("last_gate_output"), max_chars),
+            "merge_failure_kind": story.get("merge_failure_kind"),
+            "merge_failure_details": clip(story.get("merge_failure_details"), max_chars),
+            "conflicts": story.get("conflicts") or [],
+        }
+
+    async def _send(self, event: str, reason: str) -> dict[str, Any]:
+        sid = self.settings.story_id
+        story = await self._call(lambda: self.client.transition(sid, event, reason=reason))
+        return {
+            "story_id": story["id"],
+            "event": event,
+            "stage": story["stage"],
+            "version": story["version"],
+            "legal_events": story["legal_events"],
+        }
+
+    async def report_merge_resolved(self, summary: str) -> dict[str, Any]:
+        return await self._send("merge_resolved", summary)
+
+    async def report_merge_gave_up(self, reason: str) -> dict[str, Any]:
+        return await self._send("merge_gave_up", reason)
+
+    async def add_note(self, text: str) -> dict[str, Any]:
+        return await self._send("add_note", text)
+
+    async def story_for_prompt(self) -> dict[str, Any]:
+        try:
+            return await self.get_story()
+        except ToolError as exc:
+            # A prompt still helps without the story's details; say why they are missing.
+            return {"id": self.settings.story_id, "name": f"(unavailable: {exc})"}
+
+
+def build_server(tools: StoryTools) -> MCPServer:
+    server: MCPServer = MCPServer(
+        SERVER_NAME,
+        instructions=(
+            f"Tools for storyline story {tools.settings.story_id}: read the story, its history "
+            "and gate output, add notes, and (mergemaster) report the merge verdict."
+        ),
+        log_level="WARNING",
+    )
+
+    @server.tool(description="The story this attempt works on: stage, counters, conflicts.")
+    async def get_story(story_id: StoryIdArg = None) -> dict[str, Any]:
+        return await tools.get_story(story_id)
+
+    @server.tool(description="The story's audit trail, oldest first: the last `limit` events.")
+    async def story_history(
+        story_id: StoryIdArg = None,
+        limit: Annotated[int, Field(ge=1, le=1_000)] = 50,
+    ) -> dict[str, Any]:
+        return await tools.story_history(story_id, limit)
+
+    @server.tool(
+        description="What the last gate run printed (its tail), and the merge failure if any."
+    )
+    async def gate_output(
+        story_id: StoryIdArg = None,
+        max_chars: Annotated[int, Field(ge=100, le=MAX_GATE_CHARS)] = DEFAULT_GATE_CHARS,
+    ) -> dict[str, Any]:
+        return await tools.gate_output(story_id, max_chars)
+
+    @server.tool(
+        description="Mergemaster verdict: the conflicts are resolved and committed in the merge "
+        "workspace; the story goes back to the merge queue."
+    )
+    async def report_merge_resolved(summary: Text) -> dict[str, Any]:
+        return await tools.report_merge_resolved(summary)
+
+    @server.tool(
+        description="Mergemaster verdict: the merge cannot be resolved without a person; "
+        "`reason` says why. Final for this story's mergemaster."
+    )
+    async def report_merge_gave_up(reason: Text) -> dict[str, Any]:
+        return await tools.report_merge_gave_up(reason)
+
+    @server.tool(description="Add a note to the story's audit trail (you are its actor).")
+    async def add_note(text: Text) -> dict[str, Any]:
+        return await tools.add_note(text)
+
+    @server.prompt(description="How a mergemaster resolves this story's conflict and reports.")
+    async def mergemaster() -> str:
+        return mergemaster_prompt(await tools.story_for_prompt())
+
+    @server.prompt(description="How a coder reads gate output and adds notes.")
+    async def coder() -> str:
+        return coder_prompt(await tools.story_for_prompt())
+
+    return server
+
+
+def run(url: str | None, story_id: str | None) -> None:
+    """Serve on stdin/stdout until the client closes them."""
+    try:
+        settings = McpSettings.from_env(url=url, story_id=story_id, env=None)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"storyline mcp: {problems}") from None
+    build_server(StoryTools(settings)).run("stdio")
