@@ -7,6 +7,7 @@ ignored setting.
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Annotated, Literal
 
@@ -95,6 +96,41 @@ class FixupCaps(_Strict):
 AgentStage = Literal["coder", "mergemaster"]
 AgentRuntime = Literal["claude-code", "cli", "openai"]
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names whose values are conventionally secrets (kept in step with runners' redaction).
+_SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|PRIVATE_KEY|CREDENTIAL|DATABASE_URL)",
+    re.IGNORECASE,
+)
+
+CLAUDE_CODE_ARGS = [
+    "-p",
+    "{{prompt}}",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+    "--include-partial-messages",
+    "--permission-mode",
+    "acceptEdits",
+]
+"""Claude Code in print mode. ``--include-partial-messages`` makes the CLI print while the
+model is still generating, so the inactivity watchdog sees a healthy long call as alive;
+``acceptEdits`` lets it edit files in its worktree without a person to ask."""
+
+CLAUDE_CODE_ALLOWED_TOOLS = [
+    "Bash(git add:*)",
+    "Bash(git commit:*)",
+    "Bash(git status:*)",
+    "Bash(git diff:*)",
+    "Bash(git log:*)",
+    "Bash(git show:*)",
+    "Bash(git rm:*)",
+    "Bash(git mv:*)",
+    "Bash(git restore:*)",
+]
+"""Shell commands a Claude Code agent may run without a person to approve them: what it
+needs to inspect and commit its work. The gate commands are added at spawn time."""
+
 
 class AgentConfig(_Strict):
     """One ``[[agent]]`` entry."""
@@ -107,35 +143,90 @@ class AgentConfig(_Strict):
     model: str | None = None
     command: Annotated[str, Field(min_length=1)] = "claude"
     """Executable for the ``cli``/``claude-code`` runtimes (looked up on PATH)."""
-    args: list[str] = Field(
-        default_factory=lambda: [
-            "-p",
-            "{{prompt}}",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-        ]
-    )
+    args: list[str] = Field(default_factory=lambda: list(CLAUDE_CODE_ARGS))
     """Argument templates: ``{{story_id}}``, ``{{worktree_path}}``, ``{{base_branch}}``,
     ``{{prompt}}``, ``{{model}}`` are substituted, each as one argv element."""
-    prompt: str = (
-        "You are working on story {{story_id}} in the git worktree {{worktree_path}}. "
-        "Implement it, make the quality gates pass, and commit your work on the current branch."
-    )
+    prompt: str | None = None
+    """The opening of the prompt (templates as in ``args``); unset, each role has its own."""
     max_turns: Annotated[int, Field(ge=1, le=100_000)] | None = None
     max_budget_usd: Annotated[float, Field(gt=0, le=100_000)] | None = None
     base_url: str | None = None
-    """``openai`` runtime: the OpenAI-compatible endpoint, e.g. ``http://127.0.0.1:8000/v1``."""
+    """``openai``: the OpenAI-compatible endpoint, e.g. ``http://127.0.0.1:8000/v1``;
+    ``claude-code``: the agent's ``ANTHROPIC_BASE_URL``."""
     api_key_env: str | None = None
-    """``openai`` runtime: name of the environment variable holding the key (never the key)."""
+    """Name of the server's variable holding the key (never the key). ``claude-code``: the
+    agent gets it as ``ANTHROPIC_API_KEY``; ``cli``: under its own name."""
     command_timeout_secs: Annotated[float, Field(gt=0, le=3600)] = 120.0
     """``openai`` runtime: timeout of one ``run_command`` tool call."""
+    max_run_secs: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
+    """Wall-clock cap on one run, however busy it is (outcome ``timed_out``)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """CLI runtimes: extra variables for the agent process (plain settings, not secrets)."""
+    secrets: dict[str, str] = Field(default_factory=dict)
+    """CLI runtimes: agent variable <- name of the server's variable holding the value. The
+    value is read at spawn time and kept out of argv, events and logs."""
+    allowed_tools: list[str] = Field(default_factory=lambda: list(CLAUDE_CODE_ALLOWED_TOOLS))
+    """``claude-code``: permission rules passed as ``--allowedTools`` (with the gates')."""
+    allow_gate_commands: bool = True
+    """``claude-code``: also allow the project's gate commands (``Bash(<command>:*)``)."""
 
     @model_validator(mode="after")
-    def _openai_needs_url(self) -> AgentConfig:
-        if self.runtime == "openai" and not self.base_url:
-            raise ValueError("base_url is required for runtime 'openai'")
+    def _combinations(self) -> AgentConfig:
+        """Refuse settings that cannot work together, naming them."""
+        if self.runtime == "openai":
+            if not self.base_url:
+                raise ValueError("base_url is required for runtime 'openai'")
+            if self.env or self.secrets:
+                raise ValueError(
+                    "env and secrets are for CLI runtimes; runtime 'openai' runs in the "
+                    "server and reads its key through api_key_env"
+                )
+        for where, mapping in (("env", self.env), ("secrets", self.secrets)):
+            for name in mapping:
+                if not _ENV_NAME.match(name):
+                    raise ValueError(f"{where}: {name!r} is not a valid variable name")
+                if name.startswith("STORYLINE_"):
+                    raise ValueError(
+                        f"{where}: {name} is reserved (storyline sets STORYLINE_* itself)"
+                    )
+        for name in self.env:
+            if _SECRET_NAME.search(name):
+                raise ValueError(
+                    f"env: {name} looks like a secret; declare it under secrets "
+                    f'({name} = "SERVER_VARIABLE") so its value stays out of the config file'
+                )
+        for name, source in self.secrets.items():
+            if not _ENV_NAME.match(source):
+                raise ValueError(f"secrets: {name} <- {source!r} is not a valid variable name")
+        both = sorted(set(self.env) & set(self.secrets))
+        if both:
+            raise ValueError(f"{', '.join(both)} is set in both env and secrets")
+        if self.runtime == "claude-code":
+            if self.base_url and "ANTHROPIC_BASE_URL" in self.env:
+                raise ValueError(
+                    "base_url and env.ANTHROPIC_BASE_URL both set the claude-code base URL"
+                )
+            if self.api_key_env and "ANTHROPIC_API_KEY" in self.secrets:
+                raise ValueError(
+                    "api_key_env and secrets.ANTHROPIC_API_KEY both set the claude-code key"
+                )
         return self
+
+    def agent_env(self) -> dict[str, str]:
+        """The plain variables this agent gets, ``base_url`` included (claude-code)."""
+        env = dict(self.env)
+        if self.runtime == "claude-code" and self.base_url:
+            env["ANTHROPIC_BASE_URL"] = self.base_url
+        return env
+
+    def agent_secrets(self) -> dict[str, str]:
+        """Agent variable <- server variable, ``api_key_env`` included (CLI runtimes)."""
+        secrets = dict(self.secrets)
+        if self.api_key_env and self.runtime == "claude-code":
+            secrets["ANTHROPIC_API_KEY"] = self.api_key_env
+        elif self.api_key_env and self.runtime == "cli":
+            secrets[self.api_key_env] = self.api_key_env
+        return secrets
 
 
 Role = Literal["read", "write", "admin"]

@@ -127,7 +127,10 @@ class AgentStarted(StoryEvent):
 
 
 class AgentExited(StoryEvent):
+    """An attempt ended. Version 2 adds what the agent CLI itself reported (all optional)."""
+
     TOPIC: ClassVar[str] = "storyline.AgentExited.v1"
+    class_version: ClassVar[int] = 2
     role: AgentRole
     attempt: int
     outcome: AgentOutcome
@@ -139,6 +142,38 @@ class AgentExited(StoryEvent):
     tokens_out: int = 0
     cost_usd: float = 0.0
     log_path: str | None = None
+    model: str | None = None
+    """The model the CLI reported in its ``system/init`` line (not the configured alias)."""
+    result_subtype: str | None = None
+    """The CLI's result subtype: ``success``, ``error_max_turns``, ``error_max_budget_usd``..."""
+    is_error: bool | None = None
+    result_text: str | None = None
+    """The CLI's final ``result`` text, truncated."""
+    stop_reason: str | None = None
+    duration_ms: int | None = None
+    permission_denials: list[str] = Field(default_factory=list)
+    """Tool calls the CLI refused, as ``Tool: input`` lines, truncated."""
+    model_usage: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Per model: ``tokens_in``, ``tokens_out``, ``cost_usd`` as the CLI reported them."""
+    api_error_status: int | None = None
+    api_retries: int = 0
+    """``system/api_retry`` lines the CLI printed (the provider failed and it retried)."""
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        # Version 1 recorded none of the CLI's own report: the fields start empty.
+        state.update(
+            model=None,
+            result_subtype=None,
+            is_error=None,
+            result_text=None,
+            stop_reason=None,
+            duration_ms=None,
+            permission_denials=[],
+            model_usage={},
+            api_error_status=None,
+            api_retries=0,
+        )
 
     def apply_to(self, story: Story) -> None:
         story.running_agent = None
@@ -147,13 +182,23 @@ class AgentExited(StoryEvent):
         story.cost_usd += self.cost_usd
         if self.role is AgentRole.CODER:
             story.last_coder_outcome = self.outcome
+        story.last_agent_error = None if self.outcome is AgentOutcome.COMPLETED else self.reason
         if self.outcome is AgentOutcome.ABORTED_BEFORE_SESSION:
             story.abort_respawns += 1
             # A crash before any session: stored sessions are pruned so the respawn is cold.
             story.sessions.pop(self.role.value, None)
-        elif self.outcome is AgentOutcome.LOST:
-            # The runner died under the agent: a crash, but the session (if any) is sound.
+        elif self.outcome in (AgentOutcome.LOST, AgentOutcome.PROVIDER_UNAVAILABLE):
+            # The runner died under the agent, or the model provider failed: not the agent's
+            # fault, so no retry is consumed, but the session (if any) is sound. Consecutive
+            # ones are capped like crashes so an outage cannot respawn forever.
             story.abort_respawns += 1
+            if self.session_id:
+                story.sessions[self.role.value] = self.session_id
+        elif self.outcome in _FRESH_SESSION:
+            # Resuming would put the agent back into the same cap with the same history:
+            # the next attempt starts a new session (the worktree keeps its files).
+            story.abort_respawns = 0
+            story.sessions.pop(self.role.value, None)
         else:
             story.abort_respawns = 0
             if self.session_id:
@@ -161,7 +206,7 @@ class AgentExited(StoryEvent):
         if self.role is AgentRole.CODER:
             if self.outcome in _FAILED_RUN:
                 story.failed_runs += 1
-            elif self.outcome is AgentOutcome.COMPLETED:
+            elif self.outcome in (AgentOutcome.COMPLETED, AgentOutcome.PERMISSION_DENIED):
                 story.failed_runs = 0
         if (
             self.role is AgentRole.MERGEMASTER
@@ -173,7 +218,16 @@ class AgentExited(StoryEvent):
             story.mergemaster_spawns += 1
 
 
-_FAILED_RUN = frozenset({AgentOutcome.FAILED, AgentOutcome.INACTIVE, AgentOutcome.TIMED_OUT})
+_FAILED_RUN = frozenset(
+    {
+        AgentOutcome.FAILED,
+        AgentOutcome.INACTIVE,
+        AgentOutcome.TIMED_OUT,
+        AgentOutcome.MAX_TURNS,
+        AgentOutcome.MAX_BUDGET,
+    }
+)
+_FRESH_SESSION = frozenset({AgentOutcome.MAX_TURNS, AgentOutcome.MAX_BUDGET})
 
 
 class UncommittedChangesFound(StoryEvent):

@@ -24,6 +24,14 @@ class AgentOutcome(StrEnum):
     FAILED = "failed"
     LOST = "lost"
     """The runner recorded the agent as started but found its process gone after a restart."""
+    PERMISSION_DENIED = "permission_denied"
+    """The run ended normally but its CLI refused one or more tool calls (its permission rules)."""
+    MAX_TURNS = "max_turns"
+    """The CLI stopped at its turn cap (``--max-turns``) before finishing."""
+    MAX_BUDGET = "max_budget"
+    """The CLI stopped at its spending cap (``--max-budget-usd``)."""
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    """The model provider failed (HTTP 429, 529 or 5xx, after the CLI's own retries)."""
 
 
 class MergeFailureKind(StrEnum):

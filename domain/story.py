@@ -133,6 +133,8 @@ class Story(BaseAggregate[str]):
         acceptance_criteria: list[str],
         depends_on: list[str],
         actor: str,
+        self.last_agent_error: str | None = None
+        """The reason recorded with the last agent exit that did not complete."""
         epic: str | None = None,
         priority: int = 0,
         reason: str | None = None,
@@ -342,9 +344,12 @@ class Story(BaseAggregate[str]):
         self._require_stage(event, Stage.CODING)
         if self.running_agent is not None:
             raise self._refuse(event, "an agent is still running")
-        if self.last_coder_outcome is not AgentOutcome.COMPLETED:
+        # A run whose CLI refused some tool calls still ended normally: its commits (if
+        # any) are judged by the gates like any other.
+        if self.last_coder_outcome not in (AgentOutcome.COMPLETED, AgentOutcome.PERMISSION_DENIED):
             raise self._refuse(event, "the last coder run did not complete")
         self._move(
+        **report: Any,
             GatesStarted,
             actor=actor,
             reason=reason,
@@ -353,6 +358,7 @@ class Story(BaseAggregate[str]):
         )
 
     def pass_gates(
+            **report,
         self, *, actor: str, feature_branch: str, commits_ahead: int, output: str = ""
     ) -> None:
         event = "gates_passed"

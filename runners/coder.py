@@ -99,17 +99,35 @@ class CoderReactions:
             return self._spawn(story, "commit_leftovers")
         if story.last_event != "AgentExited" or outcome is None:
             return False
+        said = (
+            f"; the agent's last error: {story.last_agent_error}" if story.last_agent_error else ""
+        )
+        if outcome is AgentOutcome.PROVIDER_UNAVAILABLE:
+            if story.abort_respawns >= self.config.abort_respawn_cap:
+                return self._block(
+                    story,
+                    f"the model provider failed {story.abort_respawns} runs in a row (cap "
+                    f"{self.config.abort_respawn_cap}){said}",
+                )
+            return self._spawn(story, "provider_retry")
         if outcome in (AgentOutcome.ABORTED_BEFORE_SESSION, AgentOutcome.LOST):
             if story.abort_respawns >= self.config.abort_respawn_cap:
                 return self._block(
                     story,
                     f"the agent crashed before establishing a session "
                     f"{story.abort_respawns} times in a row (cap "
-                    f"{self.config.abort_respawn_cap}); stopping to avoid a respawn loop",
+                    f"{self.config.abort_respawn_cap}); stopping to avoid a respawn loop{said}",
                 )
             return self._spawn(story, "abort_respawn")
-        if outcome is AgentOutcome.COMPLETED:
-            return self._complete(story)
+        if outcome is AgentOutcome.MAX_BUDGET:
+            # More money is a person's decision: raise the cap or unblock to try again.
+            return self._block(
+                story,
+                f"{story.last_agent_error or 'the agent stopped at its spending cap'}; raise "
+                "the agent's max_budget_usd (or unblock the story) to spend more",
+            )
+        if outcome in (AgentOutcome.COMPLETED, AgentOutcome.PERMISSION_DENIED):
+            return self._complete(story, outcome)
         if story.failed_runs > self.config.max_retries:
             return self._block(
                 story,
@@ -155,6 +173,11 @@ class CoderReactions:
         agent = self.config.agent_for("coder")
         if agent is None:
             return self._block(story, 'no [[agent]] with stage = "coder" is configured')
+        leftovers: tuple[str, ...] = ()
+        if purpose == "commit_leftovers":
+            # Named in the prompt: "continue" alone did not tell the agent what was left.
+            with contextlib.suppress(GitError):
+                leftovers = tuple(self.worktrees.status(story.id).dirty_paths)
         # False when no coder slot is free: a freed slot wakes every waiting story.
         try:
             return self.launcher.launch(
@@ -164,6 +187,7 @@ class CoderReactions:
                     agent=agent,
                     cwd=self.worktrees.path_for(story.id),
                     purpose=purpose,
+                    uncommitted_paths=leftovers,
                 ),
                 limit=self.config.max_coders,
             )
@@ -181,12 +205,25 @@ class CoderReactions:
 
     # ------------------------------------------------------------------ completion & gates
 
-    def _complete(self, story: Story) -> bool:
-        """Server-owned completion of a run that exited ``completed``."""
+    def _complete(self, story: Story, outcome: AgentOutcome = AgentOutcome.COMPLETED) -> bool:
+        """Server-owned completion of a run that ended normally.
+
+        A run whose CLI refused tool calls (``permission_denied``) goes to the gates like
+        any other when its work is committed; when it left changes uncommitted, the refusal
+        is the likely cause and a respawn would meet the same rules, so the story is
+        blocked with the refused calls named.
+        """
         try:
             status = self.worktrees.status(story.id)
         except GitError as exc:
             return self._block(story, f"cannot inspect the worktree: {exc}")
+        if status.dirty and outcome is AgentOutcome.PERMISSION_DENIED:
+            listed = ", ".join(status.dirty_paths[:20])
+            return self._block(
+                story,
+                f"{story.last_agent_error or 'the agent CLI refused tool calls'}; it left "
+                f"uncommitted changes: {listed}",
+            )
         if status.dirty and story.leftover_respawns == 0:
             try:
                 self.app.transition(

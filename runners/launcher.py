@@ -62,6 +62,7 @@ class LaunchRequest:
     cwd: Path
     purpose: str
     conflict_details: str | None = None
+    uncommitted_paths: tuple[str, ...] = ()
 
 
 class AgentLauncher:
@@ -123,9 +124,24 @@ class AgentLauncher:
             return None
         return text if text.strip() else None
 
+    def _agent_secrets(self, agent: AgentConfig) -> dict[str, str]:
+        """The agent's declared secrets, read from the server's environment now."""
+        values: dict[str, str] = {}
+        for name, source in agent.agent_secrets().items():
+            value = os.environ.get(source)
+            if not value:
+                raise AgentConfigError(
+                    f"agent {agent.name!r}: secret {name} comes from the server's variable "
+                    f"{source}, which is not set"
+                )
+            values[name] = value
+        return values
+
     def spec_for(self, req: LaunchRequest, attempt: int, token: str | None) -> SpawnSpec:
         story = req.story
-        env = {"STORYLINE_STORY_ID": story.id, "STORYLINE_ATTEMPT": str(attempt)}
+        secrets = self._agent_secrets(req.agent) if req.agent.runtime != "openai" else {}
+        env = {**req.agent.agent_env(), **secrets}
+        env.update({"STORYLINE_STORY_ID": story.id, "STORYLINE_ATTEMPT": str(attempt)})
         if self.api_url:
             env["STORYLINE_URL"] = self.api_url
         if token:
@@ -150,6 +166,15 @@ class AgentLauncher:
             resume_session_id=story.sessions.get(req.role.value),
             conflict_details=req.conflict_details,
             env=env,
+            overall_timeout_secs=req.agent.max_run_secs,
+            secret_names=frozenset(secrets),
+            purpose=req.purpose,
+            uncommitted_paths=req.uncommitted_paths,
+            conflicts=tuple(story.conflicts) if not coder else (),
+            gate_commands=tuple(
+                tuple(argv)
+                for argv in [*self.config.gates.commands, *self.config.merge_gates.commands]
+            ),
         )
 
     def launch(self, req: LaunchRequest, *, limit: int) -> bool:
@@ -171,14 +196,18 @@ class AgentLauncher:
             story.coder_attempts if role is AgentRole.CODER else story.mergemaster_attempts
         ) + 1
         token = self.tokens.issue(story.id, attempt, role) if self.tokens else None
-        spec = self.spec_for(req, attempt, token)
         try:
+            spec = self.spec_for(req, attempt, token)
             argv = build_argv(spec)
         except SecretInArgvError as exc:
             # Refuse rather than leak: the configured args would carry a secret into argv.
             if token and self.tokens:
                 self.tokens.revoke(token)
             raise AgentConfigError(f"agent {req.agent.name!r}: {exc}") from None
+        except AgentConfigError:
+            if token and self.tokens:
+                self.tokens.revoke(token)
+            raise
         try:
             self.app.transition(
                 story.id,
@@ -202,7 +231,7 @@ class AgentLauncher:
                 self.tokens.revoke(token)
             return False
         try:
-            running = runtime_for(req.agent, strip_env=self._strip_env()).start(spec)
+            running = runtime_for(req.agent, strip_env=self._strip_env(req.agent)).start(spec)
         except (AgentStartError, OSError) as exc:
             self._record_exit(story.id, role, attempt, None, f"could not start the agent: {exc}")
             if token and self.tokens:
@@ -228,11 +257,17 @@ class AgentLauncher:
         ).start()
         return True
 
-    def _strip_env(self) -> tuple[str, ...]:
-        """Variables an agent must not inherit: API token sources and other agents' keys."""
-        names = [t.token_env for t in self.config.server.tokens if t.token_env]
-        names += [a.api_key_env for a in self.config.agent if a.api_key_env]
-        return tuple(names)
+    def _strip_env(self, agent: AgentConfig) -> tuple[str, ...]:
+        """Variables an agent must not inherit: API token sources and other agents' keys
+        and secrets. Its own declared ones are kept: a claude-code agent whose
+        ``api_key_env`` is ``ANTHROPIC_API_KEY`` must not lose its own key."""
+        names = {t.token_env for t in self.config.server.tokens if t.token_env}
+        for other in self.config.agent:
+            if other.api_key_env:
+                names.add(other.api_key_env)
+            names.update(other.agent_secrets().values())
+        own = set(agent.agent_secrets()) | set(agent.agent_secrets().values())
+        return tuple(sorted(names - own))
 
     # ------------------------------------------------------------------ exit
 
@@ -281,6 +316,16 @@ class AgentLauncher:
                 "tokens_out": result.tokens_out,
                 "cost_usd": result.cost_usd or 0.0,
                 "log_path": str(result.log_path),
+                "model": result.model,
+                "result_subtype": result.result_subtype,
+                "is_error": result.is_error,
+                "result_text": result.result_text,
+                "stop_reason": result.stop_reason,
+                "duration_ms": result.duration_ms,
+                "permission_denials": list(result.permission_denials),
+                "model_usage": {k: dict(v) for k, v in result.model_usage.items()},
+                "api_error_status": result.api_error_status,
+                "api_retries": result.api_retries,
             }
         for _ in range(20):
             try:

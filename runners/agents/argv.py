@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from collections.abc import Callable, Mapping
 
 from runners.agents.spawn_spec import SpawnSpec
@@ -20,6 +21,18 @@ MAX_TURNS_FLAG = "--max-turns"
 MAX_BUDGET_FLAG = "--max-budget-usd"
 MODEL_FLAG = "--model"
 RESUME_FLAG = "--resume"
+ALLOWED_TOOLS_FLAG = "--allowedTools"
+
+CODER_PROMPT = (
+    "You are working on story {{story_id}} in the git worktree {{worktree_path}}. "
+    "Implement it, make the quality gates pass, and commit your work on the current branch."
+)
+MERGEMASTER_PROMPT = (
+    "You are the mergemaster for story {{story_id}}. Your working directory "
+    "{{worktree_path}} is the merge workspace: a checkout of {{base_branch}} on a detached "
+    "HEAD, where the squash merge of the story's branch stopped on conflicts. You do not "
+    "write the feature; you only resolve this merge."
+)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 
@@ -86,15 +99,49 @@ def _story_block(spec: SpawnSpec) -> str:
 
 
 def _conflict_block(spec: SpawnSpec) -> str:
+    files = "\n".join(f"- {path}" for path in spec.conflicts) or "- (see the details below)"
     return (
         "# Merge conflicts\n\n"
         f"The squash merge of feature/story-{spec.story_id} onto {spec.base_branch} stopped "
-        "on conflicts in your working directory. Resolve them and commit. Then report through "
-        "the storyline API ($STORYLINE_URL, story $STORYLINE_STORY_ID, bearer $STORYLINE_TOKEN): "
-        "event `merge_resolved` when the merge is resolved and committed, or `merge_gave_up` "
-        "with a reason when it cannot be resolved.\n\n"
+        "on conflicts in your working directory (HEAD is detached: do not create, switch or "
+        "push branches). Conflicted files:\n"
+        f"{files}\n\n"
+        "1. Resolve every conflict marker, keeping the intent of both sides.\n"
+        "2. Run the quality gates if you can.\n"
+        "3. `git add` the resolved files and `git commit` (one commit on the detached HEAD).\n"
+        "4. Report your verdict with the storyline MCP tools: `report_merge_resolved` once "
+        "the merge is committed, or `report_merge_gave_up` with a reason a person can act "
+        "on when it cannot be resolved. Without those tools, POST "
+        '`{"event": "merge_resolved"}` (or `{"event": "merge_gave_up", "reason": "..."}`) '
+        "to $STORYLINE_URL/stories/$STORYLINE_STORY_ID/transitions with the header "
+        "`Authorization: Bearer $STORYLINE_TOKEN`.\n"
+        "Exiting without a verdict counts as a failed attempt.\n\n"
         f"{(spec.conflict_details or '').strip()}"
     ).rstrip()
+
+
+def _leftovers_block(spec: SpawnSpec) -> str:
+    listed = "\n".join(f"- {path}" for path in spec.uncommitted_paths[:50])
+    more = len(spec.uncommitted_paths) - 50
+    if more > 0:
+        listed += f"\n- ... and {more} more"
+    return (
+        "Your previous run ended with uncommitted changes in the worktree; the quality gates "
+        "only judge committed work. Uncommitted files:\n"
+        f"{listed or '- (run git status)'}\n"
+        "Review them, `git add` what belongs to the story (remove what does not) and "
+        "`git commit` on the current branch."
+    )
+
+
+def _previous_cap_block(spec: SpawnSpec) -> str | None:
+    if spec.purpose.endswith("max_turns"):
+        return (
+            "Your previous attempt stopped at its turn cap before finishing. This is a new "
+            "session: the worktree holds what it did (see git status and git log). Continue "
+            "from there in fewer, larger steps, and commit as you go."
+        )
+    return None
 
 
 def build_prompt(spec: SpawnSpec) -> str:
@@ -105,12 +152,20 @@ def build_prompt(spec: SpawnSpec) -> str:
             "# Epic context\n\nThis story belongs to an epic. Respect its context:\n\n"
             f"---\n{spec.epic_context.strip()}\n---"
         )
-    rendered = render_template(spec.agent.prompt, template_values(spec)).strip()
+    opening = spec.agent.prompt
+    if opening is None:
+        opening = MERGEMASTER_PROMPT if spec.role == "mergemaster" else CODER_PROMPT
+    rendered = render_template(opening, template_values(spec)).strip()
     if rendered:
         parts.append(rendered)
     parts.append(_story_block(spec))
     if spec.role == "mergemaster" or spec.conflict_details:
         parts.append(_conflict_block(spec))
+    if spec.purpose == "commit_leftovers":
+        parts.append(_leftovers_block(spec))
+    cap = _previous_cap_block(spec)
+    if cap:
+        parts.append(cap)
     if spec.project_prompt and spec.project_prompt.strip():
         parts.append(spec.project_prompt.strip())
     return "\n\n".join(parts)
@@ -124,6 +179,8 @@ def build_resume_prompt(spec: SpawnSpec) -> str:
     an empty ``-p`` prompt. The gate failure travels in the system prompt either way.
     """
     parts = [f"Continue your prior work on story {spec.story_id}."]
+    if spec.purpose == "commit_leftovers":
+        parts.append(_leftovers_block(spec))
     if spec.gate_failure is not None:
         parts.append("The quality gates failed; the system prompt has their output. Fix it.")
     if spec.role == "mergemaster" and spec.conflict_details:
@@ -248,6 +305,23 @@ def effective_max_budget(spec: SpawnSpec) -> float | None:
     return min(caps) if caps else None
 
 
+def permission_rules(spec: SpawnSpec) -> list[str]:
+    """Claude Code ``--allowedTools`` rules: the agent's own, then one per gate command.
+
+    A gate command becomes a prefix rule, ``Bash(python -m pytest -q:*)``, so the agent
+    may run exactly what the server will run (with extra arguments, e.g. one test file).
+    A command containing a comma cannot be expressed in the comma-joined flag and is left
+    out rather than split into two wrong rules.
+    """
+    rules = list(spec.agent.allowed_tools)
+    if spec.agent.allow_gate_commands:
+        for argv in spec.gate_commands:
+            rule = f"Bash({shlex.join(argv)}:*)"
+            if rule not in rules:
+                rules.append(rule)
+    return [r for r in rules if r and "," not in r]
+
+
 def assert_no_secrets(argv: list[str], secrets: list[str]) -> None:
     """Refuse an argv that contains a secret: any local user can read argv through ``ps``."""
     for arg in argv:
@@ -268,6 +342,12 @@ def build_argv(spec: SpawnSpec) -> list[str]:
 
     if spec.agent.model and not _find_flag(argv, MODEL_FLAG):
         argv.extend([MODEL_FLAG, spec.agent.model])
+    if spec.agent.runtime == "claude-code":
+        rules = permission_rules(spec)
+        # One element in the '=' form: the flag is variadic in the CLI, and a separate
+        # value list could swallow a following positional argument.
+        if rules:
+            argv.append(f"{ALLOWED_TOOLS_FLAG}={','.join(rules)}")
     # Configured limits and fixup caps both only ever lower a value already in the args:
     # whoever wrote the lower number meant it.
     if spec.agent.max_turns is not None:

@@ -290,6 +290,7 @@ class CliRunningAgent:
         self._done = threading.Event()
         self._readers_stop = threading.Event()
         self._stop_reason: StopReason | None = None
+        self._last_text_line: str | None = None
         self._kill_requested = False
         self._result: AgentResult | None = None
 
@@ -423,8 +424,14 @@ class CliRunningAgent:
 
     def _line(self, line: bytes, is_stdout: bool) -> None:
         self._log.write(line)
-        if is_stdout:
-            self._parser.feed(line)
+        event = self._parser.feed(line) if is_stdout else None
+        if event is None:
+            # A plain line (stderr, or stdout that is not stream-json) is what a CLI that
+            # refuses to start prints: the last one goes into the exit reason.
+            text = line.decode("utf-8", "replace").strip()
+            if text:
+                with self._lock:
+                    self._last_text_line = text
 
     def _watch(self) -> None:
         error: str | None = None
@@ -480,6 +487,16 @@ class CliRunningAgent:
             self._log.note("terminating processes the agent left running")
             terminate_group(self._proc.pid, self._kill_grace)
 
+    def _redact(self, text: str) -> str:
+        for secret in self.spec.secret_values():
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def _last_line(self) -> str | None:
+        with self._lock:
+            line = self._last_text_line
+        return _clip(self._redact(line), _LAST_LINE_CHARS) if line else None
+
     def _classify(self, error: str | None = None) -> AgentResult:
         rc = self._proc.returncode
         exit_code = rc if rc is not None and rc >= 0 else None
@@ -488,6 +505,10 @@ class CliRunningAgent:
         session = parser.session_id
         with self._lock:
             reason = self._stop_reason
+        how = f"signal {sig}" if sig is not None else f"exit code {rc}"
+        denials = tuple(self._redact(d) for d in describe_denials(parser.permission_denials))
+        result_text = parser.result_text
+        said = self._redact(result_text) if result_text else None
         outcome: Outcome
         if reason == "inactive":
             outcome = "inactive"
@@ -497,25 +518,32 @@ class CliRunningAgent:
         elif reason == "timed_out":
             outcome = "timed_out"
             error = error or (
-                f"overall timeout of {self.spec.overall_timeout_secs:g}s reached; "
-                "process group killed"
+                f"the run reached its wall-clock cap of {self.spec.overall_timeout_secs:g}s "
+                "(max_run_secs); process group killed"
             )
         elif reason == "killed":
             # A deliberate stop is not a crash: it must not trigger the cold-respawn path.
             outcome = "failed"
             error = error or "killed on request"
-        elif rc != 0 or error is not None:
+        elif error is not None:
+            outcome = "failed" if session else "aborted_before_session"
+        elif parser.saw_result:
+            outcome, error = self._classify_result(rc, how, denials, said)
+        elif rc != 0:
+            last = self._last_line()
+            detail = f": {last}" if last else ""
             if session is None:
                 outcome = "aborted_before_session"
-                how = f"signal {sig}" if sig is not None else f"exit code {rc}"
-                error = error or f"agent died before starting a session ({how})"
+                error = f"agent died before starting a session ({how}){detail}"
+            elif parser.api_retries:
+                outcome = "provider_unavailable"
+                error = (
+                    f"the model provider kept failing (HTTP {parser.api_error_status}, "
+                    f"{parser.api_retries} retries) and the agent exited with {how}{detail}"
+                )
             else:
                 outcome = "failed"
-                how = f"signal {sig}" if sig is not None else f"exit code {rc}"
-                error = error or f"agent exited with {how}"
-        elif parser.result_is_error:
-            outcome = "failed"
-            error = f"agent reported {parser.result_subtype or 'an error'}"
+                error = f"agent exited with {how}{detail}"
         else:
             outcome = "completed"
         usage = parser.usage
@@ -533,4 +561,87 @@ class CliRunningAgent:
             duration_secs=time.monotonic() - self._started,
             error=error,
             killed_on_request=reason == "killed",
+            model=parser.model,
+            is_error=parser.result_is_error if parser.saw_result else None,
+            result_text=_clip(said, _RESULT_TEXT_CHARS) if said else None,
+            stop_reason=parser.stop_reason,
+            duration_ms=parser.duration_ms,
+            permission_denials=denials,
+            model_usage=parser.model_usage,
+            api_error_status=parser.api_error_status,
+            api_retries=parser.api_retries,
         )
+
+    def _classify_result(
+        self, rc: int | None, how: str, denials: tuple[str, ...], said: str | None
+    ) -> tuple[Outcome, str | None]:
+        """The outcome of a run that printed its result line, from what the CLI reported."""
+        parser = self._parser
+        subtype = parser.result_subtype or ""
+        terminal = parser.terminal_reason or ""
+        errors = "; ".join(self._redact(e) for e in parser.errors)[:_LAST_LINE_CHARS]
+        if subtype == "error_max_turns" or terminal == "max_turns":
+            return "max_turns", (
+                f"the agent stopped at its turn cap before finishing ({errors or subtype}); "
+                "the next attempt starts a new session"
+            )
+        if subtype == "error_max_budget_usd" or terminal == "budget_exhausted":
+            return "max_budget", (
+                f"the agent stopped at its spending cap ({errors or subtype}, "
+                f"${parser.cost_usd or 0:g} spent)"
+            )
+        status = parser.api_error_status
+        if parser.result_is_error and (terminal == "api_error" or status is not None):
+            if status is None or status in _PROVIDER_STATUSES or status >= 500:
+                return "provider_unavailable", (
+                    f"the model provider is unavailable (HTTP {status}, "
+                    f"{parser.api_retries} retries): {_clip(said or errors, _LAST_LINE_CHARS)}"
+                )
+            return "failed", f"the model API refused the request (HTTP {status}): {said}"
+        if parser.result_is_error:
+            detail = errors or _clip(said or "", _LAST_LINE_CHARS)
+            return "failed", f"agent reported {subtype or 'an error'}" + (
+                f": {detail}" if detail else ""
+            )
+        if rc != 0:
+            last = self._last_line()
+            return "failed", f"agent reported success but exited with {how}" + (
+                f": {last}" if last else ""
+            )
+        if denials:
+            listed = "; ".join(denials[:5])
+            more = f" (and {len(denials) - 5} more)" if len(denials) > 5 else ""
+            return "permission_denied", (
+                f"the agent's CLI refused {len(denials)} tool call(s) under its permission "
+                f"rules: {listed}{more}. Allow them in the agent's args (--allowedTools) "
+                "or its allowed_tools"
+            )
+        return "completed", None
+
+
+_LAST_LINE_CHARS = 500
+_RESULT_TEXT_CHARS = 2_000
+_DENIAL_CHARS = 300
+_PROVIDER_STATUSES = frozenset({408, 429, 529})
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def describe_denials(raw: Iterable[Mapping[str, object]]) -> list[str]:
+    """``Tool: input`` for each refused tool call (a Bash call shows its command)."""
+    out: list[str] = []
+    for denial in list(raw)[:20]:
+        tool = str(denial.get("tool_name") or "tool")
+        tool_input = denial.get("tool_input")
+        if isinstance(tool_input, dict) and isinstance(tool_input.get("command"), str):
+            shown = tool_input["command"]
+        elif isinstance(tool_input, dict) and isinstance(tool_input.get("file_path"), str):
+            shown = tool_input["file_path"]
+        elif isinstance(tool_input, str):
+            shown = tool_input
+        else:
+            shown = json.dumps(tool_input, ensure_ascii=False, default=str)
+        out.append(_clip(f"{tool}: {shown}", _DENIAL_CHARS))
+    return out

@@ -18,13 +18,27 @@ from domain.config import AgentConfig, FixupCaps
 from domain.ids import validate_story_id
 
 AgentRole = Literal["coder", "mergemaster"]
-Outcome = Literal["completed", "aborted_before_session", "timed_out", "inactive", "failed"]
+Outcome = Literal[
+    "completed",
+    "aborted_before_session",
+    "timed_out",
+    "inactive",
+    "failed",
+    "permission_denied",
+    "max_turns",
+    "max_budget",
+    "provider_unavailable",
+]
 OUTCOMES: tuple[Outcome, ...] = (
     "completed",
     "aborted_before_session",
     "timed_out",
     "inactive",
     "failed",
+    "permission_denied",
+    "max_turns",
+    "max_budget",
+    "provider_unavailable",
 )
 
 # Environment variable names whose values must never reach argv, logs or reprs. Matching
@@ -86,6 +100,17 @@ class SpawnSpec:
     # repr=False: the env carries STORYLINE_TOKEN, and specs end up in log messages.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     overall_timeout_secs: float | None = None
+    """``max_run_secs``: a wall-clock cap on the run, whatever it prints."""
+    secret_names: frozenset[str] = frozenset()
+    """Names in ``env`` that hold declared secrets, whatever the names look like."""
+    purpose: str = "code"
+    """Why this attempt runs (``code``, ``retry``, ``commit_leftovers``, ...): picks the prompt."""
+    uncommitted_paths: tuple[str, ...] = ()
+    """For ``commit_leftovers``: the files the previous run left uncommitted."""
+    conflicts: tuple[str, ...] = ()
+    """For a mergemaster: the conflicted files in the merge workspace."""
+    gate_commands: tuple[tuple[str, ...], ...] = ()
+    """The project's gate commands (argv), which the agent may run under its allowlist."""
 
     def __post_init__(self) -> None:
         validate_story_id(self.story_id)
@@ -103,13 +128,21 @@ class SpawnSpec:
         object.__setattr__(self, "log_path", Path(self.log_path))
         # Copy so a caller mutating its dict after the fact cannot change a started run.
         object.__setattr__(self, "env", dict(self.env))
+        object.__setattr__(self, "secret_names", frozenset(self.secret_names))
+        object.__setattr__(self, "uncommitted_paths", tuple(self.uncommitted_paths))
+        object.__setattr__(self, "conflicts", tuple(self.conflicts))
+        object.__setattr__(self, "gate_commands", tuple(tuple(argv) for argv in self.gate_commands))
         for env_key, env_value in self.env.items():
             if not isinstance(env_key, str) or not isinstance(env_value, str):
                 raise ValueError("env keys and values must be strings")
 
     def secret_values(self) -> list[str]:
         """Values of secret-looking entries of ``env`` (used to keep them out of argv/logs)."""
-        return [v for k, v in self.env.items() if is_secret_name(k) and len(v) >= 8]
+        return [
+            v
+            for k, v in self.env.items()
+            if (k in self.secret_names and v) or (is_secret_name(k) and len(v) >= 8)
+        ]
 
 
 @dataclass(frozen=True)
@@ -132,6 +165,17 @@ class AgentResult:
     """Human-readable reason when the outcome is not ``completed``."""
     killed_on_request: bool = False
     """True when :meth:`RunningAgent.kill` ended the run (demote, block, shutdown)."""
+    model: str | None = None
+    """The model the agent reported using (Claude Code: ``system/init``)."""
+    is_error: bool | None = None
+    result_text: str | None = None
+    stop_reason: str | None = None
+    duration_ms: int | None = None
+    permission_denials: tuple[str, ...] = ()
+    """Refused tool calls, ``Tool: input`` each, truncated."""
+    model_usage: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    api_error_status: int | None = None
+    api_retries: int = 0
 
 
 @runtime_checkable

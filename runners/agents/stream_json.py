@@ -92,6 +92,11 @@ class StreamJsonParser:
         # its content-block lines, so summing per line would count it several times.
         self._message_usage: dict[str, Usage] = {}
         self._anonymous_usage = Usage()
+        # Refusals as the CLI announces them (``system/permission_denied``), for a run killed
+        # before its result line; the result's own list wins when there is one.
+        self._denials_seen: list[dict[str, Any]] = []
+        self._api_retries = 0
+        self._last_retry_status: int | None = None
         self.lines = 0
         self.skipped_lines = 0
 
@@ -135,6 +140,15 @@ class StreamJsonParser:
             model = event.get("model")
             if isinstance(model, str):
                 self._model = model
+        elif kind == "system" and event.get("subtype") == "permission_denied":
+            self._denials_seen.append(
+                {"tool_name": event.get("tool_name"), "tool_input": event.get("message")}
+            )
+        elif kind == "system" and event.get("subtype") == "api_retry":
+            self._api_retries += 1
+            status = event.get("error_status")
+            if isinstance(status, int) and not isinstance(status, bool):
+                self._last_retry_status = status
         elif kind == "assistant":
             self._assistant_messages += 1
             message = event.get("message")
@@ -206,14 +220,114 @@ class StreamJsonParser:
 
     @property
     def usage(self) -> Usage:
-        """Usage from the result line; for a run killed before it, the sum of its messages."""
+        """Usage from the result line; for a run killed before it, the sum of its messages.
+
+        When the result's ``usage`` is all zeros but ``modelUsage`` holds figures (the CLI
+        does this on ``error_max_budget_usd``), the per-model figures are the truth.
+        """
         with self._lock:
             if self._result is not None and isinstance(self._result.get("usage"), dict):
-                return Usage.from_json(self._result["usage"])
+                usage = Usage.from_json(self._result["usage"])
+                if usage == Usage():
+                    return self._model_usage_total()
+                return usage
             total = self._anonymous_usage
             for usage in self._message_usage.values():
                 total = total + usage
             return total
+
+    def _model_usage_total(self) -> Usage:
+        total = Usage()
+        for figures in self._raw_model_usage().values():
+            total = total + Usage(
+                input_tokens=_int(figures.get("inputTokens")),
+                output_tokens=_int(figures.get("outputTokens")),
+                cache_creation_input_tokens=_int(figures.get("cacheCreationInputTokens")),
+                cache_read_input_tokens=_int(figures.get("cacheReadInputTokens")),
+            )
+        return total
+
+    def _raw_model_usage(self) -> dict[str, dict[str, Any]]:
+        raw = self._result.get("modelUsage") if self._result is not None else None
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): v for k, v in raw.items() if isinstance(v, dict)}
+
+    @property
+    def model_usage(self) -> dict[str, dict[str, float]]:
+        """Per model the CLI used: ``tokens_in`` (cached included), ``tokens_out``, ``cost_usd``."""
+        with self._lock:
+            out: dict[str, dict[str, float]] = {}
+            for name, figures in list(self._raw_model_usage().items())[:20]:
+                usage = Usage(
+                    input_tokens=_int(figures.get("inputTokens")),
+                    output_tokens=_int(figures.get("outputTokens")),
+                    cache_creation_input_tokens=_int(figures.get("cacheCreationInputTokens")),
+                    cache_read_input_tokens=_int(figures.get("cacheReadInputTokens")),
+                )
+                out[name[:200]] = {
+                    "tokens_in": usage.tokens_in,
+                    "tokens_out": usage.tokens_out,
+                    "cost_usd": max(_float(figures.get("costUSD")) or 0.0, 0.0),
+                }
+            return out
+
+    def _result_str(self, key: str) -> str | None:
+        value = self._result.get(key) if self._result is not None else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def stop_reason(self) -> str | None:
+        with self._lock:
+            return self._result_str("stop_reason")
+
+    @property
+    def terminal_reason(self) -> str | None:
+        """Why the CLI's loop ended: ``completed``, ``max_turns``, ``budget_exhausted``,
+        ``api_error`` (2.1.x)."""
+        with self._lock:
+            return self._result_str("terminal_reason")
+
+    @property
+    def duration_ms(self) -> int | None:
+        with self._lock:
+            if self._result is None or "duration_ms" not in self._result:
+                return None
+            return _int(self._result.get("duration_ms"))
+
+    @property
+    def errors(self) -> list[str]:
+        """The result's ``errors`` list (e.g. "Reached maximum number of turns (2)")."""
+        with self._lock:
+            raw = self._result.get("errors") if self._result is not None else None
+            if not isinstance(raw, list):
+                return []
+            return [str(e) for e in raw if isinstance(e, (str, int, float))]
+
+    @property
+    def permission_denials(self) -> list[dict[str, Any]]:
+        """Tool calls the CLI refused: ``{"tool_name", "tool_input"}`` each."""
+        with self._lock:
+            raw = self._result.get("permission_denials") if self._result is not None else None
+            if isinstance(raw, list):
+                return [d for d in raw if isinstance(d, dict)]
+            return list(self._denials_seen)
+
+    @property
+    def api_retries(self) -> int:
+        """``system/api_retry`` lines seen: the provider failed and the CLI tried again."""
+        with self._lock:
+            return self._api_retries
+
+    @property
+    def api_error_status(self) -> int | None:
+        """The provider's HTTP status when the run ended on an API error, else the last
+        status the CLI retried on."""
+        with self._lock:
+            status = self._result.get("api_error_status") if self._result is not None else None
+            if isinstance(status, int) and not isinstance(status, bool):
+                return status
+            return self._last_retry_status
 
     @property
     def tokens_in(self) -> int:

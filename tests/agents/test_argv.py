@@ -85,6 +85,7 @@ def test_hostile_story_text_stays_inside_one_argv_element(
 ) -> None:
     agent = AgentConfig(
         name="c",
+        runtime="cli",
         command="agent-cli",
         args=["--cwd", "{{worktree_path}}", "--branch={{base_branch}}", "{{prompt}}"],
     )
@@ -100,7 +101,7 @@ def test_hostile_story_text_stays_inside_one_argv_element(
 
 
 def test_unknown_placeholder_is_left_visible(make_spec: SpecFactory, tmp_path: Path) -> None:
-    agent = AgentConfig(name="c", command="x", args=["{{nope}}", "{{story_id}}"])
+    agent = AgentConfig(name="c", runtime="cli", command="x", args=["{{nope}}", "{{story_id}}"])
     assert build_argv(make_spec(agent, tmp_path))[1:] == ["{{nope}}", "42"]
 
 

@@ -131,11 +131,12 @@ def test_a_signal_after_the_session_is_failed_not_aborted(
 def test_an_error_result_with_exit_zero_is_failed_but_keeps_session_and_usage(
     runtime: CliRuntime, scripted: Scripted, make_spec: SpecFactory, repo: Path
 ) -> None:
-    agent = scripted.config({"*": [{"say": "hi"}, {"fail_result": "error_max_turns"}]})
+    agent = scripted.config({"*": [{"say": "hi"}, {"fail_result": "error_during_execution"}]})
     result = runtime.start(make_spec(agent, repo)).wait(WAIT)
     assert result.outcome == "failed"
     assert result.exit_code == 0
-    assert result.result_subtype == "error_max_turns"
+    assert result.result_subtype == "error_during_execution"
+    assert result.error is not None and "error_during_execution" in result.error
     assert result.session_id is not None
     assert result.turns == 2 and result.cost_usd == pytest.approx(0.002)
 
@@ -274,7 +275,7 @@ def test_fixup_caps_reach_the_agent_and_stop_it(
     )
     spec = make_spec(agent, repo, fixup_pending=True, fixup_caps=FixupCaps(max_turns=2))
     result = runtime.start(spec).wait(WAIT)
-    assert result.outcome == "failed"
+    assert result.outcome == "max_turns"
     assert result.result_subtype == "error_max_turns"
     assert result.turns == 2
     assert (repo / "f1.txt").exists() and not (repo / "f2.txt").exists()
