@@ -43,7 +43,7 @@ OPERATOR_EVENTS = frozenset(
 AGENT_EVENTS = frozenset({"merge_resolved", "merge_gave_up", "add_note"})
 """The verdicts a mergemaster reports about its own story, and notes on it."""
 
-_ACTOR = re.compile(r"^[a-z]+:[A-Za-z0-9_.@-]+$")
+_ACTOR = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]+")
 _RANKS = {"read": 1, "write": 2, "admin": 3}
 
 
@@ -79,7 +79,7 @@ class StaticTokens:
         for token, actor, role in entries:
             if role not in _RANKS:
                 raise TokenError(f"token for {actor!r}: role must be read, write or admin")
-            if not _ACTOR.match(actor):
+            if not _ACTOR.fullmatch(actor):
                 raise TokenError(f"token for {actor!r}: actor must look like 'user:name'")
             if len(token) < 16:
                 raise TokenError(f"token for {actor!r} is shorter than 16 characters")

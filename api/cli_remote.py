@@ -116,7 +116,7 @@ class LocalBackend:
         try:
             if as_of is None:
                 return self.service.app.get_story(story_id).snapshot()
-            if as_of.strip().isdigit():
+            if as_of.strip().isascii() and as_of.strip().isdigit():
                 story = self.service.app.get_story_as_of(story_id, position=int(as_of))
             else:
                 story = self.service.app.get_story_as_of(story_id, at=_parse_time(as_of))

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, may_read
 from api.errors import ApiError
+from api.params import Digits, is_position
 from api.routes_common import JsonResponse, forbidden, principal, state_of
 from api.schemas import EventsPage, responses
 from api.sse import event_stream
@@ -27,8 +28,8 @@ MAX_POSITION = 2**62
 )
 async def list_events(
     request: Request,
-    after: Annotated[int, Query(ge=0, le=MAX_POSITION)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int, Digits, Query(ge=0, le=MAX_POSITION)] = 0,
+    limit: Annotated[int, Digits, Query(ge=1, le=1000)] = 100,
     caller: Principal = Depends(principal),
 ) -> Response:
     if not may_read(caller):
@@ -47,7 +48,7 @@ async def list_events(
 def _start_position(last_event_id: str | None, after: int | None) -> int | None:
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
-        if not text.isdigit() or len(text) > 18:
+        if not is_position(text):
             raise ApiError(
                 422,
                 "invalid_last_event_id",
@@ -74,6 +75,7 @@ async def stream_events(
     request: Request,
     after: Annotated[
         int | None,
+        Digits,
         Query(
             ge=0,
             le=MAX_POSITION,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, may_read
+from api.params import Digits
 from api.routes_common import JsonResponse, forbidden, principal, state_of
 from api.routes_stories import _row
 from api.schemas import AgentRunsOut, BoardOut, MergeQueueOut, responses
@@ -31,6 +32,7 @@ async def board(
     stage: Stage | None = None,
     limit: Annotated[
         int | None,
+        Digits,
         Query(ge=1, le=1000, description="At most this many stories per stage column"),
     ] = None,
     caller: Principal = Depends(principal),
@@ -86,7 +88,7 @@ async def merge_queue(request: Request, caller: Principal = Depends(principal)) 
 async def agent_runs(
     request: Request,
     story_id: Annotated[str | None, Query(max_length=64)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Digits, Query(ge=1, le=1000)] = 100,
     caller: Principal = Depends(principal),
 ) -> Response:
     # An agent token may list the runs of its own story.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -12,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, may_create, may_read, may_transition
 from api.errors import ApiError
+from api.params import Digits, is_position
 from api.routes_common import (
     REPLAYED_HEADER,
     ApiState,
@@ -24,6 +24,7 @@ from api.routes_common import (
     state_of,
 )
 from api.schemas import (
+    PRIORITY_BOUND,
     CreateStoryRequest,
     HistoryOut,
     StoryList,
@@ -31,6 +32,7 @@ from api.schemas import (
     TransitionRequest,
     responses,
 )
+from domain.errors import InvalidStoryId
 from domain.ids import validate_story_id
 from domain.stages import AgentRole, Stage
 from domain.story import Story
@@ -39,7 +41,6 @@ from service.idempotency import IdempotencyMark
 router = APIRouter(tags=["stories"])
 
 WAIT_HEADER = "X-Storyline-Caught-Up"
-_POSITION = re.compile(r"^[0-9]{1,18}$")
 
 WaitQuery = Annotated[
     bool,
@@ -169,7 +170,7 @@ async def transition(
 def parse_as_of(value: str) -> tuple[int | None, datetime | None]:
     """A log position (digits) or an ISO 8601 time (naive means UTC)."""
     text = value.strip()
-    if _POSITION.match(text):
+    if is_position(text):
         return int(text), None
     try:
         moment = datetime.fromisoformat(text)
@@ -226,8 +227,10 @@ async def get_story(
 async def story_history(
     story_id: str,
     request: Request,
-    after: Annotated[int, Query(ge=0, le=2**62, description="Only events after this position")] = 0,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    after: Annotated[
+        int, Digits, Query(ge=0, le=2**62, description="Only events after this position")
+    ] = 0,
+    limit: Annotated[int, Digits, Query(ge=1, le=10_000)] = 1000,
     caller: Principal = Depends(principal),
 ) -> Response:
     if not may_read(caller, story_id):
@@ -247,12 +250,14 @@ async def story_history(
 async def list_stories(
     request: Request,
     stage: Stage | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Digits, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     caller: Principal = Depends(principal),
 ) -> Response:
     if not may_read(caller):
         raise forbidden(caller, "list stories")
+    if cursor is not None:
+        check_cursor(cursor)
     read_models = state_of(request).read_models
 
     def board() -> tuple[list[Any], str | None]:
@@ -264,6 +269,21 @@ async def list_stories(
 
     rows, next_cursor = await run_in_threadpool(board)
     return JsonResponse({"stories": [_row(r) for r in rows], "next_cursor": next_cursor})
+
+
+def check_cursor(cursor: str) -> None:
+    """A cursor is opaque but comes back from the client: its fields must lie in the
+    ranges of the columns they are compared with, or PostgreSQL answers "integer out of
+    range" or refuses a NUL where SQLite simply finds nothing."""
+    from projections.read_models import decode_cursor
+
+    try:
+        priority, story_id = decode_cursor(cursor)
+        validate_story_id(story_id)
+    except (ValueError, InvalidStoryId):
+        raise ApiError(422, "invalid_cursor", "the cursor is not valid", None) from None
+    if not -PRIORITY_BOUND <= priority <= PRIORITY_BOUND:
+        raise ApiError(422, "invalid_cursor", "the cursor is not valid", None)
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -293,10 +313,10 @@ LOG_TAIL_MAX = 8 * 1024 * 1024
 async def agent_log(
     story_id: str,
     role: AgentRole,
-    attempt: Annotated[int, Path(ge=1, le=2**31)],
+    attempt: Annotated[int, Digits, Path(ge=1, le=2**31)],
     request: Request,
     tail: Annotated[
-        int, Query(ge=1, le=LOG_TAIL_MAX, description="Only the last this many bytes")
+        int, Digits, Query(ge=1, le=LOG_TAIL_MAX, description="Only the last this many bytes")
     ] = 1024 * 1024,
     caller: Principal = Depends(principal),
 ) -> Response:

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from domain.stages import Stage
 
 Text = Annotated[str, Field(max_length=20_000)]
+PRIORITY_BOUND = 1_000_000
+"""Priorities lie in [-bound, bound] (the domain's rule; the board column is 32-bit)."""
 
 
 class _Request(BaseModel):
@@ -28,7 +30,7 @@ class CreateStoryRequest(_Request):
     acceptance_criteria: Annotated[list[Text], Field(min_length=1, max_length=100)]
     depends_on: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=100)] = []
     epic: Annotated[str, Field(max_length=200)] | None = None
-    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0
+    priority: Annotated[int, Field(ge=-PRIORITY_BOUND, le=PRIORITY_BOUND)] = 0
     id: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         default=None, description="Story id; the next free number when omitted."
     )

@@ -7,7 +7,7 @@ import re
 from domain.errors import InvalidStoryId
 
 STORY_ID_MAX = 64
-_STORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_STORY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
@@ -27,7 +27,9 @@ def validate_story_id(value: object) -> str:
         raise InvalidStoryId(shown, "a story id must not be empty")
     if len(value) > STORY_ID_MAX:
         raise InvalidStoryId(shown, f"a story id is at most {STORY_ID_MAX} characters")
-    if not _STORY_ID.match(value):
+    # fullmatch: with match() and "$", "nlid\n" passed (the "$" matches before a final
+    # newline) and broke the Location header and the branch name.
+    if not _STORY_ID.fullmatch(value):
         raise InvalidStoryId(
             shown,
             "a story id may hold only letters, digits, '.', '_' and '-', "

@@ -84,7 +84,7 @@ _CONFIG = (
     "-c", "gc.auto=0",
 )  # fmt: skip
 
-_OBJECT_NAME = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_OBJECT_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 class GitError(Exception):
@@ -220,7 +220,7 @@ def check_object_name(value: str, what: str) -> str:
     They end up in argv positions where a value starting with ``-`` would be read as an
     option, and an abbreviated or symbolic name could resolve to something else later.
     """
-    if not isinstance(value, str) or not _OBJECT_NAME.match(value):
+    if not isinstance(value, str) or not _OBJECT_NAME.fullmatch(value):
         raise GitError(f"{what} must be a full lower-case commit sha, got {value!r}")
     return value
 
