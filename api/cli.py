@@ -301,7 +301,7 @@ def story_list(
 
 
 def _check_as_of(value: str) -> str:
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit alone is true for "²"
         return value
     try:
         moment = datetime.fromisoformat(value)
