@@ -67,6 +67,25 @@ class AgentExitedData(_Data):
     tokens_out: Count = 0
     cost_usd: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] = 0.0
     log_path: ShortText | None = None
+    model: Annotated[str, Field(max_length=200)] | None = None
+    result_subtype: Annotated[str, Field(max_length=64)] | None = None
+    is_error: bool | None = None
+    result_text: Annotated[str, Field(max_length=4096)] | None = None
+    stop_reason: Annotated[str, Field(max_length=64)] | None = None
+    duration_ms: Count | None = None
+    permission_denials: Annotated[list[ShortText], Field(max_length=100)] = []
+    model_usage: Annotated[
+        dict[
+            Annotated[str, Field(max_length=200)],
+            dict[
+                Annotated[str, Field(max_length=32)],
+                Annotated[float, Field(ge=0, le=1e15, allow_inf_nan=False)],
+            ],
+        ],
+        Field(max_length=20),
+    ] = {}
+    api_error_status: Annotated[int, Field(ge=0, le=999)] | None = None
+    api_retries: Count = 0
 
 
 class UncommittedData(_Data):
@@ -89,25 +108,6 @@ class GatesFailedData(_Data):
 
 class StartMergeData(_Data):
     base_sha: Annotated[str, Field(max_length=64)] | None = None
-    model: Annotated[str, Field(max_length=200)] | None = None
-    result_subtype: Annotated[str, Field(max_length=64)] | None = None
-    is_error: bool | None = None
-    result_text: Annotated[str, Field(max_length=4096)] | None = None
-    stop_reason: Annotated[str, Field(max_length=64)] | None = None
-    duration_ms: Count | None = None
-    permission_denials: Annotated[list[ShortText], Field(max_length=100)] = []
-    model_usage: Annotated[
-        dict[
-            Annotated[str, Field(max_length=200)],
-            dict[
-                Annotated[str, Field(max_length=32)],
-                Annotated[float, Field(ge=0, le=1e15, allow_inf_nan=False)],
-            ],
-        ],
-        Field(max_length=20),
-    ] = {}
-    api_error_status: Annotated[int, Field(ge=0, le=999)] | None = None
-    api_retries: Count = 0
 
 
 class MergeSucceededData(_Data):

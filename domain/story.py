@@ -103,6 +103,8 @@ class Story(BaseAggregate[str]):
         self.mergemaster_attempts = 0
         self.running_agent: dict[str, Any] | None = None
         self.last_coder_outcome: AgentOutcome | None = None
+        self.last_agent_error: str | None = None
+        """The reason recorded with the last agent exit that did not complete."""
         self.sessions: dict[str, str] = {}
         self.last_gate_output: str | None = None
         self.worktree_path: str | None = None
@@ -133,8 +135,6 @@ class Story(BaseAggregate[str]):
         acceptance_criteria: list[str],
         depends_on: list[str],
         actor: str,
-        self.last_agent_error: str | None = None
-        """The reason recorded with the last agent exit that did not complete."""
         epic: str | None = None,
         priority: int = 0,
         reason: str | None = None,
@@ -310,12 +310,16 @@ class Story(BaseAggregate[str]):
         cost_usd: float = 0.0,
         log_path: str | None = None,
         reason: str | None = None,
+        **report: Any,
     ) -> None:
+        """``report``: what the agent CLI said about its run (AgentExited's optional fields:
+        model, result_subtype, permission_denials, model_usage, ...)."""
         self._require_running("agent_exited", role, attempt)
         if turns < 0 or tokens_in < 0 or tokens_out < 0 or cost_usd < 0:
             raise InvalidCommand("turns, tokens and cost must not be negative")
         self._move(
             AgentExited,
+            **report,
             actor=actor,
             reason=reason,
             role=role,
@@ -349,7 +353,6 @@ class Story(BaseAggregate[str]):
         if self.last_coder_outcome not in (AgentOutcome.COMPLETED, AgentOutcome.PERMISSION_DENIED):
             raise self._refuse(event, "the last coder run did not complete")
         self._move(
-        **report: Any,
             GatesStarted,
             actor=actor,
             reason=reason,
@@ -358,7 +361,6 @@ class Story(BaseAggregate[str]):
         )
 
     def pass_gates(
-            **report,
         self, *, actor: str, feature_branch: str, commits_ahead: int, output: str = ""
     ) -> None:
         event = "gates_passed"
