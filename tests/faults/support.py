@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,6 +410,19 @@ class PrivateCluster:
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"),
                   "-w", "-t", "60", "start")  # fmt: skip
 
+    def running(self) -> bool:
+        result = subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"],
+            capture_output=True,
+            timeout=60,
+            cwd=self.dir,
+        )
+        return result.returncode == 0
+
+    def ensure_running(self) -> None:
+        if not self.running():
+            self.start()
+
     def stop(self, mode: str) -> None:
         """``pg_ctl stop -m fast`` (disconnects clients, checkpoints) or ``immediate``
         (the postmaster and its backends quit at once; recovery runs at the next start)."""
@@ -419,7 +432,8 @@ class PrivateCluster:
     def admin_url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def create_database(self, name: str = "storyline") -> Database:
+    def create_database(self) -> Database:
+        name = f"storyline_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return Database(kind="postgres", host="127.0.0.1", port=self.port, user="postgres",
@@ -437,15 +451,6 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def private_cluster() -> Iterator[PrivateCluster]:
-    cluster = PrivateCluster()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def migrate(db: Database, project: Path) -> None:
