@@ -161,7 +161,7 @@ def db_upgrade(project: ProjectOpt = None, database_url: DbOpt = None) -> None:
     except SettingsError as exc:
         fail(str(exc), 2)
     except Exception as exc:
-        fail(f"migration failed: {type(exc).__name__}: {exc}", 1)
+        fail(db.scrub(f"migration failed: {type(exc).__name__}: {exc}"), 1)
     out.print(f"database {db.display} is at revision {revision}")
 
 
@@ -176,7 +176,7 @@ def db_status(project: ProjectOpt = None, database_url: DbOpt = None) -> None:
     except SettingsError as exc:
         fail(str(exc), 2)
     except Exception as exc:
-        fail(f"cannot read {type(exc).__name__}: {exc}", 1)
+        fail(db.scrub(f"cannot read {type(exc).__name__}: {exc}"), 1)
     out.print(
         f"{db.display}: revision {current or 'none'} (code needs {migrations.head_revision()})"
     )
@@ -519,6 +519,9 @@ def runner(
 
 
 def main() -> None:
+    from service.cmdline import hide_database_password
+
+    hide_database_password()
     try:
         main_app()
     except ConfigError as exc:

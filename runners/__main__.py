@@ -12,12 +12,14 @@ import sys
 import threading
 
 from runners.supervisor import Supervisor
+from service.cmdline import hide_database_password
 from service.config_file import ConfigError
 from service.container import open_service
 from service.settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
+    hide_database_password()
     parser = argparse.ArgumentParser(prog="storyline runner")
     parser.add_argument("--project", default=None)
     parser.add_argument("--database-url", default=None)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from api.cli_remote import LocalBackend, RemoteBackend, story_backend
@@ -98,3 +101,68 @@ def test_local_and_remote_backends_agree(live: LiveServer, tmp_path: Path) -> No
     with story_backend(url=live.url) as backend:
         assert isinstance(backend, RemoteBackend)
         assert len(backend.events(after=0)) == 4
+
+
+class _Watching(httpx.HTTPTransport):
+    """A real transport that tells when an answer with ``status`` has arrived."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.status = status
+        self.seen = threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if response.status_code == self.status:
+            self.seen.set()
+        return response
+
+
+def test_the_client_resends_a_key_in_use_until_it_is_freed(live: LiveServer) -> None:
+    """The key is claimed by an instance that is alive (this process holds its lock), so
+    the server answers 409 idempotency_key_in_use; once that owner is gone, the client's
+    next resend runs the command. Without the resend the caller would see the 409."""
+    from api.auth import ANONYMOUS_ACTOR
+    from api.schemas import CreateStoryRequest
+    from service.idempotency import TABLE, fingerprint
+    from service.instances import liveness_for
+    from service.sqlstore import SqlStore
+
+    body = {"name": "Held", "acceptance_criteria": ["a"]}
+    dumped = CreateStoryRequest.model_validate(body).model_dump(mode="json")
+    sql = SqlStore(live.service.app)
+    owner = liveness_for(live.service.db, sql)
+    try:
+        sql.write(
+            f"INSERT INTO {TABLE} (actor, idem_key, fingerprint, created_at, owner_instance) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                ANONYMOUS_ACTOR,
+                "held",
+                fingerprint("POST", "/stories", dumped),
+                time.time(),
+                owner.current(),
+            ),
+        )
+        with (
+            StorylineClient(live.url, in_use_retries=0) as impatient,
+            pytest.raises(ClientError) as in_use,
+        ):
+            impatient.create_story(name="Held", acceptance_criteria=["a"], idempotency_key="held")
+        assert (in_use.value.status, in_use.value.code) == (409, "idempotency_key_in_use")
+
+        transport = _Watching(409)
+        # The owner goes away only after the server has refused the key once.
+        releaser = threading.Thread(target=lambda: transport.seen.wait(60) and owner.close())
+        releaser.start()
+        with StorylineClient(live.url, transport=transport) as client:
+            created = client.create_story(
+                name="Held", acceptance_criteria=["a"], idempotency_key="held"
+            )
+        releaser.join(timeout=60)
+        assert transport.seen.is_set()
+        assert created["name"] == "Held"
+        with StorylineClient(live.url) as reader:
+            assert [e["type"] for e in reader.events(after=0)["events"]] == ["StoryCreated"]
+    finally:
+        owner.close()
