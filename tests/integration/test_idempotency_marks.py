@@ -94,3 +94,29 @@ def test_a_save_that_loses_a_race_leaves_its_key_unmarked(database: Database) ->
     finally:
         winner.close()
         loser.close()
+
+
+def test_a_claim_taken_over_from_a_dead_owner_is_not_marked_by_it(database: Database) -> None:
+    """The first owner's lock is gone (as when its server dies): another store takes the
+    claim over at once, and a late commit under the first owner's mark no longer marks it."""
+    app = StorylineApplication(database)
+    try:
+        first, second = IdempotencyStore(app), IdempotencyStore(app)
+        claim = first.claim(ACTOR, "k", "fp")
+        assert claim.state == "claimed" and claim.owner is not None
+        assert second.claim(ACTOR, "k", "fp").state == "in_progress"  # its owner is alive
+        first.close()
+        taken = second.claim(ACTOR, "k", "fp")
+        assert taken.state == "claimed" and taken.owner not in (None, claim.owner)
+        app.create_story(
+            name="n",
+            description="d",
+            acceptance_criteria=["a"],
+            actor=ACTOR,
+            idempotency=IdempotencyMark(ACTOR, "k", claim.owner),
+        )
+        assert key_row(app, "k")["committed_position"] is None
+        first.release(ACTOR, "k", claim.owner)  # nor can it forget the new owner's claim
+        assert second.claim(ACTOR, "k", "fp", seen=True).state == "in_progress"
+    finally:
+        app.close()
