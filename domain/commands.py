@@ -10,17 +10,37 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
-from domain.errors import InvalidCommand, UnknownEvent
+from domain.errors import InvalidCommand, InvalidField, UnknownEvent
 from domain.stages import AgentOutcome, AgentRole, MergeFailureKind, Stage
-from domain.story import Story
+from domain.story import Story, check_reason
 from domain.transitions import EVENT_NAMES
 
 MAX_OUTPUT = 2_000_000
 """Gate and merge output is stored whole, up to this many characters (the tail is kept)."""
 
+_NUL_ERROR = "nul_character"
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise PydanticCustomError(_NUL_ERROR, "contains a NUL character (U+0000)")
+    return value
+
+
+Clean = AfterValidator(_no_nul)
+"""Names, paths, branches and ids that a runner or client composes: a NUL is refused.
+
+Text that a process produced and that must be kept whole (gate and merge output, what an
+agent reported) is not: it is stored as it came, and the read models replace NUL when they
+write (``projections.engine``), so no such value can stop a projection."""
+
 ShortText = Annotated[str, Field(max_length=4096)]
+PathText = Annotated[str, Field(max_length=4096), Clean]
+"""A path, branch or ref (none can hold a NUL)."""
+Label = Annotated[str, Field(min_length=1, max_length=64), Clean]
 Count = Annotated[int, Field(ge=0, le=2**62)]
 """Counters from agents and processes: bounded so a hostile value cannot overflow storage."""
 
@@ -34,19 +54,21 @@ class NoData(_Data):
 
 
 class WorktreeReadyData(_Data):
-    path: ShortText
-    branch: ShortText
+    path: PathText
+    branch: PathText
 
 
 class SpawnAgentData(_Data):
     role: AgentRole = AgentRole.CODER
-    agent: Annotated[str, Field(min_length=1, max_length=64)]
-    runtime: Annotated[str, Field(min_length=1, max_length=64)]
-    model: Annotated[str, Field(max_length=200)] | None = None
-    purpose: Annotated[str, Field(max_length=64)] = "code"
+    agent: Label
+    runtime: Label
+    model: Annotated[str, Field(max_length=200), Clean] | None = None
+    purpose: Annotated[str, Field(max_length=64), Clean] = "code"
     resume_session_id: Annotated[str, Field(max_length=200)] | None = None
-    argv: Annotated[list[Annotated[str, Field(max_length=200_000)]], Field(max_length=500)] = []
-    log_path: ShortText | None = None
+    argv: Annotated[
+        list[Annotated[str, Field(max_length=200_000), Clean]], Field(max_length=500)
+    ] = []
+    log_path: PathText | None = None
 
 
 class AgentStartedData(_Data):
@@ -89,7 +111,7 @@ class AgentExitedData(_Data):
 
 
 class UncommittedData(_Data):
-    paths: Annotated[list[ShortText], Field(max_length=10_000)] = []
+    paths: Annotated[list[PathText], Field(max_length=10_000)] = []
 
 
 class StartGatesData(_Data):
@@ -97,7 +119,7 @@ class StartGatesData(_Data):
 
 
 class GatesPassedData(_Data):
-    feature_branch: ShortText
+    feature_branch: PathText
     commits_ahead: Count
     output: str = ""
 
@@ -107,18 +129,18 @@ class GatesFailedData(_Data):
 
 
 class StartMergeData(_Data):
-    base_sha: Annotated[str, Field(max_length=64)] | None = None
+    base_sha: Annotated[str, Field(max_length=64), Clean] | None = None
 
 
 class MergeSucceededData(_Data):
-    merge_commit: Annotated[str, Field(min_length=1, max_length=64)]
-    base_branch: ShortText
+    merge_commit: Annotated[str, Field(min_length=1, max_length=64), Clean]
+    base_branch: PathText
 
 
 class MergeFailedData(_Data):
     kind: MergeFailureKind
     details: str = ""
-    conflicts: Annotated[list[ShortText], Field(max_length=10_000)] = []
+    conflicts: Annotated[list[PathText], Field(max_length=10_000)] = []
 
 
 @dataclass(frozen=True)
@@ -225,6 +247,11 @@ def parse_data(event: str, data: Mapping[str, Any] | None) -> _Data:
     try:
         return model.model_validate(dict(data or {}))
     except ValidationError as exc:
+        for err in exc.errors():
+            if err["type"] == _NUL_ERROR:
+                where = ("data", *err["loc"])
+                field = ".".join(str(p) for p in where)
+                raise InvalidField(where, f"{field} {err['msg']}") from None
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'data'}: {err['msg']}"
             for err in exc.errors()
@@ -244,7 +271,6 @@ def apply_named(
 ) -> None:
     """Run the named transition on ``story`` (pending events are left on the story)."""
     parsed = parse_data(event, data)
-    if reason is not None and len(reason) > 10_000:
-        raise InvalidCommand("reason is longer than 10000 characters")
+    check_reason(reason)
     _, handler = COMMANDS[event]
     handler(story, actor, reason, parsed, policy, dependency_stages or {})

@@ -34,6 +34,28 @@ class InvalidCommand(DomainError):
     code = "invalid_command"
 
 
+class InvalidField(InvalidCommand):
+    """One field of a command is refused (a NUL or control character, say).
+
+    The code and the shape of ``details`` are those of a request the API's schema refuses,
+    so a client reads one kind of field error whichever layer found it.
+    """
+
+    code = "validation_error"
+
+    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = list(loc)
+
+    @property
+    def field(self) -> str:
+        return ".".join(str(part) for part in self.loc)
+
+    @property
+    def details(self) -> list[dict[str, object]]:  # type: ignore[override]
+        return [{"loc": self.loc, "msg": self.message, "type": "value_error"}]
+
+
 class UnknownEvent(DomainError):
     code = "unknown_event"
 

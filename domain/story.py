@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from eventsourcing.domain import BaseAggregate
 
-from domain.errors import DependenciesNotDone, IllegalTransition, InvalidCommand
+from domain.errors import DependenciesNotDone, IllegalTransition, InvalidCommand, InvalidField
 from domain.events import (
     AgentExited,
     AgentSpawnRequested,
@@ -55,23 +55,53 @@ MAX_CRITERIA = 100
 MAX_DEPENDENCIES = 100
 
 
-def _clean_text(value: str, field: str, *, max_len: int, allow_newlines: bool) -> str:
+MAX_REASON = 10_000
+
+
+def _clean_text(
+    value: str,
+    field: str,
+    *,
+    max_len: int,
+    allow_newlines: bool,
+    loc: tuple[str | int, ...] | None = None,
+) -> str:
+    where = loc if loc is not None else (field,)
     if not isinstance(value, str):
-        raise InvalidCommand(f"{field} must be a string")
+        raise InvalidField(where, f"{field} must be a string")
     if len(value) > max_len:
-        raise InvalidCommand(f"{field} is longer than {max_len} characters")
+        raise InvalidField(where, f"{field} is longer than {max_len} characters")
     for ch in value:
         if ch in "\n\t" and allow_newlines:
             continue
         if ord(ch) < 32 or ord(ch) == 127:
-            raise InvalidCommand(f"{field} contains a control character ({ord(ch):#04x})")
+            raise InvalidField(where, f"{field} contains a control character ({ord(ch):#04x})")
     return value
+
+
+def check_reason(reason: str | None) -> str | None:
+    """Any reason, required or not: bounded, and no NUL.
+
+    Only NUL, not every control character: runners put machine text (an agent's error, a
+    tool's message) into optional reasons, and refusing a terminal escape there would leave
+    an agent's exit unrecorded. NUL is never meaningful in text a person reads, and no read
+    model could store it as it is.
+    """
+    if reason is None:
+        return None
+    if not isinstance(reason, str):
+        raise InvalidField(("reason",), "reason must be a string")
+    if len(reason) > MAX_REASON:
+        raise InvalidField(("reason",), f"reason is longer than {MAX_REASON} characters")
+    if "\x00" in reason:
+        raise InvalidField(("reason",), "reason contains a NUL character (U+0000)")
+    return reason
 
 
 def _require_reason(reason: str | None, what: str) -> str:
     if reason is None or not reason.strip():
         raise InvalidCommand(f"{what} needs a reason")
-    return _clean_text(reason, "reason", max_len=10_000, allow_newlines=True)
+    return _clean_text(reason, "reason", max_len=MAX_REASON, allow_newlines=True)
 
 
 class Story(BaseAggregate[str]):
@@ -149,8 +179,14 @@ class Story(BaseAggregate[str]):
         if len(acceptance_criteria) > MAX_CRITERIA:
             raise InvalidCommand(f"at most {MAX_CRITERIA} acceptance criteria")
         criteria = [
-            _clean_text(c, "acceptance criterion", max_len=MAX_TEXT, allow_newlines=True)
-            for c in acceptance_criteria
+            _clean_text(
+                c,
+                f"acceptance_criteria[{i}]",
+                max_len=MAX_TEXT,
+                allow_newlines=True,
+                loc=("acceptance_criteria", i),
+            )
+            for i, c in enumerate(acceptance_criteria)
         ]
         if any(not c.strip() for c in criteria):
             raise InvalidCommand("acceptance criteria must not be empty")
@@ -165,6 +201,7 @@ class Story(BaseAggregate[str]):
             epic = _clean_text(epic, "epic", max_len=MAX_NAME, allow_newlines=False)
         if not -1_000_000 <= priority <= 1_000_000:
             raise InvalidCommand("priority must be between -1000000 and 1000000")
+        reason = check_reason(reason)
         return cls._create(
             StoryCreated,
             id=story_id,

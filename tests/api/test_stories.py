@@ -80,11 +80,12 @@ def test_create_refusals(live: LiveServer) -> None:
         422,
         "invalid_story_id",
     )
-    assert_error(
+    bell = assert_error(
         client.post("/stories", json={"name": "bell\x07", "acceptance_criteria": ["a"]}),
         422,
-        "invalid_command",
+        "validation_error",
     )
+    assert bell[0]["loc"] == ["name"]
     assert_error(
         client.post(
             "/stories", json={"name": "x", "acceptance_criteria": ["a"], "depends_on": ["missing"]}
