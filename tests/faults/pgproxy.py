@@ -4,9 +4,10 @@
 --mode lose --every 25`` prints one JSON line, ``{"port": P, "control_port": C}``, then
 relays connections to the upstream server. It reads the client's side of the wire protocol
 (the startup packet, then typed messages) far enough to recognise the commit of an event
-insert: a SELECT calling an ``*insert_events*`` function executed outside a transaction
-block (committed by the ``Sync`` that ends its batch, whether parsed each time or prepared
-once and bound by name), or the ``COMMIT`` of a transaction block that executed one.
+insert (a SELECT calling an ``*insert_events*`` function, or an INSERT INTO the events
+table, see ``--insert-pattern``) executed outside a transaction block (committed by the
+``Sync`` that ends its batch, whether parsed each time or prepared once and bound by name),
+or the ``COMMIT`` of a transaction block that executed one.
 
 Every ``every``-th such commit (counted over all connections) is faulted by ``mode``:
 
@@ -18,7 +19,8 @@ Every ``every``-th such commit (counted over all connections) is faulted by ``mo
 * ``alternate``: ``lose`` and ``drop`` in turn; ``off``: relay only.
 
 The control port takes one command per line: ``stats`` answers a JSON line of counters;
-``set mode=lose every=25`` changes the schedule (answer ``ok``).
+``set mode=lose every=25 [limit=K]`` starts a new schedule (answer ``ok``): every 25th
+commit from now on, at most K of them.
 
 Extended-protocol messages are held back until the ``Sync`` (or ``Flush``) that ends their
 batch, so a fault always covers a whole batch. A ``Flush`` is never a commit point: a
@@ -31,13 +33,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
-INSERT_MARKER = "insert_events"
+INSERT_PATTERN = r"^\s*SELECT\b.*insert_events|^\s*INSERT\s+INTO\s+\S*storyline_events\b"
+"""Event inserts: the DB function storyline calls, or the library's plain INSERT."""
 MODES = ("off", "lose", "drop", "alternate")
 
 
@@ -51,16 +55,31 @@ class Stats:
 
 @dataclass
 class Schedule:
+    """Which commits to fault: every ``every``-th since the schedule was set, at most
+    ``limit`` of them (no limit when None)."""
+
     mode: str = "off"
     every: int = 0
+    limit: int | None = None
+    inserts: re.Pattern[str] = re.compile(INSERT_PATTERN, re.IGNORECASE | re.DOTALL)
     stats: Stats = field(default_factory=Stats)
+    _counted: int = 0
+    _faulted: int = 0
     _alternate_next: str = "lose"
+
+    def reset(self, mode: str, every: int, limit: int | None) -> None:
+        self.mode, self.every, self.limit = mode, every, limit
+        self._counted = self._faulted = 0
 
     def fault_for_next_commit(self) -> str | None:
         """Count a commit point and say which fault, if any, it gets."""
         self.stats.commits += 1
-        if self.mode == "off" or self.every <= 0 or self.stats.commits % self.every:
+        self._counted += 1
+        if self.mode == "off" or self.every <= 0 or self._counted % self.every:
             return None
+        if self.limit is not None and self._faulted >= self.limit:
+            return None
+        self._faulted += 1
         if self.mode != "alternate":
             return self.mode
         fault, self._alternate_next = (
@@ -175,7 +194,7 @@ class Connection:
             return committed
         elif keyword in ("ROLLBACK", "ABORT"):
             self.in_block = self.block_inserted = False
-        elif keyword == "SELECT" and INSERT_MARKER in query.lower():
+        elif self.schedule.inserts.search(query):
             if self.in_block:
                 self.block_inserted = True
             elif extended:
@@ -279,11 +298,12 @@ class Proxy:
                 return f"error: mode must be one of {', '.join(MODES)}"
             try:
                 every = int(settings.get("every", self.schedule.every))
+                limit = int(settings["limit"]) if "limit" in settings else None
             except ValueError:
-                return "error: every must be an integer"
-            self.schedule.mode, self.schedule.every = mode, every
+                return "error: every and limit must be integers"
+            self.schedule.reset(mode, every, limit)
             return "ok"
-        return "error: commands are 'stats' and 'set mode=M every=N'"
+        return "error: commands are 'stats' and 'set mode=M every=N [limit=K]'"
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -292,7 +312,9 @@ def _address(text: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    proxy = Proxy(_address(args.upstream), Schedule(mode=args.mode, every=args.every))
+    schedule = Schedule(inserts=re.compile(args.insert_pattern, re.IGNORECASE | re.DOTALL))
+    schedule.reset(args.mode, args.every, None)
+    proxy = Proxy(_address(args.upstream), schedule)
     host, port = _address(args.listen)
     server = await asyncio.start_server(proxy.handle, host, port)
     control = await asyncio.start_server(proxy.control, host, args.control_port)
@@ -312,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control-port", type=int, default=0)
     parser.add_argument("--mode", choices=MODES, default="off")
     parser.add_argument("--every", type=int, default=0, help="fault every N-th commit")
+    parser.add_argument(
+        "--insert-pattern", default=INSERT_PATTERN, help="regex of an event insert's SQL"
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args))
