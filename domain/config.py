@@ -127,9 +127,12 @@ CLAUDE_CODE_ALLOWED_TOOLS = [
     "Bash(git rm:*)",
     "Bash(git mv:*)",
     "Bash(git restore:*)",
+    "mcp__storyline",
 ]
 """Shell commands a Claude Code agent may run without a person to approve them: what it
-needs to inspect and commit its work. The gate commands are added at spawn time."""
+needs to inspect and commit its work, and the storyline MCP server's tools (``storyline
+mcp``: story, history, gate output, verdicts, notes). The gate commands are added at spawn
+time."""
 
 
 class AgentConfig(_Strict):

@@ -93,16 +93,35 @@ timeout_secs = 600
 max_turns = 20
 max_budget_usd = 1.0
 
+# Agents. runtime = "claude-code" runs the Claude Code CLI in print mode in the story's
+# worktree. Its permission model: acceptEdits lets it edit files there without asking;
+# shell commands need a rule. allowed_tools (the default shown) lets it inspect and commit
+# with git, and allow_gate_commands adds one rule per [gates]/[merge_gates] command, so it
+# can run exactly what the server will run. Anything else it tries is refused, recorded in
+# the run's AgentExited event, and named in the story's history. The flags go in as
+# --allowedTools; no --dangerously-skip-permissions (refused as root unless the agent's env
+# has IS_SANDBOX = "1"). --include-partial-messages keeps output flowing while the model
+# writes, so a long generation is not taken for a hung agent.
 [[agent]]
 name = "coder"
 stage = "coder"
 runtime = "claude-code"
 command = "claude"
 args = ["-p", "{{prompt}}", "--output-format", "stream-json", "--verbose",
-        "--permission-mode", "acceptEdits"]
+        "--include-partial-messages", "--permission-mode", "acceptEdits"]
+allowed_tools = ["Bash(git add:*)", "Bash(git commit:*)", "Bash(git status:*)",
+                 "Bash(git diff:*)", "Bash(git log:*)", "Bash(git show:*)", "Bash(git rm:*)",
+                 "Bash(git mv:*)", "Bash(git restore:*)", "mcp__storyline"]
+allow_gate_commands = true
 # model = "sonnet"
+# base_url = "https://api.anthropic.com"   # the agent's ANTHROPIC_BASE_URL
 # max_turns = 50
 # max_budget_usd = 5.0
+# max_run_secs = 3600                      # wall-clock cap on one run
+# Plain variables for the agent, and secrets: agent variable = "SERVER_VARIABLE" (read
+# when the agent starts; never in argv, events or logs).
+# env = { IS_SANDBOX = "1" }
+# secrets = { ANTHROPIC_API_KEY = "STORYLINE_CODER_ANTHROPIC_KEY" }
 
 [[agent]]
 name = "mergemaster"
@@ -110,7 +129,13 @@ stage = "mergemaster"
 runtime = "claude-code"
 command = "claude"
 args = ["-p", "{{prompt}}", "--output-format", "stream-json", "--verbose",
-        "--permission-mode", "acceptEdits"]
+        "--include-partial-messages", "--permission-mode", "acceptEdits"]
+allowed_tools = ["Bash(git add:*)", "Bash(git commit:*)", "Bash(git status:*)",
+                 "Bash(git diff:*)", "Bash(git log:*)", "Bash(git show:*)", "Bash(git rm:*)",
+                 "Bash(git mv:*)", "Bash(git restore:*)", "mcp__storyline"]
+allow_gate_commands = true
+# model = "sonnet"
+# base_url = "https://api.anthropic.com"
 
 [server]
 host = "127.0.0.1"

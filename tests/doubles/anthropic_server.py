@@ -11,6 +11,7 @@ A script is a JSON list of turns (or ``{"turns": [...]}``). A turn is one of::
     {"text": "...", "tool_use": [{"name": "Bash", "input": {"command": "git status"}}]}
     {"error": {"status": 529, "type": "overloaded_error", "message": "Overloaded"}}
     {"delay_secs": 2.0, "text": "slow"}                     # wait before answering
+    {"stream_delay_secs": 0.5, "text": "..."}              # a slow generation, streamed
     {"repeat": true, "tool_use": [...]}                     # answer forever (max-turns tests)
 
 Requests the CLI makes besides its main loop (a title or topic check on a small model, a
@@ -68,6 +69,8 @@ class Turn:
     error_type: str | None = None
     error_message: str = ""
     delay_secs: float = 0.0
+    stream_delay_secs: float = 0.0
+    """Pause between streamed events: a long generation that keeps sending."""
     repeat: bool = False
     input_tokens: int = 120
     output_tokens: int = 30
@@ -79,6 +82,7 @@ class Turn:
             "tool_use",
             "error",
             "delay_secs",
+            "stream_delay_secs",
             "repeat",
             "input_tokens",
             "output_tokens",
@@ -100,6 +104,7 @@ class Turn:
             else None,
             error_message=str(error.get("message", "scripted error")) if error else "",
             delay_secs=float(raw.get("delay_secs", 0.0)),
+            stream_delay_secs=float(raw.get("stream_delay_secs", 0.0)),
             repeat=bool(raw.get("repeat", False)),
             input_tokens=int(raw.get("input_tokens", 120)),
             output_tokens=int(raw.get("output_tokens", 30)),
@@ -300,11 +305,12 @@ class _Handler(BaseHTTPRequestHandler):
         record.answered_with = "tool_use" if turn.tool_use else "text"
         model = str(body.get("model") or self.server.state.model)
         if body.get("stream"):
-            self._stream(turn, model)
+            self._stream(turn, model, turn.stream_delay_secs)
         else:
             self._send_json(200, _message(turn, model))
 
-    def _stream(self, turn: Turn, model: str) -> None:
+    def _stream(self, turn: Turn, model: str, pause: float = 0.0) -> None:
+        self._pause = pause
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
@@ -366,6 +372,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._event("message_stop", {"type": "message_stop"})
 
     def _event(self, name: str, payload: object) -> None:
+        if getattr(self, "_pause", 0.0):
+            time.sleep(self._pause)
         self.wfile.write(f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode())
         self.wfile.flush()
 
@@ -403,6 +411,12 @@ def _error_body(status: int, kind: str, message: str) -> dict[str, Any]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     state: _State
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client killed mid-stream (the watchdog's job in some tests) is not an error.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class AnthropicServer:
