@@ -333,7 +333,8 @@ class AgentLauncher:
                     story_id,
                     "agent_exited",
                     actor=f"runner:{role.value}",
-                    reason=(reason or None) and reason[:2000],
+                    # An agent's own words may hold a NUL, which a reason may not.
+                    reason=(reason or None) and reason[:2000].replace("\x00", "\ufffd"),
                     data=data,
                 )
                 return
