@@ -72,7 +72,8 @@ def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
         }
     return {
         **common,
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        # The library's PostgreSQL persistence with a cheaper pool check (service/pg_pool.py).
+        "PERSISTENCE_MODULE": "service.pg_pool:StorylinePostgresFactory",
         "POSTGRES_DBNAME": db.dbname,
         "POSTGRES_HOST": db.host,
         "POSTGRES_PORT": str(db.port),
@@ -84,10 +85,9 @@ def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": "10",
         "POSTGRES_CONNECT_TIMEOUT": "10",
-        # A pooled connection is checked (an empty query) when it is taken: after a
-        # PostgreSQL restart every idle one is dead, and without the check each would fail
-        # one request (a 503) before the pool replaced it. Costs one round trip per
-        # checkout; BENCHMARKS.md has row 3 with and without.
+        # A pooled connection is checked when it is taken: after a PostgreSQL restart every
+        # idle one is dead, and each would fail a request (a 503) before the pool replaced
+        # it. The check pings only a connection the server wrote to (service/pg_pool.py).
         "POSTGRES_PRE_PING": "y",
         "POSTGRES_SCHEMA": "public",
     }

@@ -17,6 +17,9 @@ import httpx
 import pytest
 
 from api.client import ClientError, StorylineClient
+from service import migrations
+from service.application import StorylineApplication
+from service.pg_pool import ConnectionPool
 from tests.faults.support import (
     Load,
     PrivateCluster,
@@ -162,3 +165,44 @@ def test_after_a_restart_stale_pooled_connections_cost_at_most_one_503(
     print(f"\n[faults] 503s after a PostgreSQL restart, 40 requests on one server: {dict(seen)}")
     assert final["version"] == version
     assert unavailable <= 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_the_pool_replaces_what_a_restart_killed_and_pings_only_then(
+    pg_cluster: PrivateCluster, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = pg_cluster.create_database()
+    migrations.upgrade(db)
+    app = StorylineApplication(db)
+    try:
+        pool = app.recorder.datastore.pool  # type: ignore[attr-defined]
+        assert pool._check.__qualname__ == "check_if_spoken_to.<locals>.check"
+        pings: list[object] = []
+        ping = ConnectionPool.check_connection
+        monkeypatch.setattr(
+            ConnectionPool, "check_connection", staticmethod(lambda c: (pings.append(c), ping(c)))
+        )
+
+        # Several connections in the pool, each used and idle again.
+        def use() -> None:
+            with app.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+                conn.execute("SELECT pg_sleep(0.05)")
+
+        users = [threading.Thread(target=use) for _ in range(6)]
+        for thread in users:
+            thread.start()
+        for thread in users:
+            thread.join()
+        for _ in range(20):
+            app.max_position()
+        assert pings == []  # a healthy idle connection costs no round trip
+
+        pg_cluster.stop(mode)
+        pg_cluster.start()
+        for _ in range(20):
+            assert app.max_position() == 0  # no caller sees a dead connection
+        assert pings  # the dead connection was pinged, and the others swept with it
+        assert pool.get_stats()["connections_lost"] >= 5
+    finally:
+        app.close()
