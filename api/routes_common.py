@@ -20,7 +20,13 @@ from api.errors import ApiError, domain_error_body, domain_status
 from api.sse import CommitNotifier, LogReader, StreamSettings
 from domain.errors import DomainError
 from service.container import Service
-from service.idempotency import IdempotencyMark, IdempotencyStore, fingerprint, valid_key
+from service.idempotency import (
+    ClaimLost,
+    IdempotencyMark,
+    IdempotencyStore,
+    fingerprint,
+    valid_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +227,15 @@ def run_command(
     mark = IdempotencyMark(actor, key, claim.owner)
     try:
         status, body = _guarded(lambda: command(mark))
+    except ClaimLost:
+        # Another server took the key over (this one looked dead) and runs the command:
+        # ours rolled back. The resend that the client makes gets that server's answer.
+        raise ApiError(
+            409,
+            "idempotency_key_in_use",
+            f"a request with {IDEMPOTENCY_HEADER} {key!r} is being processed by another server",
+            {"idempotency_key": key},
+        ) from None
     except BaseException:
         store.release(actor, key, claim.owner)
         raise

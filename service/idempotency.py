@@ -81,6 +81,25 @@ MARK_SQL = (
 recorder converts them)."""
 
 
+class ClaimLost(Exception):
+    """The key's claim moved to another server instance before this command committed.
+
+    This instance was taken for dead (its liveness lock was gone) and another one took the
+    key over, so that one runs the command: this command's transaction is rolled back
+    rather than run it a second time."""
+
+    def __init__(self, actor: str, key: str) -> None:
+        super().__init__(f"the claim on idempotency key {key!r} of {actor} was taken over")
+        self.actor = actor
+        self.key = key
+
+
+def check_marked(mark: IdempotencyMark, rowcount: int) -> None:
+    """Raise :class:`ClaimLost` when a mark under an owner updated no row."""
+    if rowcount == 0 and mark.owner is not None:
+        raise ClaimLost(mark.actor, mark.key)
+
+
 def mark_params(mark: IdempotencyMark, story_id: str, position: int) -> tuple[Any, ...]:
     return (story_id, position, mark.actor, mark.key, mark.owner, mark.owner)
 

@@ -49,7 +49,13 @@ from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composable, Identifier
 
-from service.idempotency import MARK_KWARG, MARK_SQL, IdempotencyMark, mark_params
+from service.idempotency import (
+    MARK_KWARG,
+    MARK_SQL,
+    IdempotencyMark,
+    check_marked,
+    mark_params,
+)
 
 SelectKey = tuple[bool, bool, bool, bool]
 _PG_MARK_SQL = MARK_SQL.replace("?", "%s")
@@ -210,6 +216,7 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
     ) -> None:
         params = mark_params(mark, str(stored_events[-1].originator_id), max(ids))
         curs.execute(_PG_MARK_SQL, params)
+        check_marked(mark, curs.rowcount)
 
     def _insert_one(self, event: StoredEvent) -> Sequence[int]:
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
@@ -290,4 +297,5 @@ class StorylineSQLiteRecorder(SQLiteApplicationRecorder):
         mark: IdempotencyMark | None = kwargs.get(MARK_KWARG)
         if mark is not None and ids:
             c.execute(MARK_SQL, mark_params(mark, str(stored_events[-1].originator_id), max(ids)))
+            check_marked(mark, c.sqlite_cursor.rowcount)
         return ids

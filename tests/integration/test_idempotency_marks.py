@@ -14,7 +14,7 @@ import pytest
 from eventsourcing.persistence import IntegrityError
 
 from service.application import StorylineApplication
-from service.idempotency import MARK_KWARG, IdempotencyMark, IdempotencyStore
+from service.idempotency import MARK_KWARG, ClaimLost, IdempotencyMark, IdempotencyStore
 from service.settings import Database
 from service.sqlstore import SqlStore
 
@@ -108,14 +108,18 @@ def test_a_claim_taken_over_from_a_dead_owner_is_not_marked_by_it(database: Data
         first.close()
         taken = second.claim(ACTOR, "k", "fp")
         assert taken.state == "claimed" and taken.owner not in (None, claim.owner)
-        app.create_story(
-            name="n",
-            description="d",
-            acceptance_criteria=["a"],
-            actor=ACTOR,
-            idempotency=IdempotencyMark(ACTOR, "k", claim.owner),
-        )
+        # The first owner's late command is fenced off: it rolls back instead of running
+        # beside the new owner's.
+        with pytest.raises(ClaimLost):
+            app.create_story(
+                name="n",
+                description="d",
+                acceptance_criteria=["a"],
+                actor=ACTOR,
+                idempotency=IdempotencyMark(ACTOR, "k", claim.owner),
+            )
         assert key_row(app, "k")["committed_position"] is None
+        assert app.story_ids() == []
         first.release(ACTOR, "k", claim.owner)  # nor can it forget the new owner's claim
         assert second.claim(ACTOR, "k", "fp", seen=True).state == "in_progress"
     finally:
