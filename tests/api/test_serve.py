@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,22 @@ SERVE = "import typer; from api.cli_serve import serve; typer.run(serve)"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port for a server that a test starts in another process.
+
+    Not one the kernel hands out (port 0): those come from the ephemeral range, which every
+    outgoing connection of every test draws from too (PostgreSQL connections by the
+    hundred), so one could take it before the server binds. Outside that range only
+    another test's server could, and it picks at random among ~12,000."""
+    low, high = 20000, 32000
+    for _ in range(200):
+        candidate = random.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def database_url(db: Database) -> str:
