@@ -188,6 +188,8 @@ def create_app(
                     await anyio.to_thread.run_sync(component.stop)
                 except Exception:
                     logger.exception("stopping %s failed", type(component).__name__)
+            # Gives up this server's liveness lock: its unanswered claims are free at once.
+            state.idempotency.close()
 
     app = FastAPI(
         title="storyline",
