@@ -110,9 +110,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _tidy_openapi(app: FastAPI) -> None:
+def _tidy_openapi(app: FastAPI, auth_required: bool) -> None:
     """Text endpoints (metrics, the event stream) document only their own media type, not
-    the JSON one FastAPI adds for the app's default response class."""
+    the JSON one FastAPI adds for the app's default response class.
+
+    Without configured tokens the bearer token is optional (an empty security requirement
+    says so): anyone on loopback may call, and a token that is sent is still checked.
+    """
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -123,6 +127,9 @@ def _tidy_openapi(app: FastAPI) -> None:
                     content = operation.get("responses", {}).get("200", {}).get("content", {})
                     if "application/json" in content and len(content) > 1:
                         del content["application/json"]
+                    security = operation.get("security")
+                    if security and not auth_required and {} not in security:
+                        operation["security"] = [{}, *security]
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -203,7 +210,7 @@ def create_app(
     install_error_handlers(app)
     for module in (routes_stories, routes_events, routes_projections, routes_health):
         app.include_router(module.router)
-    _tidy_openapi(app)
+    _tidy_openapi(app, state.auth.required)
     limit = max_body_bytes if max_body_bytes is not None else service.config.server.max_body_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=limit)
     return app

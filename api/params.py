@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
+from fastapi import Path
 from pydantic import BeforeValidator
+
+from domain.ids import STORY_ID_MAX, STORY_ID_PATTERN
 
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
@@ -23,9 +26,20 @@ def ascii_digits(value: object) -> object:
 
 
 Digits = BeforeValidator(ascii_digits)
-"""Put in ``Annotated[int, Digits, Query(...)]``; the bounds stay in ``Query``."""
+"""Put after the parameter: ``Annotated[int, Query(ge=0), Digits]`` (before it, FastAPI
+writes the bounds into the schema as "ge"/"le" instead of "minimum"/"maximum")."""
 
 Position = Annotated[int, Digits]
+
+
+StoryIdPath = Annotated[
+    str,
+    Path(
+        description="A story id: letters, digits, '.', '_', '-'; see the pattern.",
+        # Documented, not enforced here: the domain refuses a bad id as 422 invalid_story_id.
+        json_schema_extra={"pattern": STORY_ID_PATTERN, "maxLength": STORY_ID_MAX},
+    ),
+]
 
 
 def is_position(text: str, max_digits: int = 18) -> bool:
@@ -33,4 +47,4 @@ def is_position(text: str, max_digits: int = 18) -> bool:
     return 0 < len(text) <= max_digits and _DIGITS.fullmatch(text) is not None
 
 
-__all__ = ["Digits", "Position", "ascii_digits", "is_position"]
+__all__ = ["Digits", "Position", "StoryIdPath", "ascii_digits", "is_position"]

@@ -28,8 +28,8 @@ MAX_POSITION = 2**62
 )
 async def list_events(
     request: Request,
-    after: Annotated[int, Digits, Query(ge=0, le=MAX_POSITION)] = 0,
-    limit: Annotated[int, Digits, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int, Query(ge=0, le=MAX_POSITION), Digits] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000), Digits] = 100,
     caller: Principal = Depends(principal),
 ) -> Response:
     if not may_read(caller):
@@ -75,13 +75,13 @@ async def stream_events(
     request: Request,
     after: Annotated[
         int | None,
-        Digits,
         Query(
             ge=0,
             le=MAX_POSITION,
             description="Start after this position (0: the whole log). Without it and "
             "without Last-Event-ID the stream starts at the current head (new events only).",
         ),
+        Digits,
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
     caller: Principal = Depends(principal),

@@ -12,7 +12,7 @@ from api.params import Digits
 from api.routes_common import JsonResponse, forbidden, principal, state_of
 from api.routes_stories import _row
 from api.schemas import AgentRunsOut, BoardOut, MergeQueueOut, responses
-from domain.ids import validate_story_id
+from domain.ids import STORY_ID_PATTERN, validate_story_id
 from domain.stages import Stage
 
 router = APIRouter(tags=["projections"])
@@ -32,8 +32,8 @@ async def board(
     stage: Stage | None = None,
     limit: Annotated[
         int | None,
-        Digits,
         Query(ge=1, le=1000, description="At most this many stories per stage column"),
+        Digits,
     ] = None,
     caller: Principal = Depends(principal),
 ) -> Response:
@@ -87,8 +87,10 @@ async def merge_queue(request: Request, caller: Principal = Depends(principal)) 
 )
 async def agent_runs(
     request: Request,
-    story_id: Annotated[str | None, Query(max_length=64)] = None,
-    limit: Annotated[int, Digits, Query(ge=1, le=1000)] = 100,
+    story_id: Annotated[
+        str | None, Query(max_length=64, json_schema_extra={"pattern": STORY_ID_PATTERN})
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000), Digits] = 100,
     caller: Principal = Depends(principal),
 ) -> Response:
     # An agent token may list the runs of its own story.

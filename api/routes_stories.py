@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal, may_create, may_read, may_transition
 from api.errors import ApiError
-from api.params import Digits, is_position
+from api.params import Digits, StoryIdPath, is_position
 from api.routes_common import (
     REPLAYED_HEADER,
     ApiState,
@@ -134,7 +134,7 @@ async def create_story(
     summary="Apply a named transition",
 )
 async def transition(
-    story_id: str,
+    story_id: StoryIdPath,
     body: TransitionRequest,
     request: Request,
     wait: WaitQuery = False,
@@ -193,7 +193,7 @@ def parse_as_of(value: str) -> tuple[int | None, datetime | None]:
     summary="A story now, or as it was",
 )
 async def get_story(
-    story_id: str,
+    story_id: StoryIdPath,
     request: Request,
     as_of: Annotated[
         str | None,
@@ -225,12 +225,12 @@ async def get_story(
     summary="The story's events, oldest first (the audit trail)",
 )
 async def story_history(
-    story_id: str,
+    story_id: StoryIdPath,
     request: Request,
     after: Annotated[
-        int, Digits, Query(ge=0, le=2**62, description="Only events after this position")
+        int, Query(ge=0, le=2**62, description="Only events after this position"), Digits
     ] = 0,
-    limit: Annotated[int, Digits, Query(ge=1, le=10_000)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=10_000), Digits] = 1000,
     caller: Principal = Depends(principal),
 ) -> Response:
     if not may_read(caller, story_id):
@@ -250,7 +250,7 @@ async def story_history(
 async def list_stories(
     request: Request,
     stage: Stage | None = None,
-    limit: Annotated[int, Digits, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=1, le=1000), Digits] = 100,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     caller: Principal = Depends(principal),
 ) -> Response:
@@ -311,12 +311,12 @@ LOG_TAIL_MAX = 8 * 1024 * 1024
     summary="The log of one agent attempt (its stdout/stderr as the runner captured it)",
 )
 async def agent_log(
-    story_id: str,
+    story_id: StoryIdPath,
     role: AgentRole,
-    attempt: Annotated[int, Digits, Path(ge=1, le=2**31)],
+    attempt: Annotated[int, Path(ge=1, le=2**31), Digits],
     request: Request,
     tail: Annotated[
-        int, Digits, Query(ge=1, le=LOG_TAIL_MAX, description="Only the last this many bytes")
+        int, Query(ge=1, le=LOG_TAIL_MAX, description="Only the last this many bytes"), Digits
     ] = 1024 * 1024,
     caller: Principal = Depends(principal),
 ) -> Response:

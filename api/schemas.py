@@ -13,9 +13,38 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from domain.ids import STORY_ID_MAX, STORY_ID_PATTERN
 from domain.stages import Stage
 
-Text = Annotated[str, Field(max_length=20_000)]
+# The domain's text rules as JSON Schema patterns, so that generated clients and fuzzers
+# know what the server accepts. They only document: the domain checks every value itself
+# and names the field in its 422 (invalid_story_id, invalid_command), so the patterns are
+# kept equal to those checks by tests (tests/unit/test_schema_patterns.py), not enforced
+# twice. Written for every engine (ECMA, Rust, Python): no look-arounds; "blank" is what
+# str.strip() removes.
+_SPACE = "\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+LINE_PATTERN = "^[^\\x00-\\x1f\\x7f]*$"
+"""One line of text: no control characters."""
+TEXT_PATTERN = "^[^\\x00-\\x08\\x0b-\\x1f\\x7f]*$"
+"""Text: no control characters except newline and tab."""
+NAME_PATTERN = f"^[{_SPACE}]*[^\\x00-\\x1f\\x7f{_SPACE}][^\\x00-\\x1f\\x7f]*$"
+"""One line with something on it besides white space."""
+CRITERION_PATTERN = f"^[\\t\\n{_SPACE}]*[^\\x00-\\x1f\\x7f{_SPACE}][^\\x00-\\x08\\x0b-\\x1f\\x7f]*$"
+"""Text with something in it besides white space."""
+
+
+def _documented(pattern: str, max_length: int | None = None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"pattern": pattern}
+    if max_length is not None:
+        extra["maxLength"] = max_length
+    return extra
+
+
+StoryIdText = Annotated[
+    str,
+    Field(min_length=1, max_length=STORY_ID_MAX, json_schema_extra=_documented(STORY_ID_PATTERN)),
+]
+Text = Annotated[str, Field(max_length=20_000, json_schema_extra=_documented(TEXT_PATTERN))]
 PRIORITY_BOUND = 1_000_000
 """Priorities lie in [-bound, bound] (the domain's rule; the board column is 32-bit)."""
 
@@ -25,13 +54,35 @@ class _Request(BaseModel):
 
 
 class CreateStoryRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[
+        str, Field(min_length=1, max_length=200, json_schema_extra=_documented(NAME_PATTERN))
+    ]
     description: Text = ""
-    acceptance_criteria: Annotated[list[Text], Field(min_length=1, max_length=100)]
-    depends_on: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=100)] = []
-    epic: Annotated[str, Field(max_length=200)] | None = None
+    acceptance_criteria: Annotated[
+        list[
+            Annotated[
+                str,
+                Field(
+                    max_length=20_000,
+                    json_schema_extra=_documented(CRITERION_PATTERN),
+                ),
+            ]
+        ],
+        Field(min_length=1, max_length=100),
+    ]
+    depends_on: Annotated[
+        list[StoryIdText],
+        Field(
+            max_length=100,
+            description="Ids of existing stories, each at most once.",
+            json_schema_extra={"uniqueItems": True},
+        ),
+    ] = []
+    epic: (
+        Annotated[str, Field(max_length=200, json_schema_extra=_documented(LINE_PATTERN))] | None
+    ) = None
     priority: Annotated[int, Field(ge=-PRIORITY_BOUND, le=PRIORITY_BOUND)] = 0
-    id: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+    id: StoryIdText | None = Field(
         default=None, description="Story id; the next free number when omitted."
     )
     reason: Annotated[str, Field(max_length=10_000)] | None = None

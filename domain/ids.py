@@ -8,6 +8,16 @@ from domain.errors import InvalidStoryId
 
 STORY_ID_MAX = 64
 _STORY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+_PART = "[A-Za-z0-9_-]"
+_NOT_LOCK = (
+    f"{_PART}{{1,3}}|{_PART}{{5,}}|[A-Za-km-z0-9_-]{_PART}{{3}}|l[A-Za-np-z0-9_-]{_PART}{{2}}"
+    f"|lo[A-Zabd-z0-9_-]{_PART}|loc[A-Za-jl-z0-9_-]"
+)
+STORY_ID_PATTERN = rf"^[A-Za-z0-9]{_PART}*(?:(?:\.{_PART}+)*\.(?:{_NOT_LOCK}))?$"
+""":func:`validate_story_id` as one regular expression (with ``maxLength`` 64), for the
+OpenAPI schema: no look-arounds, so JSON Schema (ECMA), Rust and Python engines agree. Dots
+only between non-empty parts (no "..", no final "."), and the last part is not "lock"."""
 _BRANCH_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
