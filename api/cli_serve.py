@@ -218,6 +218,8 @@ def serve(
     (their exits recorded) and a gate or merge command in progress is waited for."""
     import uvicorn
 
+    from api.http_protocol import capped_protocol
+
     if projections not in ("auto", "thread", "process"):
         typer.echo(
             f"error: --projections must be auto, thread or process, not {projections!r}", err=True
@@ -262,6 +264,7 @@ def serve(
                     log_level=log_level,
                     server_header=False,
                     timeout_graceful_shutdown=5,
+                    **capped_protocol(),
                 ),
                 app,
             )
