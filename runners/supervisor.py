@@ -83,7 +83,9 @@ class Supervisor:
             from projections.log import EventReader
 
             # PostgreSQL may commit positions out of order: read like the projections do.
-            self._engine = create_engine(service.db.sqlalchemy_url, pool_size=2)
+            # Pre-ping: after a PostgreSQL restart the pooled connections are dead, and
+            # SQLAlchemy replaces the whole pool on the first failed ping.
+            self._engine = create_engine(service.db.sqlalchemy_url, pool_size=2, pool_pre_ping=True)
             self.index.reader = EventReader(service.db, self._engine, gap_timeout=5.0)
         self.lease = Lease(self.app, ttl_secs=lease_ttl)
         tokens = AgentTokens(self.app) if use_agent_tokens else None

@@ -17,8 +17,11 @@ import httpx
 import pytest
 
 from api.client import ClientError, StorylineClient
+from domain.config import StorylineConfig
+from runners.supervisor import Supervisor
 from service import migrations
 from service.application import StorylineApplication
+from service.container import Service
 from service.pg_pool import ConnectionPool
 from tests.faults.support import (
     Load,
@@ -205,4 +208,25 @@ def test_the_pool_replaces_what_a_restart_killed_and_pings_only_then(
         assert pings  # the dead connection was pinged, and the others swept with it
         assert pool.get_stats()["connections_lost"] >= 5
     finally:
+        app.close()
+
+
+@pytest.mark.postgres
+def test_the_runner_reads_the_log_across_a_restart(
+    pg_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    db = pg_cluster.create_database()
+    migrations.upgrade(db)
+    app = StorylineApplication(db)
+    service = Service(project=tmp_path, db=db, config=StorylineConfig(), app=app)
+    supervisor = Supervisor(service)  # not started: only its log reader is used here
+    try:
+        app.create_story(name="before", description="", acceptance_criteria=["a"], actor="user:t")
+        assert supervisor.index.catch_up(app) == {"1"}
+        pg_cluster.stop("fast")
+        pg_cluster.start()
+        app.create_story(name="after", description="", acceptance_criteria=["a"], actor="user:t")
+        assert supervisor.index.catch_up(app) == {"2"}  # no stale connection in the way
+    finally:
+        supervisor.stop()
         app.close()
