@@ -12,6 +12,7 @@ import re
 import shlex
 from collections.abc import Callable, Mapping
 
+from runners.agents.mcp_config import MCP_CONFIG_FLAG
 from runners.agents.spawn_spec import SpawnSpec
 
 GATE_FAILURE_PROMPT_BYTES = 3_000
@@ -182,7 +183,14 @@ def build_resume_prompt(spec: SpawnSpec) -> str:
     if spec.purpose == "commit_leftovers":
         parts.append(_leftovers_block(spec))
     if spec.gate_failure is not None:
-        parts.append("The quality gates failed; the system prompt has their output. Fix it.")
+        # In the prompt as well as the system prompt: Claude Code (2.1.332 at least) drops
+        # --append-system-prompt when it resumes a session, so a resumed retry would never
+        # see the failure otherwise.
+        parts.append(
+            "The quality gates failed. The end of their output:\n"
+            f"```\n{tail_bytes(spec.gate_failure)}\n```\n"
+            "Fix the cause and commit."
+        )
     if spec.role == "mergemaster" and spec.conflict_details:
         parts.append(_conflict_block(spec))
     return "\n\n".join(parts)
@@ -348,6 +356,8 @@ def build_argv(spec: SpawnSpec) -> list[str]:
         # value list could swallow a following positional argument.
         if rules:
             argv.append(f"{ALLOWED_TOOLS_FLAG}={','.join(rules)}")
+        if spec.mcp_config is not None and not _find_flag(argv, MCP_CONFIG_FLAG):
+            argv.append(f"{MCP_CONFIG_FLAG}={spec.mcp_config}")
     # Configured limits and fixup caps both only ever lower a value already in the args:
     # whoever wrote the lower number meant it.
     if spec.agent.max_turns is not None:
