@@ -34,6 +34,7 @@ from runners.agents import (
     process_identity,
     runtime_for,
 )
+from runners.agents.mcp_config import write_mcp_config
 from service.agent_tokens import AgentTokens
 from service.application import StorylineApplication
 
@@ -148,6 +149,13 @@ class AgentLauncher:
             env["STORYLINE_TOKEN"] = token
         coder = req.role is AgentRole.CODER
         inject = coder and (story.retry_count > 0 or story.fixup_pending)
+        mcp = None
+        if self.api_url and req.agent.runtime == "claude-code":
+            mcp = write_mcp_config(
+                self.log_dir / story.id / f"{req.role.value}-{attempt}.mcp.json",
+                url=self.api_url,
+                story_id=story.id,
+            )
         return SpawnSpec(
             story_id=story.id,
             attempt=attempt,
@@ -175,6 +183,7 @@ class AgentLauncher:
                 tuple(argv)
                 for argv in [*self.config.gates.commands, *self.config.merge_gates.commands]
             ),
+            mcp_config=mcp,
         )
 
     def launch(self, req: LaunchRequest, *, limit: int) -> bool:

@@ -111,6 +111,8 @@ class SpawnSpec:
     """For a mergemaster: the conflicted files in the merge workspace."""
     gate_commands: tuple[tuple[str, ...], ...] = ()
     """The project's gate commands (argv), which the agent may run under its allowlist."""
+    mcp_config: Path | None = None
+    """The attempt's ``storyline mcp`` registration (``runners.agents.mcp_config``)."""
 
     def __post_init__(self) -> None:
         validate_story_id(self.story_id)
