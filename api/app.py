@@ -150,6 +150,7 @@ def create_app(
     poll_interval: float = 1.0,
     heartbeat_interval: float = 15.0,
     gap_timeout: float = 5.0,
+    health_timeout: float = 1.5,
 ) -> FastAPI:
     """The HTTP API over ``service`` (commands, story reads) and ``read_models`` (lists).
 
@@ -176,6 +177,7 @@ def create_app(
         runner_status=runner_status,
         wait_timeout=wait_timeout,
         thread_limit=thread_limit,
+        health_timeout=health_timeout,
     )
 
     @asynccontextmanager

@@ -56,6 +56,8 @@ class ApiState:
     runner_status: Callable[[], list[dict[str, Any]]] | None = None
     wait_timeout: float = 5.0
     idempotency_wait: float = 5.0
+    health_timeout: float = 1.5
+    """How long /healthz waits for the database before it reports it down."""
     thread_limit: int = 40
     extra: dict[str, Any] = field(default_factory=dict)
 

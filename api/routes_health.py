@@ -4,10 +4,16 @@ A failed projection makes the status ``degraded`` but still answers 200: the pro
 alive and serves commands and story reads (which never depend on projections), so a
 liveness probe must not restart it; monitoring reads ``status``/``caught_up``. Only an
 unreachable database answers 503 (``unavailable``): then nothing works.
+
+The check itself is bounded: a database host that is gone (packets dropped, or a listener
+that never answers) leaves a query waiting for minutes, and a probe that waits with it is
+useless. ``/healthz`` answers within ``health_timeout`` either way, and only one check runs
+at a time, so a probe every second during an outage does not pile up stuck threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -80,6 +86,44 @@ def health(state: ApiState) -> tuple[int, dict[str, Any]]:
     return code, body
 
 
+class HealthProbe:
+    """At most one health check in flight per app; callers share it and wait a bounded time."""
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[tuple[int, dict[str, Any]]] | None = None
+
+    async def answer(self, state: ApiState) -> tuple[int, dict[str, Any]]:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(run_in_threadpool(health, state))
+            # Retrieved here so that a check finishing after everyone stopped waiting
+            # does not log "exception was never retrieved".
+            self._running.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._running), state.health_timeout)
+        except TimeoutError:
+            return 503, _unanswered(state)
+
+
+def _unanswered(state: ApiState) -> dict[str, Any]:
+    db = state.service.db
+    logger.warning(
+        "health check: database %s did not answer within %.1f s", db.display, state.health_timeout
+    )
+    return {
+        "status": "unavailable",
+        "database": {
+            "kind": db.kind,
+            "location": db.display,
+            "ok": False,
+            "head": None,
+            "error": f"no answer within {state.health_timeout:g} s",
+        },
+        "projections": [],
+        "runners": [],
+        "caught_up": False,
+    }
+
+
 @router.get(
     "/healthz",
     response_model=HealthOut,
@@ -87,7 +131,11 @@ def health(state: ApiState) -> tuple[int, dict[str, Any]]:
     summary="Liveness, and whether projections and runners are caught up",
 )
 async def healthz(request: Request) -> Response:
-    code, body = await run_in_threadpool(health, state_of(request))
+    state = state_of(request)
+    probe = state.extra.get("health_probe")
+    if probe is None:
+        probe = state.extra["health_probe"] = HealthProbe()
+    code, body = await probe.answer(state)
     return JsonResponse(body, status_code=code)
 
 

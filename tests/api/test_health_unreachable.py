@@ -1,0 +1,145 @@
+"""/healthz while PostgreSQL is unreachable: it answers promptly with the database down
+(issue 12 item 10), without stopping the shared server. A loopback TCP relay stands
+between the app and PostgreSQL and then plays dead: it stops relaying on open connections
+and accepts new ones without ever answering (a host that is gone), or refuses them (a
+closed port)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Database
+from tests.api.conftest import LiveServer, make_service, start_server
+
+
+class Relay:
+    """Relays 127.0.0.1:<port> to PostgreSQL until ``play_dead`` or ``refuse``."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.alive = threading.Event()
+        self.alive.set()
+        self.refusing = False
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.sockets.append(client)
+            if not self.alive.is_set():
+                continue  # a dead host: the connection is open and nothing ever answers
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.sockets.append(server)
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.alive.wait()  # while dead, hold the bytes: no answer, no error
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def play_dead(self) -> None:
+        self.alive.clear()
+
+    def revive(self) -> None:
+        self.alive.set()
+
+    def refuse(self) -> None:
+        """Close the port and drop every connection: connection refused from now on."""
+        # shutdown() first: close() alone does not wake the thread blocked in accept().
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self.alive.set()
+
+    def close(self) -> None:
+        self.refuse()
+        with self.lock:
+            for sock in self.sockets:
+                sock.close()
+
+
+@pytest.fixture
+def relayed(pg_database: Database, tmp_path: Path) -> Iterator[tuple[LiveServer, Relay]]:
+    relay = Relay((pg_database.host, pg_database.port))
+    through = dataclasses.replace(pg_database, port=relay.port)
+    from projections import ReadModels
+
+    service = make_service(through, tmp_path)
+    read_models = ReadModels(through)
+    live = start_server(service, read_models, tokens=[], health_timeout=0.5)
+    try:
+        yield live, relay
+    finally:
+        relay.close()  # first: it frees any thread still waiting on the dead connections
+        try:
+            live.stop()
+        finally:
+            read_models.close()
+            service.close()
+
+
+def assert_down(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["database"]["ok"] is False and body["database"]["kind"] == "postgres"
+    assert body["database"]["error"]
+    assert body["caught_up"] is False
+
+
+def test_healthz_answers_with_the_database_down_while_its_host_is_gone(
+    relayed: tuple[LiveServer, Relay],
+) -> None:
+    live, relay = relayed
+    client = live.client()
+    assert client.get("/healthz").json()["status"] == "ok"
+    relay.play_dead()
+    # The client's own timeout is far above the server's health_timeout (0.5 s): without
+    # the bound the check waits on a connection that never answers and this times out.
+    for _ in range(3):  # repeated probes share the one check in flight
+        assert_down(client.get("/healthz", timeout=20))
+    relay.revive()
+    deadline = time.monotonic() + 30
+    while client.get("/healthz", timeout=20).status_code != 200:
+        assert time.monotonic() < deadline, "health did not recover"
+        time.sleep(0.1)
+
+
+def test_healthz_answers_with_the_database_down_when_its_port_is_closed(
+    relayed: tuple[LiveServer, Relay],
+) -> None:
+    live, relay = relayed
+    client = live.client()
+    assert client.get("/healthz").status_code == 200
+    relay.refuse()
+    assert_down(client.get("/healthz", timeout=20))
