@@ -1,12 +1,14 @@
 """``storyline projections``: status, rebuild and check of the read models.
 
 Registered by the main CLI as a sub-app (``app`` below). Exit codes: 0 fine, 1 a projection
-is failed (status), could not be rebuilt (rebuild) or differs from its rebuild (check),
-2 bad usage or an unreachable/unmigrated database.
+is failed (status), could not be rebuilt (rebuild), is failed, behind the head of the log or
+differs from its rebuild (check), or cannot skip that event (skip), 2 bad usage or an
+unreachable/unmigrated database.
 """
 
 from __future__ import annotations
 
+import getpass
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,6 +113,8 @@ def status(
                 if s.failed
                 else "[green]ok[/green]"
             )
+            if s.skipped:
+                state += f" [yellow]({s.skipped} skipped)[/yellow]"
             table.add_row(
                 s.name, str(s.position), str(s.head), str(s.lag), state, s.updated_at or "-"
             )
@@ -189,28 +193,78 @@ def check(
     project: ProjectOption = None,
     database_url: DatabaseOption = None,
     as_json: JsonOption = False,
+    wait: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=600.0,
+            help="Seconds a projection behind the head of the log may take to reach it "
+            "before it counts as behind (a live follower lags a fresh commit briefly).",
+        ),
+    ] = 5.0,
 ) -> None:
-    """Rebuild into scratch tables and diff them with the live ones (exit 1 on differences)."""
+    """Check that every projection is at the head of the log, not failed, and equal to a
+    rebuild into scratch tables (exit 1 naming each one that is not)."""
     _check_name(name)
     with _service(project, database_url) as service:
         from projections import ProjectionRunner
 
         runner = ProjectionRunner(service.db)
         try:
+            standing = runner.problems(name, wait=wait)
             differences = runner.check(name)
         finally:
             runner.close()
     names = [name] if name else list(PROJECTION_NAMES)
+    found = {n: ([standing[n]] if n in standing else []) + differences.get(n, []) for n in names}
     if as_json:
-        _print_json({n: differences.get(n, []) for n in names})
+        _print_json(found)
     else:
         for n in names:
-            found = differences.get(n, [])
-            if not found:
+            if not found[n]:
                 console.print(f"[green]ok[/green]   {n}")
                 continue
-            console.print(f"[red]DIFF[/red] {n}")
-            for line in found:
+            label = "FAILED" if n in standing and "failed" in standing[n] else None
+            label = label or ("BEHIND" if n in standing else "DIFF")
+            console.print(f"[red]{label}[/red] {n}")
+            for line in found[n]:
                 console.print(f"       {line}", markup=False, highlight=False)
-    if differences:
+    if any(found.values()):
         raise typer.Exit(1)
+
+
+@app.command()
+def skip(
+    name: Annotated[str, typer.Argument(help="The projection that failed.")],
+    position: Annotated[
+        int, typer.Option("--position", min=1, help="The position it failed at (see status).")
+    ],
+    reason: Annotated[str, typer.Option("--reason", help="Why it may go without this event.")],
+    actor: Annotated[
+        str | None, typer.Option(help="Who decides (default: operator:<login name>).")
+    ] = None,
+    project: ProjectOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Move a failed projection past the event it fails on, recording who and why.
+
+    The event stays in the log; every later replay of this projection (rebuild, check)
+    leaves it out too, and status counts what each projection skipped.
+    """
+    _check_name(name)
+    who = actor or f"operator:{getpass.getuser()}"
+    with _service(project, database_url) as service:
+        from projections import ProjectionRunner
+        from projections.runner import SkipRefused
+
+        runner = ProjectionRunner(service.db, names=[name])
+        try:
+            runner.skip(name, position, reason=reason, actor=who)
+        except SkipRefused as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        finally:
+            runner.close()
+    console.print(
+        f"{name} skips the event at position {position} (recorded for {who}); it goes on from there"
+    )

@@ -302,9 +302,14 @@ class HistoryProjection(Projection):
                 in_python.append(row)
         if positions:
             raw: Any = conn.connection.driver_connection
-            params = (positions[0], positions[-1], list(topics))
+            params: tuple[Any, ...] = (positions[0], positions[-1], list(topics))
+            statement = self._statement(table)
+            if batch.skipped:
+                statement += " AND NOT (e.notification_id = ANY(%s::bigint[]))"
+                params += (list(batch.skipped),)
+            statement += " OFFSET 0) j"
             with raw.cursor() as cursor:
-                cursor.execute(self._statement(table), params)
+                cursor.execute(statement, params)
                 # The range holds exactly the rows read (holes in it are final, see
                 # projections.log); anything else is refused rather than half-applied.
                 if cursor.rowcount != len(positions):
@@ -353,7 +358,7 @@ class HistoryProjection(Projection):
             f"{_STATE_AS_JSONB} AS v "
             f'FROM "{self.events_table}" e '
             "WHERE e.notification_id >= %s AND e.notification_id <= %s "
-            "AND e.topic = ANY(%s::text[]) OFFSET 0) j"
+            "AND e.topic = ANY(%s::text[])"
         )
 
 

@@ -43,11 +43,19 @@ class Batch:
     pays for decoding; the others share one decoding per batch.
     """
 
-    __slots__ = ("_events", "rows")
+    __slots__ = ("_events", "rows", "skipped")
 
-    def __init__(self, rows: Sequence[Row], events: list[LoggedEvent] | None = None) -> None:
+    def __init__(
+        self,
+        rows: Sequence[Row],
+        events: list[LoggedEvent] | None = None,
+        skipped: tuple[int, ...] = (),
+    ) -> None:
         self.rows = rows
         self._events = events
+        self.skipped = skipped
+        """Positions left out of this batch (skipped events, see ``without``): they are in
+        the log between its rows, so a projection reading the log by range excludes them."""
 
     @property
     def events(self) -> list[LoggedEvent]:
@@ -73,6 +81,22 @@ class Batch:
         start = keep[0] if keep else len(self.rows)
         events = self._events[start:] if self._events is not None else None
         return Batch(self.rows[start:], events)
+
+    def without(self, positions: frozenset[int]) -> Batch:
+        """The batch without the rows at ``positions`` (itself when none of them is here)."""
+        if not positions or not self.rows:
+            return self
+        first, last = self.rows[0][0], self.rows[-1][0]
+        inside = tuple(sorted(p for p in positions if first <= p <= last))
+        if not inside:
+            return self
+        keep = [i for i, row in enumerate(self.rows) if row[0] not in positions]
+        events = self._events
+        return Batch(
+            [self.rows[i] for i in keep],
+            [events[i] for i in keep] if events is not None else None,
+            self.skipped + inside,
+        )
 
     def split(self) -> list[Batch]:
         """One batch per row (to find the row a projection fails on)."""

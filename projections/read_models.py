@@ -44,6 +44,8 @@ class ProjectionStatus:
     error: str | None
     error_position: int | None
     updated_at: str | None
+    skipped: int = 0
+    """Events an operator had this projection leave out (``storyline projections skip``)."""
 
     @property
     def failed(self) -> bool:
@@ -59,6 +61,7 @@ class ProjectionStatus:
             "error": self.error,
             "error_position": self.error_position,
             "updated_at": self.updated_at,
+            "skipped": self.skipped,
         }
 
 
@@ -408,6 +411,9 @@ class ReadModels:
         with self.engine.connect() as conn:
             rows = {r.name: r for r in conn.execute(select(t.projection_positions))}
             head = self.reader.head(conn)
+            skips = t.projection_skips
+            counted = select(skips.c.name, func.count().label("n")).group_by(skips.c.name)
+            skipped = {str(r.name): int(r.n) for r in conn.execute(counted)}
         statuses = []
         for name in PROJECTION_NAMES:
             row = rows.get(name)
@@ -421,6 +427,7 @@ class ReadModels:
                     error=row.error if row is not None else None,
                     error_position=row.error_position if row is not None else None,
                     updated_at=_iso(row.updated_at) if row is not None else None,
+                    skipped=int(skipped.get(name, 0)),
                 )
             )
         return statuses
@@ -518,6 +525,12 @@ def render_prometheus(metrics: Mapping[str, Any], statuses: Sequence[ProjectionS
         "gauge",
         "1 when the projection has recorded an error and is not advancing.",
         [(f'{{projection="{_label(s.name)}"}}', int(s.failed)) for s in statuses],
+    )
+    family(
+        "storyline_projection_skipped_events",
+        "gauge",
+        "Events an operator had the projection leave out (storyline projections skip).",
+        [(f'{{projection="{_label(s.name)}"}}', s.skipped) for s in statuses],
     )
     family(
         "storyline_events_total",

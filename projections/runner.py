@@ -45,6 +45,7 @@ from projections import tables as t
 from projections.definitions import LIVE_TABLES, Projection, build, select_names
 from projections.engine import BulkWriter, create_projection_engine, without_nul, write_transaction
 from projections.log import Batch, EventReader
+from projections.names import PROJECTION_NAMES
 from service.application import events_table
 from service.settings import Database
 
@@ -58,7 +59,13 @@ PROGRESS = threading.Condition()
 
 MAX_REPORTED_DIFFERENCES = 20
 MAX_ERROR_TEXT = 2_000
+MAX_SKIP_REASON = 2_000
 _pp = t.projection_positions
+_skips = t.projection_skips
+
+
+class SkipRefused(ValueError):
+    """A skip was asked for an event the projection has not failed on (nothing changed)."""
 
 
 class ProjectionFailed(RuntimeError):
@@ -200,6 +207,8 @@ class ProjectionRunner:
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._listening = False
+        self._skipped: dict[str, frozenset[int]] = {}
+        """Per projection, the positions an operator decided it leaves out (``skip``)."""
 
     # ------------------------------------------------------------------ tracking rows
 
@@ -225,10 +234,38 @@ class ProjectionRunner:
         self._ensure_rows()
         with self.engine.connect() as conn:
             rows = {r.name: r for r in conn.execute(select(_pp))}
+            self._skipped = _load_skips(conn)
         for tracked in self._tracked.values():
             row = rows[tracked.name]
             self._adopt(tracked, row.position, row.generation)
         self._synced = True
+
+    def _for(self, item: _Tracked, batch: Batch) -> Batch:
+        """The part of ``batch`` that ``item`` applies (all but its skipped events)."""
+        skipped = self._skipped.get(item.name)
+        return batch.without(skipped) if skipped else batch
+
+    def _resume_moved(self) -> None:
+        """Take up at once a projection waiting out a failure back-off that was moved by
+        someone else (an operator's skip, a rebuild in another process)."""
+        waiting = [i for i in self._tracked.values() if i.retry_at > time.monotonic()]
+        if not waiting:
+            return
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_pp.c.name, _pp.c.position, _pp.c.generation).where(
+                    _pp.c.name.in_([i.name for i in waiting])
+                )
+            )
+            found = {r.name: (r.position, r.generation) for r in rows}
+            moved = [i for i in waiting if found.get(i.name) != (i.committed, i.generation)]
+            if moved:
+                self._skipped = _load_skips(conn)
+        for item in moved:
+            position, generation = found[item.name]
+            self._adopt(item, position, generation)
+            item.retry_at = 0.0
+            item.failures = 0
 
     def _adopt(self, tracked: _Tracked, position: int, generation: int) -> None:
         """Take the database's position; in-memory state cannot be trusted after that."""
@@ -276,6 +313,10 @@ class ProjectionRunner:
         return ready, stale
 
     def _handle_stale(self, stale: Sequence[tuple[_Tracked, tuple[int, int] | None]]) -> None:
+        if stale:
+            # Moved by someone else, maybe past a skipped event: the skips may be new too.
+            with self.engine.connect() as conn:
+                self._skipped = _load_skips(conn)
         for item, found in stale:
             if found is None:
                 self._synced = False
@@ -321,6 +362,8 @@ class ProjectionRunner:
         with self._lock:
             if not self._synced:
                 self._sync()
+            else:
+                self._resume_moved()
             return self._catch_up(list(self._tracked.values()), self.batch_size, stop=stop)
 
     def _catch_up(
@@ -505,7 +548,7 @@ class ProjectionRunner:
         with write_transaction(self.engine) as conn:
             ready, stale = self._split_stale(conn, group, expected)
             for item in ready:
-                item.projection.apply(conn, batch)
+                item.projection.apply(conn, self._for(item, batch))
             now = time.monotonic()
             flushed = []
             for item in ready:
@@ -526,7 +569,7 @@ class ProjectionRunner:
         """
         with self.engine.connect() as conn:
             for item in group:
-                item.projection.apply(conn, batch)
+                item.projection.apply(conn, self._for(item, batch))
         now = time.monotonic()
         due = [i for i in group if i.since_flush + len(batch) >= FLUSH_EVENTS or self._due(i, now)]
         if not due:
@@ -559,7 +602,7 @@ class ProjectionRunner:
                 for item in ready:
                     try:
                         with conn.begin_nested():
-                            item.projection.apply(conn, batch)
+                            item.projection.apply(conn, self._for(item, batch))
                             item.projection.flush(conn)
                     except Exception:
                         logger.debug("projection %s failed on a batch", item.name, exc_info=True)
@@ -617,7 +660,7 @@ class ProjectionRunner:
                     if found != (item.committed, item.generation):
                         self._synced = False
                         return
-                    item.projection.apply(conn, single)
+                    item.projection.apply(conn, self._for(item, single))
                     item.projection.flush(conn)
                     self._advance(conn, {item.name: position})
             except Exception as error:
@@ -675,6 +718,7 @@ class ProjectionRunner:
             selected = [self._tracked[n] for n in names]
             with write_transaction(self.engine) as conn:
                 current = self._lock_rows(conn, names)
+                self._skipped = _load_skips(conn)
                 tables = [table for item in selected for table in item.projection.all_tables]
                 self.writer.truncate(conn, tables)
                 for item in selected:
@@ -737,6 +781,129 @@ class ProjectionRunner:
             )
             return {r.name: f"at position {r.error_position}: {r.error}" for r in rows}
 
+    # ------------------------------------------------------------------ skip
+
+    def skip(self, name: str, position: int, *, reason: str, actor: str) -> None:
+        """Move projection ``name`` past the event at ``position``, where it failed.
+
+        The decision is recorded in ``projection_skips`` (who, why, the error) in the same
+        transaction as the move, and every later replay of ``name`` leaves the event out
+        too (a rebuild, a check, another follower), so nothing is lost: the event stays in
+        the log and the record says what the read model lacks. Only the event a projection
+        recorded as failing can be skipped; anything else raises :class:`SkipRefused`.
+        """
+        [name] = select_names(name)
+        reason = reason.strip()
+        if not reason or len(reason) > MAX_SKIP_REASON or "\x00" in reason:
+            raise SkipRefused(
+                f"a skip needs a reason of at most {MAX_SKIP_REASON} characters, without NUL"
+            )
+        with self._lock, write_transaction(self.engine) as conn:
+            self._ensure_rows_in(conn)
+            row = conn.execute(
+                select(_pp.c.position, _pp.c.error, _pp.c.error_position)
+                .where(_pp.c.name == name)
+                .with_for_update()
+            ).one()
+            if row.error is None or row.error_position != position:
+                where = (
+                    f"it failed at position {row.error_position}"
+                    if row.error is not None
+                    else f"it has not failed (position {row.position})"
+                )
+                raise SkipRefused(
+                    f"projection {name!r} cannot skip position {position}: {where}; "
+                    "only the event a projection failed on can be skipped"
+                )
+            now = _now()
+            conn.execute(
+                _skips.insert().values(
+                    name=name,
+                    position=position,
+                    reason=reason,
+                    actor=without_nul(actor),
+                    error=row.error,
+                    skipped_at=now,
+                )
+            )
+            conn.execute(
+                update(_pp)
+                .where(_pp.c.name == name)
+                .values(position=position, error=None, error_position=None, updated_at=now)
+            )
+        logger.warning(
+            "projection %s skips the event at position %s (by %s): %s",
+            name,
+            position,
+            actor,
+            reason,
+        )
+        self._synced = False
+
+    def _ensure_rows_in(self, conn: Connection) -> None:
+        existing: set[str] = set(conn.scalars(select(_pp.c.name)))
+        missing = [n for n in PROJECTION_NAMES if n not in existing]
+        if missing:
+            conn.execute(
+                _pp.insert(), [{"name": n, "position": 0, "generation": 0} for n in missing]
+            )
+
+    def skips(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The recorded skips (of one projection or all), oldest position first."""
+        names = select_names(name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(_skips).where(_skips.c.name.in_(names)).order_by(_skips.c.position)
+            )
+            return [
+                {
+                    "name": r.name,
+                    "position": r.position,
+                    "reason": r.reason,
+                    "actor": r.actor,
+                    "error": r.error,
+                    "skipped_at": r.skipped_at.isoformat(),
+                }
+                for r in rows
+            ]
+
+    # ------------------------------------------------------------------ standing
+
+    def problems(self, name: str | None = None, wait: float = 0.0) -> dict[str, str]:
+        """The projections that are failed or behind the head of the log, and how.
+
+        The head is read once at the start; a projection behind it is given up to ``wait``
+        seconds to reach it (a live follower is normally a few milliseconds behind a fresh
+        commit), a failed one is reported at once.
+        """
+        names = select_names(name)
+        head = self.reader.head()
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            with self.engine.connect() as conn:
+                rows = {
+                    r.name: r
+                    for r in conn.execute(
+                        select(_pp.c.name, _pp.c.position, _pp.c.error, _pp.c.error_position)
+                    )
+                }
+            found: dict[str, str] = {}
+            behind_only = True
+            for n in names:
+                row = rows.get(n)
+                position = row.position if row is not None else 0
+                if row is not None and row.error is not None:
+                    behind_only = False
+                    found[n] = (
+                        f"failed at position {row.error_position} (position {position}, "
+                        f"head {head}): {row.error}"
+                    )
+                elif position < head:
+                    found[n] = f"behind: position {position}, head {head}"
+            if not found or not behind_only or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
     # ------------------------------------------------------------------ check
 
     def check(self, name: str | None = None) -> dict[str, list[str]]:
@@ -778,6 +945,7 @@ class ProjectionRunner:
             for table in projection.all_tables:
                 table.create(conn)
         stops = {r.name: r.position for r in conn.execute(select(_pp.c.name, _pp.c.position))}
+        skipped = _load_skips(conn)
         stop_at = {n: stops.get(n, 0) for n in names}
         position = 0
         last_stop = max(stop_at.values(), default=0)
@@ -788,11 +956,12 @@ class ProjectionRunner:
             if not batch:
                 break
             for n, projection in projections.items():
+                leave_out = skipped.get(n, frozenset())
                 if stop_at[n] >= batch.last:
-                    projection.apply(conn, batch)
+                    projection.apply(conn, batch.without(leave_out))
                 elif stop_at[n] > position:
                     rows = [row for row in batch.rows if row[0] <= stop_at[n]]
-                    projection.apply(conn, Batch(rows))
+                    projection.apply(conn, Batch(rows).without(leave_out))
                 if projection.pending >= FLUSH_PENDING:
                     projection.flush(conn)
             position = batch.last
@@ -899,6 +1068,13 @@ def _conninfo(db: Database) -> dict[str, Any]:
     if db.password:
         params["password"] = db.password
     return params
+
+
+def _load_skips(conn: Connection) -> dict[str, frozenset[int]]:
+    found: dict[str, set[int]] = {}
+    for row in conn.execute(select(_skips.c.name, _skips.c.position)):
+        found.setdefault(str(row.name), set()).add(int(row.position))
+    return {name: frozenset(positions) for name, positions in found.items()}
 
 
 # --------------------------------------------------------------------------- diff

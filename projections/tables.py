@@ -77,6 +77,19 @@ projection_positions = Table(
     Column("error_position", BigInteger, nullable=True),
 )
 
+# Events a projection leaves out, by an operator's decision (migration 0008): every replay of
+# that projection leaves out the same ones, so a rebuild reproduces the live rows.
+projection_skips = Table(
+    "projection_skips",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("skipped_at", UtcDateTime, nullable=False),
+)
+
 board = Table(
     "board",
     metadata,
@@ -207,6 +220,7 @@ stage_metrics = Table(
 
 PROJECTION_TABLES: tuple[Table, ...] = (
     projection_positions,
+    projection_skips,
     board,
     story_history,
     agent_runs,
@@ -214,4 +228,4 @@ PROJECTION_TABLES: tuple[Table, ...] = (
     story_metrics,
     stage_metrics,
 )
-"""Every table migration 0002 creates."""
+"""Every table of the projections (migration 0002 creates them, 0008 the skips)."""

@@ -240,7 +240,7 @@ def test_history_runs_metrics_and_status_agree_with_the_log(
     assert f"storyline_events_total {head}\n" in text
     coding = metrics["stories_per_stage"]["coding"]
     assert f'storyline_stories{{stage="coding"}} {coding}\n' in text
-    assert text.count("# TYPE ") == 7
+    assert text.count("# TYPE ") == 8
 
 
 def stage_seconds(events: list[dict[str, object]], now: datetime) -> dict[str, float]:
