@@ -450,6 +450,9 @@ def apply_run_event(state: RunState | None, event: LoggedEvent) -> RunState:
         state.tokens_in = data.get("tokens_in", 0)
         state.tokens_out = data.get("tokens_out", 0)
         state.cost_usd = data.get("cost_usd", 0.0)
+        # The model the agent reported using beats the configured alias of the request.
+        if data.get("model"):
+            state.model = data["model"]
         if data.get("log_path"):
             state.log_path = data["log_path"]
     return state

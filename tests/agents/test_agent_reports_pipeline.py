@@ -268,3 +268,39 @@ def test_secrets_and_base_url_reach_the_agent_env_and_own_keys_are_kept() -> Non
     strip = launcher._strip_env(agent)
     assert "ANTHROPIC_API_KEY" not in strip and "SERVER_GH_TOKEN" not in strip
     assert "OTHER_GH" in strip
+
+
+# --- observation 7: the agent_runs read model shows the model the CLI reported --------------
+
+
+def test_agent_runs_show_the_reported_model_instead_of_the_alias() -> None:
+    from datetime import UTC, datetime
+
+    from projections.state import apply_run_event
+    from service.events_log import LoggedEvent
+
+    def logged(position: int, kind: str, data: dict[str, Any]) -> LoggedEvent:
+        return LoggedEvent(
+            position,
+            "s1",
+            position,
+            kind,
+            f"storyline.{kind}.v1",
+            datetime.now(UTC),
+            "runner:coder",
+            None,
+            None,
+            None,
+            {"role": "coder", "attempt": 1, **data},
+        )
+
+    run = apply_run_event(None, logged(1, "AgentSpawnRequested", {"agent": "c", "model": "sonnet"}))
+    assert run.model == "sonnet"
+    run = apply_run_event(
+        run, logged(2, "AgentExited", {"outcome": "completed", "model": "claude-sonnet-5-5"})
+    )
+    assert run.model == "claude-sonnet-5-5"
+    old = apply_run_event(None, logged(1, "AgentSpawnRequested", {"agent": "c", "model": "sonnet"}))
+    assert (
+        apply_run_event(old, logged(2, "AgentExited", {"outcome": "completed"})).model == "sonnet"
+    )
