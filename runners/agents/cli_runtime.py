@@ -425,6 +425,13 @@ class CliRunningAgent:
     def _line(self, line: bytes, is_stdout: bool) -> None:
         self._log.write(line)
         event = self._parser.feed(line) if is_stdout else None
+        if event is not None and event.get("subtype") == "api_retry":
+            # The CLI announces its back-off and then waits on the provider in silence: it
+            # is alive for that long (plus the usual timeout once it tries again).
+            delay = event.get("retry_delay_ms")
+            if isinstance(delay, (int, float)) and not isinstance(delay, bool) and delay > 0:
+                with self._lock:
+                    self._last_output = max(self._last_output, time.monotonic() + delay / 1000)
         if event is None:
             # A plain line (stderr, or stdout that is not stream-json) is what a CLI that
             # refuses to start prints: the last one goes into the exit reason.

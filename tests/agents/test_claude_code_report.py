@@ -8,6 +8,7 @@ bytes and exit status the CLI produced.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -133,3 +134,32 @@ def test_result_text_and_denials_never_carry_a_secret(tmp_path: Path) -> None:
     result = CliRuntime().start(spec).wait(WAIT)
     assert result.result_text == "[redacted] commit."
     assert secret not in spec.log_path.read_text()
+
+
+def test_a_cli_backing_off_after_an_api_retry_line_is_alive(tmp_path: Path) -> None:
+    # The CLI's own lines: its init, an api_retry (its back-off stretched to 4 s), then
+    # silence while it waits on the provider, then its result. Inactivity is 1.5 s.
+    lines = (FIXTURES / "api_overloaded.jsonl").read_text().splitlines()
+    init = next(line for line in lines if '"subtype":"init"' in line)
+    retry = json.loads(next(line for line in lines if '"api_retry"' in line))
+    retry["retry_delay_ms"] = 4000
+    result = (FIXTURES / "success_commit.jsonl").read_text().splitlines()[-1]
+    script = (
+        "import sys, time\n"
+        f"print({init!r}, flush=True)\n"
+        f"print({json.dumps(retry)!r}, flush=True)\n"
+        "time.sleep(3)\n"
+        f"print({result!r}, flush=True)\n"
+    )
+    spec = _replay_spec(tmp_path, "success_commit", 0)
+    agent = AgentConfig(name="replay", runtime="cli", command=sys.executable, args=["-c", script])
+    spec = SpawnSpec(
+        **{
+            **{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+            "agent": agent,
+            "inactivity_timeout_secs": 1.5,
+        }
+    )
+    outcome = CliRuntime().start(spec).wait(WAIT)
+    assert outcome.outcome == "completed", outcome.error
+    assert outcome.api_retries == 1
