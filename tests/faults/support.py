@@ -80,6 +80,7 @@ class Server:
         self.process: subprocess.Popen[str] | None = None
         self.starts = 0
         self.kills = 0
+        self.start_secs: list[float] = []  # how long each start took until /healthz answered
         # The tail of every incarnation's output, for a failing test's message.
         self.log: collections.deque[str] = collections.deque(maxlen=400)
 
@@ -96,7 +97,8 @@ class Server:
             "warning",
             *self.options,
         )
-        deadline = time.monotonic() + 60
+        began = time.monotonic()
+        deadline = began + 60
         while True:
             process = run_serve(*args)
             try:
@@ -109,6 +111,7 @@ class Server:
                 time.sleep(0.2)
         self.process = process
         self.starts += 1
+        self.start_secs.append(round(time.monotonic() - began, 1))
         # Drain both pipes: a server logging tracebacks during an outage would otherwise
         # fill the pipe and block, which is not the fault under test.
         for stream in (process.stdout, process.stderr):
@@ -163,6 +166,7 @@ class Command:
     answer: dict[str, Any] | None = None  # the acknowledged (2xx) body
     failure: str | None = None  # the final error, when no 2xx ever came
     sends: int = 0
+    secs: float = 0.0  # from the first send to the final answer
 
 
 @dataclass
@@ -246,19 +250,21 @@ class Load:
     def _send(self, command: Command, call: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         with self._lock:
             self.commands.append(command)
-        deadline = time.monotonic() + self.resend_for
+        began = time.monotonic()
         while True:
             command.sends += 1
             try:
                 answer = call()
             except ClientError as exc:
                 self._tally(f"{exc.status} {exc.code}")
-                if exc.code in RESEND and time.monotonic() < deadline:
+                command.secs = time.monotonic() - began
+                if exc.code in RESEND and command.secs < self.resend_for:
                     time.sleep(random.uniform(0.05, 0.2))
                     continue
                 command.failure = f"{exc.status} {exc.code}: {exc.message}"
                 return None
             self._tally("2xx")
+            command.secs = time.monotonic() - began
             command.answer = answer
             return answer
 

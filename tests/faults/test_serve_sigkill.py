@@ -16,9 +16,13 @@ import pytest
 from service.settings import Database
 from tests.faults.support import Load, Server, projections_check, read_log, reconcile
 
-KILLS = 6
+KILLS = 4
 ACKS_BETWEEN_KILLS = 25
 """Commands acknowledged by each incarnation before it is killed: every kill lands under load."""
+SLOWEST_COMMAND_SECS = 40.0
+"""A command's first send to its acknowledgement spans at most a restart or two of serve
+(seconds each, more on a busy machine); a key left claimed by a killed server must not hold
+its resends for the claim's whole 60 s lease (issue 12, item 7)."""
 
 
 @pytest.mark.slow
@@ -46,10 +50,13 @@ def test_sigkill_under_keyed_load_loses_and_repeats_nothing(
         server.stop()
     elapsed = time.monotonic() - started
     resends = sum(c.sends - 1 for c in load.commands)
+    slowest = max(load.commands, key=lambda c: c.secs)
     print(
         f"\n[faults] serve SIGKILL on {database.kind}: kills={server.kills} "
         f"{ledger.line()} resends={resends} answers={dict(load.answers)} "
-        f"projections_check={check.returncode} elapsed={elapsed:.1f}s"
+        f"projections_check={check.returncode} slowest command={slowest.secs:.1f}s "
+        f"elapsed={elapsed:.1f}s "
+        f"(serve starts took {server.start_secs} s)"
     )
     failures = [f"{c.key} {c.kind}: {c.failure}" for c in load.commands if c.failure]
     assert not failures, failures[:10]
@@ -59,3 +66,4 @@ def test_sigkill_under_keyed_load_loses_and_repeats_nothing(
     errors = [o for o in load.answers if o.startswith("5") and not o.startswith("503 ")]
     assert not errors, load.answers
     assert check.returncode == 0, check.stdout + check.stderr
+    assert slowest.secs < SLOWEST_COMMAND_SECS, (slowest, load.answers)
