@@ -190,7 +190,8 @@ def _agent_exited(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     outcome = d["outcome"]
     if role == "coder":
         s.last_coder_outcome = outcome
-    if outcome == "aborted_before_session":
+    # As in the domain: a provider outage is capped like a crash before a session.
+    if outcome in ("aborted_before_session", "provider_unavailable"):
         s.abort_respawns += 1
     else:
         s.abort_respawns = 0
