@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from eventsourcing.persistence import OperationalError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.error_shapes import DOMAIN_STATUS, domain_error_body, domain_status, error_body
 from domain.errors import DomainError
+from service.db_errors import describe, unavailable_errors
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,11 @@ async def _database_handler(request: Request, exc: Exception) -> JSONResponse:
     # The database refused or could not take the work now (unreachable, or on SQLite every
     # writer slot busy past the pool's timeout): nothing was committed (a claimed
     # idempotency key was released), so the same request may simply be sent again.
-    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    # One line with the cause: during an outage every request fails the same way, and a
+    # traceback each would bury the log.
+    logger.warning(
+        "database unavailable on %s %s: %s", request.method, request.url.path, describe(exc)
+    )
     response = error_response(
         503, "database_unavailable", "the database is unavailable or busy; retry shortly"
     )
@@ -131,7 +135,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_exception_handler(OperationalError, _database_handler)
+    for database_error in unavailable_errors():
+        app.add_exception_handler(database_error, _database_handler)
     app.add_exception_handler(Exception, _unexpected_handler)
 
 

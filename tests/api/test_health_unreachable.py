@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import socket
 import threading
 import time
@@ -143,3 +144,31 @@ def test_healthz_answers_with_the_database_down_when_its_port_is_closed(
     assert client.get("/healthz").status_code == 200
     relay.refuse()
     assert_down(client.get("/healthz", timeout=20))
+
+
+# The read models (SQLAlchemy) and the log reader (psycopg's pool). Story reads and commands
+# go through the event store's pool, which retries for long before it gives up (a pool
+# matter); its failure takes the same handler.
+DATABASE_PATHS = ["/stories", "/board", "/merge-queue", "/agents/runs", "/events"]
+
+
+def test_requests_while_the_database_is_away_are_503_with_one_log_line(
+    relayed: tuple[LiveServer, Relay], caplog: pytest.LogCaptureFixture
+) -> None:
+    live, relay = relayed
+    client = live.client()
+    assert (
+        client.post("/stories", json={"name": "n", "acceptance_criteria": ["a"]}).status_code == 201
+    )
+    relay.refuse()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        answers = {path: client.get(path, timeout=60) for path in DATABASE_PATHS}
+    for path, response in answers.items():
+        assert response.status_code == 503, (path, response.text)
+        assert response.json()["error"]["code"] == "database_unavailable", path
+    for record in caplog.records:
+        assert record.exc_info is None, record.getMessage()  # no traceback
+        assert "\n" not in record.getMessage(), record.getMessage()
+    logged = [r for r in caplog.records if r.name == "api.errors"]
+    assert len(logged) == len(DATABASE_PATHS), [r.getMessage() for r in caplog.records]
