@@ -47,6 +47,7 @@ from projections.engine import BulkWriter, create_projection_engine, without_nul
 from projections.log import Batch, EventReader
 from projections.names import PROJECTION_NAMES
 from service.application import events_table
+from service.db_errors import describe, is_unavailable
 from service.settings import Database
 
 if TYPE_CHECKING:
@@ -425,8 +426,13 @@ class ProjectionRunner:
             # and folded again next time).
             try:
                 self._wait_in_flight()
-            except Exception:
-                logger.exception("a pipelined batch failed; it will be applied again")
+            except Exception as error:
+                if is_unavailable(error):
+                    logger.warning(
+                        "a pipelined batch failed (%s); it is applied again", describe(error)
+                    )
+                else:
+                    logger.exception("a pipelined batch failed; it will be applied again")
                 self._synced = False
             self._flush_pending(tracked)
         return applied
@@ -637,8 +643,13 @@ class ProjectionRunner:
                 for item in ready:
                     item.projection.flush(conn)
                 self._advance(conn, {item.name: item.position for item in ready})
-        except Exception:
-            logger.exception("could not write the projections' pending changes")
+        except Exception as error:
+            if is_unavailable(error):
+                logger.warning(
+                    "could not write the projections' pending changes: %s", describe(error)
+                )
+            else:
+                logger.exception("could not write the projections' pending changes")
             self._rewind(waiting)
             return False
         self._committed(ready)
@@ -1031,9 +1042,17 @@ class ProjectionRunner:
             try:
                 self._run(self._stop)
                 errors = 0
-            except Exception:
+            except Exception as error:
                 errors += 1
-                logger.exception("projection runner pass failed (attempt %d)", errors)
+                if is_unavailable(error):
+                    # Expected while the database is away: the cause, not a traceback each try.
+                    logger.warning(
+                        "projection runner pass failed (attempt %d): database unavailable: %s",
+                        errors,
+                        describe(error),
+                    )
+                else:
+                    logger.exception("projection runner pass failed (attempt %d)", errors)
                 self._stop.wait(min(0.5 * 2**errors, 30.0))
                 continue
             if self._wake.wait(self.poll_interval) and self.linger:

@@ -172,3 +172,28 @@ def test_requests_while_the_database_is_away_are_503_with_one_log_line(
         assert "\n" not in record.getMessage(), record.getMessage()
     logged = [r for r in caplog.records if r.name == "api.errors"]
     assert len(logged) == len(DATABASE_PATHS), [r.getMessage() for r in caplog.records]
+
+
+def test_the_projection_follower_logs_one_line_per_failed_pass_while_the_database_is_away(
+    relayed: tuple[LiveServer, Relay], caplog: pytest.LogCaptureFixture
+) -> None:
+    from projections import ProjectionRunner
+
+    live, relay = relayed
+    runner = ProjectionRunner(live.service.db, live.service.app, poll_interval=0.05)
+    runner.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="projections"):
+            relay.refuse()
+            deadline = time.monotonic() + 60
+            while not any("attempt 2" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+                time.sleep(0.05)
+    finally:
+        runner.stop()
+    failures = [r for r in caplog.records if r.name.startswith("projections")]
+    assert failures
+    for record in failures:
+        assert record.exc_info is None, record.getMessage()
+        assert "\n" not in record.getMessage()
+    assert any("database unavailable" in r.getMessage() for r in failures)
