@@ -144,3 +144,22 @@ def test_cli_as_of_must_be_ascii_digits_or_a_time(tmp_path: Path, database: Data
     assert shown.returncode == 2, shown.stderr
     assert "Traceback" not in shown.stderr
     assert "--as-of" in shown.stderr
+
+
+EDGE_TIMES = [
+    "0001-01-01T00:00:00+23:59",
+    "0001-01-01T00:00:00",
+    "9999-12-31T23:59:59-23:59",
+    "9999-12-31T23:59:59.999999",
+    "2026-01-01T00:00:00.123456789+00:00",
+    "99999999999999999",
+    "999999999999999999",
+]
+
+
+def test_as_of_at_the_edges_of_time_and_position_is_never_a_500(live: LiveServer) -> None:
+    client = live.client()
+    new_story(client)
+    for value in EDGE_TIMES:
+        response = client.get("/stories/1", params={"as_of": value})
+        assert response.status_code in (200, 404, 422), (value, response.text)
