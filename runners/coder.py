@@ -22,6 +22,7 @@ from runners.gates import run_story_gates
 from runners.git_ops import GitError, Worktrees
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
+from runners.reasons import readable
 from service.application import StorylineApplication
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,11 @@ class CoderReactions:
     def _block(self, story: Story, reason: str) -> bool:
         try:
             self.app.transition(
-                story.id, "block", actor=ACTOR_CODER, expected_version=story.version, reason=reason
+                story.id,
+                "block",
+                actor=ACTOR_CODER,
+                expected_version=story.version,
+                reason=readable(reason),
             )
         except (VersionConflict, IllegalTransition):
             return False
