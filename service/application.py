@@ -84,7 +84,9 @@ def persistence_env(db: Database, *, pool_size: int = 5) -> dict[str, str]:
         "APPLICATION_RECORDER_TOPIC": "service.recorder:StorylinePostgresRecorder",
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": "10",
-        "POSTGRES_CONNECT_TIMEOUT": "10",
+        # How long a command waits for a pooled connection (the library names it so): an
+        # outage is answered 503 in about this plus the recorder's retry budget.
+        "POSTGRES_CONNECT_TIMEOUT": "5",
         # A pooled connection is checked when it is taken: after a PostgreSQL restart every
         # idle one is dead, and each would fail a request (a 503) before the pool replaced
         # it. The check pings only a connection the server wrote to (service/pg_pool.py).

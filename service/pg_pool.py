@@ -70,3 +70,18 @@ class StorylinePostgresFactory(PostgresFactory):
         # library set its pre-ping there, so a different pool keeps the library's check.
         if getattr(pool, "_check", None) is ConnectionPool.check_connection:
             pool._check = check_if_spoken_to(pool)
+        if isinstance(pool.kwargs, dict):
+            pool.kwargs.update(DEAD_PEER_KWARGS)
+
+
+DEAD_PEER_KWARGS = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+"""libpq settings for a server whose host vanished (no RST, no FIN): without them a query
+on such a connection waits for the kernel's own retransmission limit, about 15 minutes.
+Unacknowledged data for 10 s, or an idle connection unanswered for 25 s, ends it, and the
+request is answered 503. A server that is up but hung is not detected this way."""

@@ -32,8 +32,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Any
+from functools import partial, wraps
+from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.persistence import (
@@ -44,7 +44,6 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
-from eventsourcing.utils import retry
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composable, Identifier
@@ -58,11 +57,47 @@ from service.idempotency import (
 )
 
 SelectKey = tuple[bool, bool, bool, bool]
+_T = TypeVar("_T")
 _PG_MARK_SQL = MARK_SQL.replace("?", "%s")
 
 INSERT_ATTEMPTS = 10
 """Attempts per insert when the connection fails (the library's own retry budget)."""
 INSERT_RETRY_WAIT = 0.2
+RETRY_BUDGET_SECS = 5.0
+"""No new attempt starts this long after the first one began.
+
+The library retries ten times, and with the database away each attempt waits the pool's
+timeout for a connection: a request took 100 s to be answered 503. A restart (a second or
+two) is still bridged without the client noticing; an outage is answered within about a
+pool timeout plus this."""
+
+
+def _give_up(failures: int, started: float) -> bool:
+    return failures >= INSERT_ATTEMPTS or time.monotonic() - started >= RETRY_BUDGET_SECS
+
+
+def _pause() -> None:
+    time.sleep(INSERT_RETRY_WAIT * (1 + 0.1 * (random.random() - 0.5)))
+
+
+def _retrying(function: Callable[..., _T]) -> Callable[..., _T]:
+    """Retry ``function`` on a failed connection, within the attempts and the time budget."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        started = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return function(*args, **kwargs)
+            except _RETRYABLE:
+                failures += 1
+                if _give_up(failures, started):
+                    raise
+                _pause()
+
+    return wrapper
+
 
 _RETRYABLE = (InterfaceError, OperationalError)
 
@@ -131,6 +166,7 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
         """Run ``attempt`` until it succeeds, retrying a failed connection; a key violation
         after a failed attempt is resolved by reading the rows back (see the module doc)."""
         failures = 0
+        started = time.monotonic()
         ambiguous = False
         while True:
             try:
@@ -148,13 +184,13 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
                 # violation may be our own commit.
                 ambiguous = True
                 failures += 1
-                if failures >= INSERT_ATTEMPTS:
+                if _give_up(failures, started):
                     # Unknown whether it committed: an OperationalError is what the API
                     # answers as 503, and a resend with the same key resolves it.
                     if isinstance(exc, OperationalError):
                         raise
                     raise OperationalError(str(exc)) from exc
-                time.sleep(INSERT_RETRY_WAIT * (1 + 0.1 * (random.random() - 0.5)))
+                _pause()
 
     def _ids_if_ours(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:
         """The log positions of ``stored_events`` if the store holds exactly these events
@@ -260,7 +296,7 @@ class StorylinePostgresRecorder(PostgresApplicationRecorder):
             statement += SQL(" LIMIT %s")
         return statement
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    @_retrying
     def select_events(
         self,
         originator_id: UUID | str,

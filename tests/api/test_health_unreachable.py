@@ -197,3 +197,32 @@ def test_the_projection_follower_logs_one_line_per_failed_pass_while_the_databas
         assert record.exc_info is None, record.getMessage()
         assert "\n" not in record.getMessage()
     assert any("database unavailable" in r.getMessage() for r in failures)
+
+
+def test_story_reads_and_commands_are_answered_503_while_the_database_is_away(
+    relayed: tuple[LiveServer, Relay],
+) -> None:
+    """The event store's pool and retries give up within a bounded time: before, with
+    the database refusing connections, a story read or a command took 100 s (ten
+    attempts, each waiting the pool's timeout) and this client timed out first."""
+    live, relay = relayed
+    client = live.client()
+    created = client.post("/stories", json={"name": "n", "acceptance_criteria": ["a"]})
+    assert created.status_code == 201
+    sid = created.json()["id"]
+    relay.refuse()
+    requests = {
+        "read": lambda: client.get(f"/stories/{sid}", timeout=45),
+        "transition": lambda: client.post(
+            f"/stories/{sid}/transitions", json={"event": "start_coding"}, timeout=45
+        ),
+        "create": lambda: client.post(
+            "/stories", json={"name": "m", "acceptance_criteria": ["a"]}, timeout=45
+        ),
+    }
+    for what, send in requests.items():
+        started = time.monotonic()
+        response = send()
+        print(f"{what}: {response.status_code} in {time.monotonic() - started:.1f} s")
+        assert response.status_code == 503, (what, response.text)
+        assert response.json()["error"]["code"] == "database_unavailable", what
