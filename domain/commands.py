@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from domain.errors import InvalidCommand, InvalidField, UnknownEvent
@@ -143,6 +143,17 @@ class MergeFailedData(_Data):
     conflicts: Annotated[list[PathText], Field(max_length=10_000)] = []
 
 
+class ProviderBreakerOpenedData(_Data):
+    provider: Label
+    consecutive_failures: Annotated[int, Field(ge=1, le=10_000)]
+    open_until: AwareDatetime
+    opened_times: Annotated[int, Field(ge=1, le=10_000)]
+
+
+class ProviderBreakerClosedData(_Data):
+    provider: Label
+
+
 @dataclass(frozen=True)
 class Policy:
     """The configuration values that guards need (from ``storyline.toml``)."""
@@ -234,6 +245,23 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     "demote": _spec(NoData, lambda s, a, r, d, p, deps: s.demote(actor=a, reason=r)),
     "archive": _spec(NoData, lambda s, a, r, d, p, deps: s.archive(actor=a, reason=r)),
     "add_note": _spec(NoData, lambda s, a, r, d, p, deps: s.add_note(actor=a, text=r)),
+    "provider_breaker_opened": _spec(
+        ProviderBreakerOpenedData,
+        lambda s, a, r, d, p, deps: s.provider_breaker_opened(
+            actor=a,
+            reason=r,
+            provider=d.provider,
+            consecutive_failures=d.consecutive_failures,
+            open_until=d.open_until,
+            opened_times=d.opened_times,
+        ),
+    ),
+    "provider_breaker_closed": _spec(
+        ProviderBreakerClosedData,
+        lambda s, a, r, d, p, deps: s.provider_breaker_closed(
+            actor=a, reason=r, provider=d.provider
+        ),
+    ),
 }
 
 assert set(COMMANDS) == set(EVENT_NAMES), "every transition needs a command handler"

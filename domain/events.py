@@ -183,6 +183,7 @@ class AgentExited(StoryEvent):
         if self.role is AgentRole.CODER:
             story.last_coder_outcome = self.outcome
         story.last_agent_error = None if self.outcome is AgentOutcome.COMPLETED else self.reason
+        story.last_agent_exit_at = self.timestamp
         if self.outcome is AgentOutcome.ABORTED_BEFORE_SESSION:
             story.abort_respawns += 1
             # A crash before any session: stored sessions are pruned so the respawn is cold.
@@ -406,6 +407,35 @@ class NoteAdded(StoryEvent):
         story.notes += 1
 
 
+class _NotAStep(StoryEvent):
+    """An event recorded on a story that is not a step of its state machine (as
+    ``NoteAdded``): ``last_event`` and ``state_version`` stay, so the runners' next step
+    and a command's expected version are unaffected."""
+
+    def apply(self, aggregate: Any) -> None:
+        self.apply_to(aggregate)
+
+
+class ProviderBreakerOpened(_NotAStep):
+    """A model provider failed ``consecutive_failures`` runs in a row: no agent of this
+    provider is spawned before ``open_until``. Recorded on the story whose exit opened it;
+    ``opened_times`` counts openings without a close in between (it sets the back-off)."""
+
+    TOPIC: ClassVar[str] = "storyline.ProviderBreakerOpened.v1"
+    provider: str
+    consecutive_failures: int
+    open_until: datetime
+    opened_times: int
+
+
+class ProviderBreakerClosed(_NotAStep):
+    """The half-open probe run reached the provider: spawns resume. Recorded on the
+    probe's story."""
+
+    TOPIC: ClassVar[str] = "storyline.ProviderBreakerClosed.v1"
+    provider: str
+
+
 EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     StoryCreated,
     CodingStarted,
@@ -428,6 +458,8 @@ EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     StoryDemoted,
     StoryArchived,
     NoteAdded,
+    ProviderBreakerOpened,
+    ProviderBreakerClosed,
 )
 
 EVENTS_BY_NAME: dict[str, type[StoryEvent]] = {cls.__name__: cls for cls in EVENT_CLASSES}

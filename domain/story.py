@@ -30,6 +30,8 @@ from domain.events import (
     MergeStarted,
     MergeSucceeded,
     NoteAdded,
+    ProviderBreakerClosed,
+    ProviderBreakerOpened,
     StoryArchived,
     StoryBlocked,
     StoryCreated,
@@ -135,6 +137,8 @@ class Story(BaseAggregate[str]):
         self.last_coder_outcome: AgentOutcome | None = None
         self.last_agent_error: str | None = None
         """The reason recorded with the last agent exit that did not complete."""
+        self.last_agent_exit_at: datetime | None = None
+        """When the last agent exit was recorded (the provider breaker counts each once)."""
         self.sessions: dict[str, str] = {}
         self.last_gate_output: str | None = None
         self.worktree_path: str | None = None
@@ -553,6 +557,40 @@ class Story(BaseAggregate[str]):
         text = _clean_text(text, "note", max_len=10_000, allow_newlines=True)
         self.trigger_event(
             NoteAdded, actor=actor, reason=text, from_stage=self.stage, to_stage=self.stage
+        )
+
+    def provider_breaker_opened(
+        self,
+        *,
+        actor: str,
+        reason: str | None,
+        provider: str,
+        consecutive_failures: int,
+        open_until: datetime,
+        opened_times: int,
+    ) -> None:
+        self._require_stage("provider_breaker_opened", Stage.CODING)
+        self.trigger_event(
+            ProviderBreakerOpened,
+            actor=actor,
+            reason=reason,
+            from_stage=self.stage,
+            to_stage=self.stage,
+            provider=provider,
+            consecutive_failures=consecutive_failures,
+            open_until=open_until,
+            opened_times=opened_times,
+        )
+
+    def provider_breaker_closed(self, *, actor: str, reason: str | None, provider: str) -> None:
+        self._require_stage("provider_breaker_closed", Stage.CODING)
+        self.trigger_event(
+            ProviderBreakerClosed,
+            actor=actor,
+            reason=reason,
+            from_stage=self.stage,
+            to_stage=self.stage,
+            provider=provider,
         )
 
     def accepts_expected_version(self, expected: int) -> bool:

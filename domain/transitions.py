@@ -35,6 +35,10 @@ TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     "archive": ("StoryArchived", (Stage.DONE, Stage.BACKLOG, Stage.BLOCKED)),
     # Not a move: a note (its text is the reason) may be added to a story in any stage.
     "add_note": ("NoteAdded", tuple(Stage)),
+    # Not moves either: a runner's provider circuit breaker, recorded on the story whose
+    # agent exit opened it or whose probe run closed it.
+    "provider_breaker_opened": ("ProviderBreakerOpened", (Stage.CODING,)),
+    "provider_breaker_closed": ("ProviderBreakerClosed", (Stage.CODING,)),
 }
 
 EVENT_NAMES: tuple[str, ...] = tuple(TRANSITIONS)

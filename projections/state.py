@@ -298,15 +298,18 @@ _STORY_HANDLERS: dict[str, Callable[[StoryState, LoggedEvent, dict[str, Any]], N
 fields)."""
 
 
+_NOT_STEPS = frozenset({"NoteAdded", "ProviderBreakerOpened", "ProviderBreakerClosed"})
+
+
 def apply_story_event(state: StoryState | None, event: LoggedEvent) -> StoryState:
     """Fold one event into a story's state (mutated in place and returned)."""
     if state is None:
         state = StoryState(event.story_id, created_at=event.timestamp)
     # As in StoryEvent.apply: the stage moves first, then the event-specific change, which
     # may look at the new stage (AgentExited counts a transient mergemaster exit that way).
-    if event.type == "NoteAdded":
-        # As NoteAdded.apply: a note is not a step, so the board keeps the last step's event,
-        # actor and reason (the note itself is in the history).
+    if event.type in _NOT_STEPS:
+        # As NoteAdded.apply: a note (or a provider breaker's record) is not a step, so the
+        # board keeps the last step's event, actor and reason (the note is in the history).
         state.version = event.version
         state.position = event.position
         state.last_change = event.timestamp

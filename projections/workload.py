@@ -92,6 +92,20 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
                 options.append((("start_gates", {"commits_ahead": rng.randrange(0, 4)}, None), 80))
                 options.append((("uncommitted_changes_found", {"paths": ["a.py"]}, None), 5))
             options += [(block, 3), (("demote", {}, "demoted by the workload"), 2)]
+            if story.last_coder_outcome in (
+                AgentOutcome.ABORTED_BEFORE_SESSION,
+                AgentOutcome.PROVIDER_UNAVAILABLE,
+            ):
+                # A runner's provider breaker: recorded on a story, never a step.
+                opened = {
+                    "provider": "coder-1",
+                    "consecutive_failures": 3,
+                    "open_until": "2026-01-01T00:00:10+00:00",
+                    "opened_times": rng.randrange(1, 4),
+                }
+                options.append((("provider_breaker_opened", opened, "3 provider failures"), 20))
+                closed = {"provider": "coder-1"}
+                options.append((("provider_breaker_closed", closed, "the probe ran"), 10))
     elif stage is Stage.GATES:
         passed = {"feature_branch": f"feature/story-{story.id}", "commits_ahead": 2, "output": "ok"}
         options = [

@@ -68,6 +68,15 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     d.send("spawn_agent", **CODER)
     d.send("agent_started", attempt=1, pid=4242)
     d.send("agent_exited", attempt=1, outcome="completed")
+    opened = d.send(
+        "provider_breaker_opened",
+        provider="coder",
+        consecutive_failures=3,
+        open_until="2026-01-01T00:00:10+00:00",
+        opened_times=1,
+    )
+    assert (opened["stage"], opened["last_event"]) == ("coding", "AgentExited")
+    d.send("provider_breaker_closed", provider="coder")
     d.send("uncommitted_changes_found", paths=["src/app.py"])
     assert d.send("start_gates", commits_ahead=1)["stage"] == "gates"
     failed = d.send("gates_failed", output="1 failed, 3 passed")

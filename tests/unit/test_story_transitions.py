@@ -33,6 +33,13 @@ DATA: dict[str, dict[str, Any]] = {
     "start_merge": {"base_sha": "abc"},
     "merge_succeeded": {"merge_commit": "cafe", "base_branch": "main"},
     "merge_failed": {"kind": "no_commits"},
+    "provider_breaker_opened": {
+        "provider": "coder",
+        "consecutive_failures": 3,
+        "open_until": "2026-01-01T00:00:10+00:00",
+        "opened_times": 1,
+    },
+    "provider_breaker_closed": {"provider": "coder"},
 }
 REASON = "because the test says so"
 
@@ -107,6 +114,9 @@ def test_every_named_event_has_a_row() -> None:
         "merge_succeeded",
         "merge_failed",
         "add_note",  # legal in every stage: tests/unit/test_note_added.py
+        # not steps, legal in coding: tests/unit/test_breaker_events.py
+        "provider_breaker_opened",
+        "provider_breaker_closed",
     }
     assert covered == set(EVENT_NAMES)
 
