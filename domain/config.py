@@ -266,6 +266,11 @@ class StorylineConfig(_Strict):
     max_mergemasters: Annotated[int, Field(ge=1, le=64)] = 1
     abort_respawn_cap: Annotated[int, Field(ge=1, le=100)] = 5
     mergemaster_respawn_cap: Annotated[int, Field(ge=1, le=100)] = 3
+    provider_breaker_failures: Annotated[int, Field(ge=1, le=100)] = 3
+    """Consecutive ``provider_unavailable`` exits of one ``[[agent]]`` that open its circuit
+    breaker: no spawns for it until the back-off ends, then one probe run."""
+    provider_breaker_base_secs: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """How long a breaker first stays open; doubled at each re-opening, at most 5 minutes."""
     inactivity_timeout_secs: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 600.0
     worktree_parallelism: Annotated[int, Field(ge=1, le=64)] = 4
     prompt_file: str = ".storyline/prompt.md"
