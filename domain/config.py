@@ -94,7 +94,7 @@ class FixupCaps(_Strict):
 
 
 AgentStage = Literal["coder", "mergemaster"]
-AgentRuntime = Literal["claude-code", "cli", "openai"]
+AgentRuntime = Literal["claude-code", "cli", "openai", "codex"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names whose values are conventionally secrets (kept in step with runners' redaction).
@@ -135,6 +135,11 @@ mcp``: story, history, gate output, verdicts, notes). The gate commands are adde
 time."""
 
 
+CODEX_ARGS = ["exec", "--json"]
+"""OpenAI's Codex CLI non-interactively, printing its events as JSON lines. The runtime adds
+the sandbox, the model provider, the MCP server, the session to resume and the prompt."""
+
+
 class AgentConfig(_Strict):
     """One ``[[agent]]`` entry."""
 
@@ -155,10 +160,12 @@ class AgentConfig(_Strict):
     max_budget_usd: Annotated[float, Field(gt=0, le=100_000)] | None = None
     base_url: str | None = None
     """``openai``: the OpenAI-compatible endpoint, e.g. ``http://127.0.0.1:8000/v1``;
-    ``claude-code``: the agent's ``ANTHROPIC_BASE_URL``."""
+    ``claude-code``: the agent's ``ANTHROPIC_BASE_URL``; ``codex``: a Responses API model
+    provider of its own (``-c model_providers.storyline.base_url=...``)."""
     api_key_env: str | None = None
     """Name of the server's variable holding the key (never the key). ``claude-code``: the
-    agent gets it as ``ANTHROPIC_API_KEY``; ``cli``: under its own name."""
+    agent gets it as ``ANTHROPIC_API_KEY``; ``codex``: as ``OPENAI_API_KEY``; ``cli``: under
+    its own name."""
     command_timeout_secs: Annotated[float, Field(gt=0, le=3600)] = 120.0
     """``openai`` runtime: timeout of one ``run_command`` tool call."""
     max_run_secs: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
@@ -172,6 +179,14 @@ class AgentConfig(_Strict):
     """``claude-code``: permission rules passed as ``--allowedTools`` (with the gates')."""
     allow_gate_commands: bool = True
     """``claude-code``: also allow the project's gate commands (``Bash(<command>:*)``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _codex_defaults(cls, data: object) -> object:
+        # The defaults of command and args are Claude Code's; a codex agent gets its own.
+        if isinstance(data, dict) and data.get("runtime") == "codex":
+            data = {"command": "codex", "args": list(CODEX_ARGS), **data}
+        return data
 
     @model_validator(mode="after")
     def _combinations(self) -> AgentConfig:
@@ -213,7 +228,30 @@ class AgentConfig(_Strict):
                 raise ValueError(
                     "api_key_env and secrets.ANTHROPIC_API_KEY both set the claude-code key"
                 )
+        if self.runtime == "codex":
+            self._codex_combinations()
         return self
+
+    def _codex_combinations(self) -> None:
+        if not self.args or self.args[0] != "exec" or "--json" not in self.args:
+            raise ValueError(
+                "runtime 'codex' needs args starting with exec and holding --json "
+                "(codex exec --json is what storyline reads)"
+            )
+        if any("{{prompt}}" in arg for arg in self.args):
+            raise ValueError(
+                "runtime 'codex' passes the prompt itself (after the session to resume); "
+                "remove {{prompt}} from args"
+            )
+        if self.max_turns is not None or self.max_budget_usd is not None:
+            raise ValueError(
+                "the Codex CLI has no turn or spending cap: max_turns and max_budget_usd "
+                "cannot work with runtime 'codex'; use max_run_secs"
+            )
+        if self.base_url and "OPENAI_BASE_URL" in self.env:
+            raise ValueError("base_url and env.OPENAI_BASE_URL both set the codex base URL")
+        if self.api_key_env and "OPENAI_API_KEY" in self.secrets:
+            raise ValueError("api_key_env and secrets.OPENAI_API_KEY both set the codex key")
 
     def agent_env(self) -> dict[str, str]:
         """The plain variables this agent gets, ``base_url`` included (claude-code)."""
@@ -227,6 +265,8 @@ class AgentConfig(_Strict):
         secrets = dict(self.secrets)
         if self.api_key_env and self.runtime == "claude-code":
             secrets["ANTHROPIC_API_KEY"] = self.api_key_env
+        elif self.api_key_env and self.runtime == "codex":
+            secrets["OPENAI_API_KEY"] = self.api_key_env
         elif self.api_key_env and self.runtime == "cli":
             secrets[self.api_key_env] = self.api_key_env
         return secrets

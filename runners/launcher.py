@@ -150,7 +150,7 @@ class AgentLauncher:
         coder = req.role is AgentRole.CODER
         inject = coder and (story.retry_count > 0 or story.fixup_pending)
         mcp = None
-        if self.api_url and req.agent.runtime == "claude-code":
+        if self.api_url and req.agent.runtime in ("claude-code", "codex"):
             mcp = write_mcp_config(
                 self.log_dir / story.id / f"{req.role.value}-{attempt}.mcp.json",
                 url=self.api_url,

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLAUDE_CODE_VERSION="2.1.332"
+CODEX_VERSION="0.171.0"
 prefix="$PWD/.tools/npm"
 
 if ! command -v npm >/dev/null 2>&1; then
@@ -23,4 +24,10 @@ if [ "$(installed_version @anthropic-ai/claude-code || true)" != "$CLAUDE_CODE_V
   npm install --global --prefix "$prefix" --no-audit --no-fund --loglevel=error \
     "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION"
 fi
+if [ "$(installed_version @openai/codex || true)" != "$CODEX_VERSION" ]; then
+  echo "install-agent-clis: installing @openai/codex@$CODEX_VERSION into $prefix"
+  npm install --global --prefix "$prefix" --no-audit --no-fund --loglevel=error \
+    "@openai/codex@$CODEX_VERSION"
+fi
 "$prefix/bin/claude" --version
+"$prefix/bin/codex" --version

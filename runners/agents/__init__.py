@@ -27,6 +27,7 @@ from runners.agents.cli_runtime import (
     process_alive,
     process_identity,
 )
+from runners.agents.codex_runtime import CodexRuntime
 from runners.agents.openai_runtime import OpenAIRunningAgent, OpenAIRuntime
 from runners.agents.spawn_spec import (
     OUTCOMES,
@@ -46,6 +47,8 @@ def runtime_for(agent: AgentConfig, **options: Any) -> AgentRuntime:
     """The runtime for an agent's configured ``runtime``; ``options`` go to its constructor."""
     if agent.runtime == "openai":
         return OpenAIRuntime(**options)
+    if agent.runtime == "codex":
+        return CodexRuntime(**options)
     return CliRuntime(**options)
 
 

@@ -271,6 +271,9 @@ class _LogWriter:
 class CliRunningAgent:
     """A running CLI agent attempt (see :class:`runners.agents.spawn_spec.RunningAgent`)."""
 
+    parser_class: type[StreamJsonParser] = StreamJsonParser
+    """How stdout is read: Claude Code's stream-json here, codex's events in a subclass."""
+
     def __init__(
         self,
         spec: SpawnSpec,
@@ -284,7 +287,7 @@ class CliRunningAgent:
         self.argv = argv
         self._kill_grace = kill_grace_secs
         self._poll = poll_interval_secs
-        self._parser = StreamJsonParser()
+        self._parser = self.parser_class()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._done = threading.Event()
