@@ -147,3 +147,92 @@ def test_codex_edits_and_commits_in_its_worktree_under_the_sandbox(
     # The sandbox holds: writable are the worktree and its git directories, nothing else.
     assert "Read-only file system" in server.requests[3].function_outputs()[-1]
     assert not (outside / "probe.txt").exists()
+
+
+# --- a gate failure reaches the model, on a cold start and on a resume -----------------------
+
+GATE_OUTPUT = "FAILED test_hello.py::test_greeting - AssertionError: 'helo' != 'hello'"
+
+
+def test_a_gate_failure_reaches_the_model_as_developer_instructions_on_a_cold_start(
+    cli: Path, server: ResponsesServer, repo: Path, tmp_path: Path
+) -> None:
+    server.set_script([{"text": "Fixed."}])
+    result = run(agent_config(cli, server), repo, tmp_path, gate_failure=GATE_OUTPUT)
+    assert result.outcome == "completed", result.error
+    (request,) = server.requests
+    assert "Your previous run's quality gates failed:\n" + GATE_OUTPUT in request.instructions
+    assert GATE_OUTPUT not in request.messages("user")[-1]
+
+
+def test_a_retry_resumes_the_thread_with_the_gate_failure_in_its_prompt(
+    cli: Path, server: ResponsesServer, repo: Path, tmp_path: Path
+) -> None:
+    agent = agent_config(cli, server)
+    server.set_script([shell("printf 'helo\\n' > hello.txt"), {"text": "First try."}])
+    first = run(agent, repo, tmp_path)
+    assert first.outcome == "completed" and first.session_id
+
+    server.set_script([shell("printf 'hello\\n' > hello.txt"), {"text": "Fixed."}])
+    second = run(
+        agent, repo, tmp_path, attempt=2, gate_failure=GATE_OUTPUT, resume=first.session_id
+    )
+    assert second.outcome == "completed", second.error
+    assert second.session_id == first.session_id
+    assert (repo / "hello.txt").read_text() == "hello\n"
+    resumed = server.requests[2]
+    users = resumed.messages("user")
+    # The thread holds the first run (its task, its tool call's output) and the new prompt.
+    assert any("Create hello.txt" in text for text in users[:-1])
+    assert users[-1].startswith("Continue your prior work on story 1.")
+    assert GATE_OUTPUT in users[-1]
+    # Codex keeps a thread's first developer instructions on resume: the failure is not
+    # there, which is why a resume carries it in the prompt.
+    assert GATE_OUTPUT not in resumed.instructions
+
+
+# --- outcomes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(429, "Rate limit reached for requests"), (500, "The server had an error"), (503, "busy")],
+)
+def test_a_provider_outage_is_provider_unavailable(
+    cli: Path, server: ResponsesServer, repo: Path, tmp_path: Path, status: int, message: str
+) -> None:
+    server.set_script([{"repeat": True, "error": {"status": status, "message": message}}])
+    agent = agent_config(cli, server, args=["exec", "--json", *FEW_RETRIES])
+    result = run(agent, repo, tmp_path)
+    assert result.outcome == "provider_unavailable", (result.error, result.log_path.read_text())
+    assert result.session_id is not None
+    assert result.error is not None and "the model provider is unavailable" in result.error
+    assert all(r.answered_with == f"error {status}" for r in server.requests)
+
+
+def test_a_refused_api_key_is_a_failure_naming_the_status(
+    cli: Path, server: ResponsesServer, repo: Path, tmp_path: Path
+) -> None:
+    server.set_script([{"repeat": True, "error": {"status": 401, "message": "Incorrect API key"}}])
+    result = run(agent_config(cli, server, args=["exec", "--json", *FEW_RETRIES]), repo, tmp_path)
+    assert result.outcome == "failed"
+    assert result.error is not None and "HTTP 401" in result.error
+    assert "Incorrect API key" in result.error
+
+
+def test_max_run_secs_stops_a_run_that_waits_on_its_model(
+    cli: Path, server: ResponsesServer, repo: Path, tmp_path: Path
+) -> None:
+    server.set_script([{"delay_secs": 30.0, "text": "too late"}])
+    result = run(agent_config(cli, server, max_run_secs=2.0), repo, tmp_path)
+    assert result.outcome == "timed_out"
+    assert result.duration_secs < 25.0
+    assert result.session_id is not None
+
+
+FEW_RETRIES = [
+    "-c",
+    "model_providers.storyline.request_max_retries=1",
+    "-c",
+    "model_providers.storyline.stream_max_retries=0",
+]
