@@ -60,6 +60,7 @@ def health(state: ApiState) -> tuple[int, dict[str, Any]]:
             logger.warning("health check: projection status failed: %s", type(exc).__name__)
             projections_ok = False
     runners = list(state.runner_status()) if state.runner_status else []
+    breakers = provider_breakers(runners)
     failed = any(p.get("error") for p in projections) or any(
         r.get("error") or r.get("running") is False for r in runners
     )
@@ -81,9 +82,50 @@ def health(state: ApiState) -> tuple[int, dict[str, Any]]:
         "database": database,
         "projections": projections,
         "runners": runners,
+        "breakers": breakers,
         "caught_up": bool(caught_up),
     }
     return code, body
+
+
+def provider_breakers(runners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runners' provider circuit breakers (provider, state, open_until, failures).
+
+    An open breaker does not make the server degraded: commands and reads work, and the
+    stories waiting on it are spawned when it closes; monitoring reads ``state``."""
+    found: list[dict[str, Any]] = []
+    for runner in runners:
+        found.extend(dict(b) for b in runner.get("breakers") or ())
+    return found
+
+
+def breaker_metrics(runners: list[dict[str, Any]]) -> str:
+    """Prometheus families for the provider breakers (appended to ``/metrics``)."""
+    breakers = provider_breakers(runners)
+
+    def label(value: object) -> str:
+        text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        return f'{{provider="{text}"}}'
+
+    lines = [
+        "# HELP storyline_provider_breaker_open 1 while no agent of this provider is spawned "
+        "(open, or half-open waiting for its probe run).",
+        "# TYPE storyline_provider_breaker_open gauge",
+        *(
+            f"storyline_provider_breaker_open{label(b['provider'])} "
+            f"{0 if b.get('state') == 'closed' else 1}"
+            for b in breakers
+        ),
+        "# HELP storyline_provider_breaker_opened_total Times the breaker opened since the "
+        "runner started.",
+        "# TYPE storyline_provider_breaker_opened_total counter",
+        *(
+            f"storyline_provider_breaker_opened_total{label(b['provider'])} "
+            f"{int(b.get('opened_total') or 0)}"
+            for b in breakers
+        ),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 class HealthProbe:
@@ -120,6 +162,7 @@ def _unanswered(state: ApiState) -> dict[str, Any]:
         },
         "projections": [],
         "runners": [],
+        "breakers": [],
         "caught_up": False,
     }
 
@@ -139,4 +182,4 @@ async def healthz(request: Request) -> Response:
     return JsonResponse(body, status_code=code)
 
 
-__all__ = ["health", "responses", "router"]
+__all__ = ["breaker_metrics", "health", "provider_breakers", "responses", "router"]

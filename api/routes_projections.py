@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Principal, may_read
 from api.params import Digits
 from api.routes_common import JsonResponse, forbidden, principal, state_of
+from api.routes_health import breaker_metrics
 from api.routes_stories import _row
 from api.schemas import AgentRunsOut, BoardOut, MergeQueueOut, responses
 from domain.ids import STORY_ID_PATTERN, validate_story_id
@@ -113,7 +114,8 @@ async def agent_runs(
 )
 async def metrics(request: Request, caller: Principal = Depends(principal)) -> Response:
     _require_read(caller, "metrics")
-    read_models = state_of(request).read_models
+    state = state_of(request)
+    read_models = state.read_models
 
     def render() -> str:
         values = read_models.metrics()
@@ -128,7 +130,9 @@ async def metrics(request: Request, caller: Principal = Depends(principal)) -> R
                 from projections import read_models as module
 
                 renderer = module.render_prometheus
-        return str(renderer(values, statuses))
+        text = str(renderer(values, statuses))
+        runners = state.runner_status() if state.runner_status else []
+        return text + breaker_metrics(list(runners))
 
     text = await run_in_threadpool(render)
     return Response(text, media_type=PROMETHEUS_TYPE)

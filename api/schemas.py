@@ -252,6 +252,9 @@ class HealthOut(BaseModel):
     database: DatabaseHealth
     projections: list[dict[str, Any]]
     runners: list[dict[str, Any]]
+    breakers: list[dict[str, Any]] = []
+    """Provider circuit breakers of the runners: provider, state (closed, open,
+    half_open), open_until, failures."""
     caught_up: bool
 
 

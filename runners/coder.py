@@ -11,6 +11,8 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from domain.config import StorylineConfig
@@ -18,6 +20,7 @@ from domain.errors import DomainError, IllegalTransition, VersionConflict
 from domain.ids import feature_branch
 from domain.stages import FINISHED_STAGES, AgentOutcome, AgentRole, Stage
 from domain.story import Story
+from runners.breaker import ProviderBreakers
 from runners.gates import run_story_gates
 from runners.git_ops import GitError, Worktrees
 from runners.index import StoryIndex
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 ACTOR_SCHEDULER = "runner:scheduler"
 ACTOR_CODER = "runner:coder"
 ACTOR_GATES = "runner:gates"
+ACTOR_BREAKER = "runner:breaker"
 
 _SPAWN_AFTER = {
     "CodingStarted",
@@ -48,12 +52,19 @@ class CoderReactions:
         project: Path,
         index: StoryIndex,
         launcher: AgentLauncher,
+        breakers: ProviderBreakers | None = None,
     ) -> None:
         self.app = app
         self.config = config
         self.project = project
         self.index = index
         self.launcher = launcher
+        self.breakers = breakers or ProviderBreakers(
+            threshold=config.provider_breaker_failures,
+            base_secs=config.provider_breaker_base_secs,
+        )
+        self.on_breaker_closed: Callable[[], None] = lambda: None
+        """Set by the supervisor: look at every story waiting to spawn."""
         self.worktrees = Worktrees(project, config.base_branch)
         # Worktree creation is disk- and lock-heavy: bounded however many stories start.
         self._worktree_slots = threading.BoundedSemaphore(config.worktree_parallelism)
@@ -104,6 +115,13 @@ class CoderReactions:
             f"; the agent's last error: {story.last_agent_error}" if story.last_agent_error else ""
         )
         if outcome is AgentOutcome.PROVIDER_UNAVAILABLE:
+            opened = self._provider_failed(story)
+            if opened:
+                return True  # the next step finds the breaker open and waits
+            agent = self.config.agent_for("coder")
+            if agent is not None and self.breakers.state(agent.name) != "closed":
+                # Waiting on the breaker is the outage's doing, not the story's: no block.
+                return self._spawn(story, "provider_retry")
             if story.abort_respawns >= self.config.abort_respawn_cap:
                 return self._block(
                     story,
@@ -111,6 +129,7 @@ class CoderReactions:
                     f"{self.config.abort_respawn_cap}){said}",
                 )
             return self._spawn(story, "provider_retry")
+        self._provider_answered(story, outcome)
         if outcome in (AgentOutcome.ABORTED_BEFORE_SESSION, AgentOutcome.LOST):
             if story.abort_respawns >= self.config.abort_respawn_cap:
                 return self._block(
@@ -136,6 +155,75 @@ class CoderReactions:
                 f"(max_retries is {self.config.max_retries})",
             )
         return self._spawn(story, f"respawn after {outcome.value}")
+
+    # ------------------------------------------------------------------ provider breaker
+
+    def _provider_failed(self, story: Story) -> bool:
+        """Count the story's provider failure; True when it opened the breaker (recorded)."""
+        agent = self.config.agent_for("coder")
+        if agent is None or story.last_agent_exit_at is None:
+            return False
+        opening = self.breakers.failure(agent.name, story.id, story.last_agent_exit_at.timestamp())
+        if opening is None:
+            return False
+        wait = (opening.open_until - datetime.now(UTC)).total_seconds()
+        logger.warning(
+            "provider of agent %r failed %d runs in a row: no spawns for it for %.0f s",
+            agent.name,
+            opening.consecutive_failures,
+            wait,
+        )
+        self._record_breaker(
+            story,
+            "provider_breaker_opened",
+            agent.name,
+            f"the model provider of agent {agent.name!r} failed {opening.consecutive_failures} "
+            f"runs in a row; no spawns for it until {opening.open_until.isoformat()} "
+            f"(opening {opening.opened_times} in a row), then one probe run",
+            {
+                "provider": opening.provider,
+                "consecutive_failures": opening.consecutive_failures,
+                "open_until": opening.open_until.isoformat(),
+                "opened_times": opening.opened_times,
+            },
+        )
+        return True
+
+    def _provider_answered(self, story: Story, outcome: AgentOutcome) -> None:
+        """A run that ended otherwise: it reached the provider (a probe's closes the breaker)
+        unless it died before a session or with the runner, which says nothing about it."""
+        agent = self.config.agent_for("coder")
+        if agent is None or story.last_agent_exit_at is None:
+            return
+        exit_at = story.last_agent_exit_at.timestamp()
+        if outcome in (AgentOutcome.ABORTED_BEFORE_SESSION, AgentOutcome.LOST):
+            self.breakers.inconclusive(agent.name, story.id, exit_at)
+            return
+        if self.breakers.success(agent.name, story.id, exit_at):
+            logger.warning("provider of agent %r answered the probe run: spawns resume", agent.name)
+            self._record_breaker(
+                story,
+                "provider_breaker_closed",
+                agent.name,
+                f"the probe run of agent {agent.name!r} reached the model provider "
+                f"(outcome {outcome.value}); spawns resume",
+                {"provider": agent.name},
+            )
+            # Stories that waited on the breaker are spawned now, not at the next sweep.
+            self.on_breaker_closed()
+
+    def _record_breaker(
+        self, story: Story, event: str, provider: str, reason: str, data: dict[str, object]
+    ) -> None:
+        # Not a step (no expected version): it must not fail because the story moved on.
+        try:
+            committed = self.app.transition(
+                story.id, event, actor=ACTOR_BREAKER, reason=reason, data=data
+            )
+        except DomainError as exc:
+            logger.warning("could not record %s on story %s: %s", event, story.id, exc)
+            return
+        self.breakers.recorded(provider, committed.story.modified_on)
 
     def _purpose(self, story: Story) -> str:
         if story.fixup_pending:
@@ -174,6 +262,10 @@ class CoderReactions:
         agent = self.config.agent_for("coder")
         if agent is None:
             return self._block(story, 'no [[agent]] with stage = "coder" is configured')
+        if not self.breakers.allow(
+            agent.name, story.id, running=lambda sid: self.launcher.running(sid) is not None
+        ):
+            return False  # its provider's breaker is open: the story waits, nothing recorded
         leftovers: tuple[str, ...] = ()
         if purpose == "commit_leftovers":
             # Named in the prompt: "continue" alone did not tell the agent what was left.
@@ -181,7 +273,7 @@ class CoderReactions:
                 leftovers = tuple(self.worktrees.status(story.id).dirty_paths)
         # False when no coder slot is free: a freed slot wakes every waiting story.
         try:
-            return self.launcher.launch(
+            launched = self.launcher.launch(
                 LaunchRequest(
                     story=story,
                     role=AgentRole.CODER,
@@ -193,7 +285,11 @@ class CoderReactions:
                 limit=self.config.max_coders,
             )
         except AgentConfigError as exc:
+            self.breakers.release_probe(agent.name, story.id)
             return self._block(story, str(exc))
+        if not launched:
+            self.breakers.release_probe(agent.name, story.id)
+        return launched
 
     def _block(self, story: Story, reason: str) -> bool:
         try:

@@ -35,6 +35,8 @@ class StoryIndex:
     lock: threading.Lock = field(default_factory=threading.Lock)
     catch_up_lock: threading.Lock = field(default_factory=threading.Lock)
     reader: Any = None
+    breaker_events: list[LoggedEvent] = field(default_factory=list)
+    """Provider breaker openings and closings folded in and not yet taken by the runner."""
 
     def apply(self, events: Iterable[LoggedEvent]) -> set[str]:
         """Fold events in; returns the ids of stories that need a look (incl. dependants)."""
@@ -46,6 +48,9 @@ class StoryIndex:
                 self.position = event.position
                 sid = event.story_id
                 touched.add(sid)
+                if event.type in ("ProviderBreakerOpened", "ProviderBreakerClosed"):
+                    self.breaker_events.append(event)
+                    continue  # not a step: nothing else of the story changes
                 if event.type == "StoryCreated":
                     deps = tuple(event.data.get("depends_on") or ())
                     self.stories[sid] = IndexedStory(sid, "backlog", deps, event.position)
@@ -94,6 +99,11 @@ class StoryIndex:
                 if not events:
                     return touched
                 touched |= self.apply(events)
+
+    def take_breaker_events(self) -> list[LoggedEvent]:
+        with self.lock:
+            taken, self.breaker_events = self.breaker_events, []
+        return taken
 
     def in_stage(self, *stages: str) -> list[IndexedStory]:
         with self.lock:

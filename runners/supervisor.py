@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from domain.errors import DomainError, StoryNotFound
 from domain.stages import AgentRole, Stage
 from runners.agents import AgentResult
+from runners.breaker import ProviderBreakers
 from runners.coder import CoderReactions
 from runners.index import StoryIndex
 from runners.launcher import AgentLauncher
@@ -45,6 +46,7 @@ class SupervisorStatus:
     coders: int
     mergemasters: int
     errors: list[str] = field(default_factory=list)
+    breakers: list[dict[str, object]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -55,6 +57,7 @@ class SupervisorStatus:
             "coders": self.coders,
             "mergemasters": self.mergemasters,
             "errors": self.errors[-5:],
+            "breakers": self.breakers,
         }
 
 
@@ -97,9 +100,14 @@ class Supervisor:
             tokens=tokens,
             on_exit=self._agent_exited,
         )
-        self.coder = CoderReactions(
-            self.app, self.config, service.project, self.index, self.launcher
+        self.breakers = ProviderBreakers(
+            threshold=self.config.provider_breaker_failures,
+            base_secs=self.config.provider_breaker_base_secs,
         )
+        self.coder = CoderReactions(
+            self.app, self.config, service.project, self.index, self.launcher, self.breakers
+        )
+        self.coder.on_breaker_closed = lambda: self.slot_freed(Stage.CODING.value)
         self.merger = MergeReactions(
             self.app,
             self.config,
@@ -180,6 +188,7 @@ class Supervisor:
             coders=self.launcher.count(AgentRole.CODER),
             mergemasters=self.launcher.count(AgentRole.MERGEMASTER),
             errors=list(self._errors),
+            breakers=list(self.breakers.snapshot()),
         )
 
     def idle(self) -> bool:
@@ -200,13 +209,23 @@ class Supervisor:
                 self._stop.wait(self.poll_interval)
             with self._wake:
                 if not self._woken:
-                    self._wake.wait(self.poll_interval)
+                    # An open breaker's back-off ends on a timer, not with an event.
+                    due = self.breakers.seconds_until_due()
+                    wait = self.poll_interval if due is None else min(self.poll_interval, due)
+                    self._wake.wait(wait)
                 self._woken = False
 
     def _tick(self) -> None:
         if not self.lease.ensure():
             return  # another runner process holds the lease
         touched = self.index.catch_up(self.app)
+        for event in self.index.take_breaker_events():
+            # Openings and closings in the log (a restart, or another runner before this
+            # one): this runner's own are known already and change nothing.
+            self.breakers.restore(event.type, event.data, event.timestamp)
+        if self.breakers.take_due():
+            # A back-off ended: the stories waiting on it get their probe spawn.
+            touched |= {s.story_id for s in self.index.in_stage(Stage.CODING.value)}
         with self._busy_lock:
             touched |= self._pending
             self._pending.clear()
