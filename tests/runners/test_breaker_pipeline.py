@@ -120,3 +120,29 @@ def test_three_provider_failures_open_the_breaker_and_the_probe_closes_it(
     # Provider failures consumed no retry, and waiting on the breaker did not block.
     assert story.retry_count == 0 and "StoryBlocked" not in [e.type for e in history]
     assert story.last_event != "ProviderBreakerClosed"  # not a step
+
+
+def test_a_restarted_runner_keeps_the_breaker_open_and_does_not_open_it_twice(
+    tmp_path: Path, database: Database
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    script = {"s1": {"1": OUTAGE, "2": OUTAGE, "3": OUTAGE, "4": FIX}}
+    config = make_config(tmp_path, script, provider_breaker_base_secs=4.0)
+    with running_pipeline(repo, database, config) as p:
+        p.add("s1")
+        p.start("s1")
+        p.wait_for("s1", lambda s: "ProviderBreakerOpened" in p.types("s1"), timeout=60)
+    # The runner stopped while the breaker was open; a new one reads it from the log.
+    with running_pipeline(repo, database, config) as p:
+        p.wait_for("s1", lambda s: p.supervisor.status().breakers != [], timeout=20)
+        (breaker,) = p.supervisor.status().breakers
+        assert (breaker["state"], breaker["failures"], breaker["opened_times"]) == ("open", 3, 1)
+        assert len(calls(tmp_path)) == 3
+        story = p.wait_stage("s1", Stage.MERGE, Stage.DONE, Stage.MERGE_FAILURE)
+    history = p.app.history("s1")
+    types = [e.type for e in history]
+    assert types.count("ProviderBreakerOpened") == 1 and types.count("ProviderBreakerClosed") == 1
+    opened = next(e for e in history if e.type == "ProviderBreakerOpened")
+    probe = [e for e in history if e.type == "AgentSpawnRequested"][3]
+    assert probe.timestamp >= datetime.fromisoformat(str(opened.data["open_until"]))
+    assert len(calls(tmp_path)) == 4 and story.retry_count == 0
