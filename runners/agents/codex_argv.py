@@ -89,12 +89,22 @@ def provider_overrides(spec: SpawnSpec) -> list[str]:
 
 def mcp_overrides(command: str, args: Sequence[str]) -> list[str]:
     """Register ``storyline mcp``; the token is forwarded from the agent's environment by
-    name (``env_vars``), never written in argv or a file."""
+    name (``env_vars``), never written in argv or a file.
+
+    ``required``: the CLI otherwise starts the server in the background and sends the first
+    model request without its tools. ``default_tools_approval_mode = "approve"``: under
+    ``approval_policy = "never"`` an MCP call needing approval is refused ("requires
+    approval, but approval policy is never"); the tools are scoped to the attempt's story by
+    its token, as Claude Code's ``mcp__storyline`` allowlist rule allows them.
+    """
     prefix = f"mcp_servers.{SERVER_NAME}"
     return [
         *_override(f"{prefix}.command", command),
         *_override(f"{prefix}.args", list(args)),
         *_override(f"{prefix}.env_vars", [TOKEN_VARIABLE]),
+        "-c",
+        f"{prefix}.required=true",
+        *_override(f"{prefix}.default_tools_approval_mode", "approve"),
     ]
 
 

@@ -13,6 +13,7 @@ A script is a JSON list of turns (or ``{"turns": [...]}``). A turn is one of::
 
     {"text": "Done."}
     {"text": "...", "function_call": [{"name": "exec_command", "arguments": {"cmd": "git status"}}]}
+    {"function_call": [{"namespace": "mcp__storyline", "name": "add_note", "arguments": {...}}]}
     {"error": {"status": 429, "message": "Rate limit reached"}}     # the real error JSON
     {"delay_secs": 2.0, "text": "slow"}
     {"repeat": true, "error": {"status": 500}}                      # answer forever
@@ -57,6 +58,8 @@ _ERRORS: dict[int, tuple[str, str | None]] = {
 class FunctionCall:
     name: str
     arguments: Mapping[str, Any]
+    namespace: str | None = None
+    """For a tool inside a ``namespace`` tool (Codex offers MCP servers that way)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,11 @@ class Turn:
         if unknown:
             raise ValueError(f"unknown keys in a script turn: {sorted(unknown)}")
         calls = tuple(
-            FunctionCall(name=str(c["name"]), arguments=dict(c.get("arguments", {})))
+            FunctionCall(
+                name=str(c["name"]),
+                arguments=dict(c.get("arguments", {})),
+                namespace=str(c["namespace"]) if c.get("namespace") else None,
+            )
             for c in raw.get("function_call", [])
         )
         error = raw.get("error")
@@ -316,6 +323,8 @@ class _Handler(BaseHTTPRequestHandler):
             "arguments": "",
             "status": "in_progress",
         }
+        if call.namespace:
+            item["namespace"] = call.namespace
         self._event({"type": "response.output_item.added", "output_index": index, "item": item})
         for piece in _pieces(arguments):
             self._event(
