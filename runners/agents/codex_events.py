@@ -29,6 +29,7 @@ _OUTAGE = re.compile(
     r"error sending request|service unavailable|overloaded",
     re.IGNORECASE,
 )
+_RECONNECTING = "Reconnecting..."
 
 
 class CodexEventParser(StreamJsonParser):
@@ -59,7 +60,14 @@ class CodexEventParser(StreamJsonParser):
                     self._last_message = text
         elif kind == "error":
             message = event.get("message")
-            if isinstance(message, str) and message:
+            if isinstance(message, str) and message.startswith(_RECONNECTING):
+                # The CLI retrying its provider ("Reconnecting... 2/5 (... status: 429 ...)"),
+                # Claude Code's api_retry: the provider is failing, the agent is not hung.
+                self._api_retries += 1
+                match = _STATUS.search(message)
+                if match:
+                    self._last_retry_status = int(match.group(1))
+            elif isinstance(message, str) and message:
                 self._error_messages.append(message)
         elif kind == "turn.completed":
             usage = event.get("usage")
