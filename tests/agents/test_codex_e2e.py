@@ -1,7 +1,8 @@
 """``storyline serve`` driving the real Codex CLI (runtime ``codex``) as root, against the
 scripted Responses API server: a story to done with a commit codex made (and a note it added
-through the ``storyline mcp`` tools), and a gate failure retried into a pass, with the failure
-in what the model received.
+through the ``storyline mcp`` tools), a gate failure retried into a pass, with the failure in
+what the model received, and a merge conflict resolved by a codex mergemaster that reports
+its verdict through the MCP tool.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +75,15 @@ def _write(path: Path, content: str) -> dict[str, Any]:
     return _shell(f"cat > {path.name} <<'EOF'\n{content}EOF")
 
 
-@pytest.fixture
-def served(project: Path, tmp_path: Path) -> Iterator[tuple[str, ResponsesServer]]:  # noqa: F811
+@contextmanager
+def codex_served(
+    root: Path, tmp_path: Path, top: str = ""
+) -> Iterator[tuple[str, ResponsesServer]]:
+    """``storyline serve`` on the project ``root`` with codex agents on a scripted model."""
     cli = codex_cli()
     with ResponsesServer() as model:
-        (project / "storyline.toml").write_text(CONFIG.format(model=MODEL, base_url=model.url))
+        config = top + CONFIG.format(model=MODEL, base_url=model.url)
+        (root / "storyline.toml").write_text(config)
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STORYLINE_", "OPENAI_"))}
         home = tmp_path / "home"
@@ -90,8 +96,8 @@ def served(project: Path, tmp_path: Path) -> Iterator[tuple[str, ResponsesServer
         )
         log = (tmp_path / "serve.log").open("w")
         process = subprocess.Popen(
-            [str(VENV_BIN / "storyline"), "serve", "--project", str(project), "--port", str(port)],
-            cwd=project,
+            [str(VENV_BIN / "storyline"), "serve", "--project", str(root), "--port", str(port)],
+            cwd=root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -117,6 +123,12 @@ def served(project: Path, tmp_path: Path) -> Iterator[tuple[str, ResponsesServer
                 process.kill()
                 process.wait()
             log.close()
+
+
+@pytest.fixture
+def served(project: Path, tmp_path: Path) -> Iterator[tuple[str, ResponsesServer]]:  # noqa: F811
+    with codex_served(project, tmp_path) as served:
+        yield served
 
 
 def test_serve_drives_codex_to_done_and_through_a_gate_failure(
@@ -178,3 +190,83 @@ def test_serve_drives_codex_to_done_and_through_a_gate_failure(
     received = retry.messages("user")[-1]
     assert "quality gates failed" in received and "test_sub" in received
     assert "def sub(a, b):\n    return a - b" in _git(project, "show", "main:calc.py")
+
+
+# --- a codex mergemaster resolves a conflict and reports through storyline mcp ---------------
+
+BASE = "def add(a, b):\n    return 0\n"
+TEST_ADD = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+FIRST = "def add(a, b):\n    return a + b\n"
+SECOND = "def add(a, b):\n    return b + a\n"
+RESOLVED = "def add(a, b):\n    return a + b  # both stories agree\n"
+RESOLUTION = "kept a + b; both sides computed the same sum"
+
+
+def test_a_codex_mergemaster_resolves_a_conflict_and_reports_through_mcp(
+    tmp_path: Path,
+) -> None:
+    repo_dir = tmp_path / "conflicts"
+    repo_dir.mkdir()
+    (repo_dir / "calc.py").write_text(BASE)
+    (repo_dir / "test_calc.py").write_text(TEST_ADD)
+    _git(repo_dir, "init", "-q", "-b", "main")
+    _git(repo_dir, "config", "user.name", "Storyline User")
+    _git(repo_dir, "config", "user.email", "user@example.invalid")
+    _git(repo_dir, "add", "-A")
+    _git(repo_dir, "commit", "-q", "-m", "initial")
+    verdict = {"summary": RESOLUTION}
+    # One coder at a time, so the two coders' model turns come in a known order.
+    with codex_served(repo_dir, tmp_path, top="max_coders = 1\n") as (url, model):
+        model.set_script(
+            [
+                _write(Path("calc.py"), FIRST),
+                _shell(COMMIT),
+                {"text": "add() fixed."},
+                _write(Path("calc.py"), SECOND),
+                _shell(COMMIT),
+                {"text": "add() fixed too."},
+                _write(Path("calc.py"), RESOLVED),
+                _shell(COMMIT),
+                {
+                    "function_call": [
+                        {
+                            "namespace": "mcp__storyline",
+                            "name": "report_merge_resolved",
+                            "arguments": verdict,
+                        }
+                    ]
+                },
+                {"text": "Resolved and reported."},
+            ]
+        )
+        first = _create(url, "Fix add")
+        second = _create(url, "Fix add another way")
+        _start(url, first)
+        _start(url, second)
+        # merge_failure is where the mergemaster works: wait past it.
+        deadline = time.monotonic() + 180.0
+        while time.monotonic() < deadline:
+            stage = httpx.get(f"{url}/stories/{second}", timeout=10).json()["stage"]
+            if stage in ("done", "blocked"):
+                break
+            time.sleep(0.3)
+        history = _wait_done(url, second)["history"]
+        _wait_done(url, first)
+    (failed,) = _events(history, "MergeFailed")
+    assert failed["data"]["kind"] == "conflict_detected"
+    (requeued,) = _events(history, "MergeRequeued")
+    assert requeued["actor"] == f"agent:mergemaster-{second}-1"
+    assert requeued["reason"] == RESOLUTION
+    spawns = _events(history, "AgentSpawnRequested")
+    (mergemaster,) = [e for e in spawns if e["data"]["role"] == "mergemaster"]
+    assert mergemaster["data"]["argv"][:3] == ["codex", "exec", "--json"]
+    # The full argv is in the attempt's log: the server registered by name, the token
+    # forwarded from the environment, never written.
+    logged = (repo_dir / ".storyline" / "logs" / second / "mergemaster-1.log").read_text()
+    argv = json.loads(logged.split("argv=", 1)[1].split("\n", 1)[0])
+    assert 'mcp_servers.storyline.env_vars=["STORYLINE_TOKEN"]' in argv
+    assert not any("sl_agent_" in a for a in argv)
+    # The tool's answer reached the model.
+    answer = "".join(model.requests[-1].function_outputs()).replace(" ", "").replace("\\", "")
+    assert '"event":"merge_resolved"' in answer, answer[-2000:]
+    assert _git(repo_dir, "show", "main:calc.py") == RESOLVED
