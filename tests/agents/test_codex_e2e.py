@@ -36,6 +36,8 @@ from tests.agents.test_claude_code_e2e import (
 from tests.doubles.codex_cli import DUMMY_API_KEY, codex_cli
 from tests.doubles.openai_responses_server import ResponsesServer
 
+pytestmark = pytest.mark.slow
+
 MODEL = "gpt-5.1-codex"
 COMMIT = "git add -A && git commit -q -m 'Story work'"
 CONFIG = """\
