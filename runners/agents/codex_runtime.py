@@ -24,6 +24,29 @@ from runners.agents.spawn_spec import SpawnSpec
 class CodexRunningAgent(CliRunningAgent):
     parser_class = CodexEventParser
 
+    _error_lines: tuple[str, ...] = ()
+
+    def _line(self, line: bytes, is_stdout: bool) -> None:
+        super()._line(line, is_stdout)
+        if is_stdout:
+            return
+        # Codex reports a refusal to start over several stderr lines ("Error loading
+        # config.toml: unknown variant `bogus`, ..." then "in `sandbox_mode`"): the exit
+        # reason quotes the error and its continuation, not only the last fragment.
+        text = line.decode("utf-8", "replace").strip()
+        if not text:
+            return
+        with self._lock:
+            if text.startswith("Error"):
+                self._error_lines = (text,)
+            elif self._error_lines and len(self._error_lines) < _ERROR_LINES:
+                self._error_lines = (*self._error_lines, text)
+            if self._error_lines:
+                self._last_text_line = " ".join(self._error_lines)
+
+
+_ERROR_LINES = 3
+
 
 def git_dirs(cwd: Path) -> list[Path]:
     """The worktree's own git directory and the repository's shared one (objects, refs):

@@ -236,3 +236,13 @@ FEW_RETRIES = [
     "-c",
     "model_providers.storyline.stream_max_retries=0",
 ]
+
+
+def test_a_cli_refusing_its_configuration_is_aborted_before_session_with_its_own_line(
+    cli: Path, server: ResponsesServer, repo: Path, tmp_path: Path
+) -> None:
+    agent = agent_config(cli, server, args=["exec", "--json", "-c", 'sandbox_mode="bogus"'])
+    result = run(agent, repo, tmp_path)
+    assert result.outcome == "aborted_before_session"
+    assert result.session_id is None and server.requests == []
+    assert result.error is not None and "bogus" in result.error, result.error
