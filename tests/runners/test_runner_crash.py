@@ -43,6 +43,17 @@ def start_runner(repo: Path, db: Database, log: Path) -> subprocess.Popen[bytes]
     )
 
 
+def stop_runner(runner: subprocess.Popen[bytes], log: Path) -> None:
+    """SIGTERM, and the runner's own account of what it waited for if it does not stop."""
+    runner.send_signal(signal.SIGTERM)
+    try:
+        runner.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        runner.kill()
+        runner.wait()
+        raise AssertionError(f"the runner did not stop on SIGTERM:\n{log.read_text()}") from None
+
+
 def wait(app: StorylineApplication, sid: str, predicate, timeout: float = 150.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,8 +100,7 @@ def test_runner_killed_mid_agent_recovers_without_double_spawn(
             app, "s1", lambda s: s.stage in (Stage.MERGE, Stage.DONE) and s.running_agent is None
         )
     finally:
-        runner.send_signal(signal.SIGTERM)
-        runner.wait(timeout=30)
+        stop_runner(runner, log)
     assert not process_alive(agent_pid), "the orphaned agent was not killed"
     history = app.history("s1")
     spawns = [e.data["attempt"] for e in history if e.type == "AgentSpawnRequested"]
@@ -144,8 +154,7 @@ def test_runner_killed_mid_merge_lands_the_change_at_most_once(
         runner = start_runner(repo, database, log)
         final = wait(app, "s1", lambda s: s.stage in (Stage.DONE, Stage.MERGE_FAILURE))
     finally:
-        runner.send_signal(signal.SIGTERM)
-        runner.wait(timeout=30)
+        stop_runner(runner, log)
     subjects = subprocess.run(
         ["git", "log", "--format=%s", "main"],
         cwd=repo,
