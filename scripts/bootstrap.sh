@@ -16,7 +16,14 @@ stamp=".venv/.storyline-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing storyline into .venv (first run only)..." >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' >&2
+  # pip's and the build backend's chatter (index notices, setuptools' note about editable
+  # installs) goes to a log, shown only when the install fails.
+  log=".venv/install.log"
+  if ! { .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip &&
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installing storyline failed (the log above is kept in $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
