@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from eventsourcing.persistence import InterfaceError, OperationalError
+
 from domain.config import AgentConfig, StorylineConfig
 from domain.errors import DomainError, IllegalTransition, VersionConflict
 from domain.stages import AgentOutcome, AgentRole
@@ -85,6 +87,7 @@ class AgentLauncher:
         self.on_exit = on_exit
         self._handles: dict[str, Handle] = {}
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._launch_lock = threading.Lock()
         self.run_dir = project / ".storyline" / "run"
         self.log_dir = project / ".storyline" / "logs"
@@ -283,8 +286,10 @@ class AgentLauncher:
     def _watch(self, handle: Handle) -> None:
         result = handle.running.wait()
         reason = handle.stop_reason or result.error
-        self._record_exit(handle.story_id, handle.role, handle.attempt, result, reason)
-        self._remove_pidfile(handle.story_id)
+        if self._record_exit(handle.story_id, handle.role, handle.attempt, result, reason):
+            # Unrecorded (the database stayed away until shutdown), the pid file stays: the
+            # next runner finds the attempt and records how it ended.
+            self._remove_pidfile(handle.story_id)
         if handle.token and self.tokens:
             try:
                 self.tokens.revoke(handle.token)
@@ -302,7 +307,11 @@ class AgentLauncher:
         attempt: int,
         result: AgentResult | None,
         reason: str | None,
-    ) -> None:
+    ) -> bool:
+        """Record the attempt's exit; False if it could not be (see :meth:`_watch`).
+
+        A database outage is waited out: an exit left unrecorded would leave the story
+        "running" in this process until it restarts."""
         if result is None:
             data: dict[str, object] = {
                 "role": role.value,
@@ -336,7 +345,9 @@ class AgentLauncher:
                 "api_error_status": result.api_error_status,
                 "api_retries": result.api_retries,
             }
-        for _ in range(20):
+        conflicts = 0
+        pause = 0.5
+        while conflicts < 20:
             try:
                 self.app.transition(
                     story_id,
@@ -346,12 +357,22 @@ class AgentLauncher:
                     reason=(reason or None) and reason[:2000].replace("\x00", "\ufffd"),
                     data=data,
                 )
-                return
+                return True
             except VersionConflict:
+                conflicts += 1
                 time.sleep(0.01)  # a concurrent writer (e.g. the agent's own API call)
             except DomainError:
                 logger.exception("could not record the exit of %s attempt %s", story_id, attempt)
-                return
+                return True
+            except (InterfaceError, OperationalError) as exc:
+                if self._closing.is_set():
+                    return False
+                logger.warning(
+                    "the exit of %s attempt %s waits for the database: %s", story_id, attempt, exc
+                )
+                self._closing.wait(pause)
+                pause = min(pause * 2, 5.0)
+        return True
 
     # ------------------------------------------------------------------ stop
 
@@ -363,6 +384,7 @@ class AgentLauncher:
             handle.running.kill()
 
     def stop_all(self, why: str, wait_secs: float = 10.0) -> None:
+        self._closing.set()
         with self._lock:
             handles = list(self._handles.values())
         for handle in handles:
