@@ -169,8 +169,8 @@ def stoppable_server(config: Any, app: Any) -> Any:
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.storyline.notifier.close()
             super().handle_exit(sig, frame)
+            app.state.storyline.notifier.close()
 
     return _Server(config)
 

@@ -47,12 +47,17 @@ class CommitNotifier:
             return len(self._waiters)
 
     def close(self) -> None:
-        """End every open stream now (the server is shutting down).
+        """End every open stream (the server is shutting down).
 
         A stream is a request that never finishes by itself: without this, the server
-        would wait out its graceful-shutdown timeout for each connected client."""
+        would wait out its graceful-shutdown timeout for each connected client. Called from
+        a signal handler, so it takes no lock: the handler runs on the event loop's thread,
+        which may be holding ``_lock`` at that instant (a deadlock, seen once in CI). The
+        flag alone ends each stream within its poll interval; the waiters are also woken
+        at once, from the event loop rather than from the handler."""
         self.closed = True
-        self._on_commit(0)
+        with contextlib.suppress(RuntimeError):  # no loop running in this thread
+            asyncio.get_running_loop().call_soon_threadsafe(self._on_commit, 0)
 
     def _on_commit(self, position: int) -> None:
         with self._lock:
