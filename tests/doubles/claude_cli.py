@@ -31,26 +31,35 @@ OFFLINE_ENV = {
 DUMMY_API_KEY = "sk-ant-test-dummy-key-0123456789"
 
 
-def claude_cli_path() -> Path | None:
-    override = os.environ.get("STORYLINE_CLAUDE_CLI")
+def installed_cli(command: str, override_env: str) -> Path | None:
+    """``$override_env``, else the pinned install in ``.tools/npm``, else ``command`` on PATH."""
+    override = os.environ.get(override_env)
     if override:
         return Path(override)
-    local = REPO_ROOT / ".tools" / "npm" / "bin" / "claude"
+    local = REPO_ROOT / ".tools" / "npm" / "bin" / command
     if local.exists():
         return local
-    found = shutil.which("claude")
+    found = shutil.which(command)
     return Path(found) if found else None
 
 
-def claude_cli() -> Path:
+def required_cli(command: str, override_env: str, label: str) -> Path:
     """The CLI's path; skip (locally) or fail (in CI) when it is not installed."""
-    path = claude_cli_path()
+    path = installed_cli(command, override_env)
     if path is not None:
         return path
-    message = "the Claude Code CLI is not installed (run scripts/install-agent-clis.sh)"
+    message = f"the {label} is not installed (run scripts/install-agent-clis.sh)"
     if REQUIRE_CLIS:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def claude_cli_path() -> Path | None:
+    return installed_cli("claude", "STORYLINE_CLAUDE_CLI")
+
+
+def claude_cli() -> Path:
+    return required_cli("claude", "STORYLINE_CLAUDE_CLI", "Claude Code CLI")
 
 
 def cli_env(base_url: str, home: Path) -> dict[str, str]:

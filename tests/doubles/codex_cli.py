@@ -8,38 +8,20 @@ missing CLI means a broken install.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import pytest
-
-from tests.doubles.claude_cli import REPO_ROOT, REQUIRE_CLIS
+from tests.doubles.claude_cli import installed_cli, required_cli
 
 PINNED_VERSION = "0.171.0"
 DUMMY_API_KEY = "sk-openai-test-dummy-key-0123456789"
 
 
 def codex_cli_path() -> Path | None:
-    override = os.environ.get("STORYLINE_CODEX_CLI")
-    if override:
-        return Path(override)
-    local = REPO_ROOT / ".tools" / "npm" / "bin" / "codex"
-    if local.exists():
-        return local
-    found = shutil.which("codex")
-    return Path(found) if found else None
+    return installed_cli("codex", "STORYLINE_CODEX_CLI")
 
 
 def codex_cli() -> Path:
-    """The CLI's path; skip (locally) or fail (in CI) when it is not installed."""
-    path = codex_cli_path()
-    if path is not None:
-        return path
-    message = "the Codex CLI is not installed (run scripts/install-agent-clis.sh)"
-    if REQUIRE_CLIS:
-        pytest.fail(message)
-    pytest.skip(message)
+    return required_cli("codex", "STORYLINE_CODEX_CLI", "Codex CLI")
 
 
 def codex_env(home: Path) -> dict[str, str]:
