@@ -60,6 +60,9 @@ class StoryCreated(StoryEvent, CanInitAggregate[str]):
     depends_on: list[str]
     epic: str | None = None
     priority: int = 0
+    target_branch: str | None = None
+    """Where the story merges; None is the project's base branch (an epic's stories merge
+    into the epic's integration branch). Added later with a default: old events decode."""
 
     def apply_to(self, story: Story) -> None:
         story.name = self.name
@@ -68,6 +71,7 @@ class StoryCreated(StoryEvent, CanInitAggregate[str]):
         story.depends_on = list(self.depends_on)
         story.epic = self.epic
         story.priority = self.priority
+        story.target_branch = self.target_branch
 
 
 class CodingStarted(StoryEvent):

@@ -70,3 +70,28 @@ def validate_branch_name(value: str) -> str:
 
 def feature_branch(story_id: str) -> str:
     return f"feature/story-{validate_story_id(story_id)}"
+
+
+EPIC_ID_PATTERN = r"^epic-[1-9][0-9]{0,17}$"
+_EPIC_ID = re.compile(r"epic-[1-9][0-9]{0,17}")
+
+
+def is_epic_id(value: str) -> bool:
+    """Whether ``value`` names an epic (``epic-<n>``).
+
+    Epics and stories share one event log (so that an epic and the stories it farms out are
+    saved in one transaction); this is how a reader of the log tells them apart without
+    decoding. Story ids of this form are refused (see ``Story.create``)."""
+    return bool(_EPIC_ID.fullmatch(value))
+
+
+def validate_epic_id(value: object) -> str:
+    if not isinstance(value, str) or not is_epic_id(value):
+        shown = repr(value)[:80]
+        raise InvalidStoryId(shown, "an epic id is 'epic-' followed by a number, e.g. epic-3")
+    return value
+
+
+def integration_branch(epic_id: str) -> str:
+    """The branch an epic's stories merge into before the epic lands on the base branch."""
+    return f"epic/{validate_epic_id(epic_id)}"

@@ -14,7 +14,13 @@ from typing import Any, ClassVar
 
 from eventsourcing.domain import BaseAggregate
 
-from domain.errors import DependenciesNotDone, IllegalTransition, InvalidCommand, InvalidField
+from domain.errors import (
+    DependenciesNotDone,
+    IllegalTransition,
+    InvalidCommand,
+    InvalidField,
+    InvalidStoryId,
+)
 from domain.events import (
     AgentExited,
     AgentSpawnRequested,
@@ -41,7 +47,7 @@ from domain.events import (
     UncommittedChangesFound,
     WorktreeReady,
 )
-from domain.ids import validate_story_id
+from domain.ids import is_epic_id, validate_branch_name, validate_story_id
 from domain.stages import (
     FINISHED_STAGES,
     AgentOutcome,
@@ -118,6 +124,8 @@ class Story(BaseAggregate[str]):
         self.acceptance_criteria: list[str] = []
         self.depends_on: list[str] = []
         self.epic: str | None = None
+        self.target_branch: str | None = None
+        """The branch this story merges into; None means the project's base branch."""
         self.priority = 0
         self.last_event = ""
         # Counters and sub-states, all derived from events.
@@ -172,8 +180,16 @@ class Story(BaseAggregate[str]):
         epic: str | None = None,
         priority: int = 0,
         reason: str | None = None,
+        target_branch: str | None = None,
     ) -> Story:
         validate_story_id(story_id)
+        if is_epic_id(story_id):
+            raise InvalidStoryId(story_id, "ids of the form epic-<n> name epics, not stories")
+        if target_branch is not None:
+            try:
+                validate_branch_name(target_branch)
+            except ValueError as exc:
+                raise InvalidField(("target_branch",), str(exc)) from None
         name = _clean_text(name, "name", max_len=MAX_NAME, allow_newlines=False)
         if not name.strip():
             raise InvalidCommand("name must not be empty")
@@ -218,6 +234,7 @@ class Story(BaseAggregate[str]):
             depends_on=deps,
             epic=epic,
             priority=priority,
+            target_branch=target_branch,
         )
 
     # ------------------------------------------------------------------ helpers

@@ -279,6 +279,7 @@ class StorylineApplication(Application[str]):
         story_id: str | None = None,
         reason: str | None = None,
         idempotency: IdempotencyMark | None = None,
+        target_branch: str | None = None,
     ) -> Committed:
         """Create a story; without ``story_id`` the next free number is allocated.
 
@@ -302,6 +303,7 @@ class StorylineApplication(Application[str]):
                 priority=priority,
                 actor=actor,
                 reason=reason,
+                target_branch=target_branch,
             )
             try:
                 recordings = self.save(story, **_marked(idempotency))
