@@ -88,12 +88,27 @@ class MergeGatesConfig(GatesConfig):
         return value
 
 
+class EpicConfig(_Strict):
+    """``[epic]``: how epics are planned, verified as a whole and recovered."""
+
+    union_gates: GatesConfig = Field(default_factory=GatesConfig)
+    """Run on the integration branch once every story of a round is done (the goal check).
+    Without commands the union passes as soon as its stories merged."""
+    max_plan_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    """Rejected plans plus planner runs without a plan; then the goal runs as one session."""
+    recover_via_single_session: bool = False
+    """After a union failure that blame cannot localise (or a failed regional replan), re-run
+    the whole goal as one session. Off by default, as in the seed: a whole extra session."""
+    max_blame_probes: Annotated[int, Field(ge=0, le=50)] = 12
+    """Leave-one-out probes at most per union failure (one per story of the round)."""
+
+
 class FixupCaps(_Strict):
     max_turns: Annotated[int, Field(ge=1, le=10_000)] = 20
     max_budget_usd: Annotated[float, Field(gt=0, le=10_000)] = 1.0
 
 
-AgentStage = Literal["coder", "mergemaster"]
+AgentStage = Literal["coder", "mergemaster", "planner"]
 AgentRuntime = Literal["claude-code", "cli", "openai", "codex"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -322,6 +337,7 @@ class StorylineConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     epics: dict[str, str] = Field(default_factory=dict)
     """Epic name -> context text prepended to the prompt of that epic's stories."""
+    epic: EpicConfig = Field(default_factory=EpicConfig)
 
     @field_validator("base_branch")
     @classmethod

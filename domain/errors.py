@@ -161,3 +161,36 @@ class VersionConflict(DomainError):
             "expected_version": self.expected,
             "current_version": self.current,
         }
+
+
+class EpicNotFound(StoryNotFound):
+    code = "epic_not_found"
+
+    def __init__(self, epic_id: str) -> None:
+        DomainError.__init__(self, f"epic {epic_id!r} does not exist")
+        self.story_id = epic_id
+
+    @property
+    def details(self) -> dict[str, object]:
+        return {"epic_id": self.story_id}
+
+
+class EpicIllegalTransition(IllegalTransition):
+    """An epic event refused in the epic's stage (same code and shape as a story's)."""
+
+    def __init__(
+        self, epic_id: str, stage: str, event: str, legal: Sequence[str], why: str = ""
+    ) -> None:
+        super().__init__(epic_id, stage, event, legal, why)
+        legal_text = ", ".join(legal) if legal else "none"
+        self.message = (
+            f"epic {epic_id!r} is in stage {stage!r}: event {event!r} is not allowed"
+            f"{' (' + why + ')' if why else ''}; legal events from {stage!r}: {legal_text}"
+        )
+        self.args = (self.message,)
+
+    @property
+    def details(self) -> dict[str, object]:
+        details = super().details
+        details["epic_id"] = details.pop("story_id")
+        return details

@@ -44,6 +44,8 @@ class MergeFailureKind(StrEnum):
 class AgentRole(StrEnum):
     CODER = "coder"
     MERGEMASTER = "mergemaster"
+    PLANNER = "planner"
+    """An epic's planner (its attempts are recorded on the epic, never on a story)."""
 
 
 FINISHED_STAGES = frozenset({Stage.DONE, Stage.ARCHIVED})

@@ -310,6 +310,8 @@ class Story(BaseAggregate[str]):
     ) -> int:
         """Record that an agent is about to be spawned; returns the attempt number."""
         event = "spawn_agent"
+        if role is AgentRole.PLANNER:
+            raise self._refuse(event, "a planner plans an epic, not a story")
         if self.running_agent is not None:
             raise self._refuse(event, f"attempt {self.running_agent['attempt']} is still running")
         if role is AgentRole.CODER:
