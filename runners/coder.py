@@ -101,7 +101,7 @@ class CoderReactions:
         if story.running_agent is not None:
             self.launcher.reap_orphan(story)
             return self.launcher.running(story.id) is None
-        path = self.worktrees.path_for(story.id)
+        path = self._worktrees(story).path_for(story.id)
         if story.worktree_path != str(path) or not path.is_dir():
             return self._ensure_worktree(story)
         outcome = story.last_coder_outcome
@@ -232,12 +232,23 @@ class CoderReactions:
             return "retry"
         return "code"
 
+    def _worktrees(self, story: Story) -> Worktrees:
+        """The story's worktrees: branched from, and counted against, its target branch."""
+        return self.worktrees.on_branch(story.target_branch)
+
+    def _target(self, story: Story) -> str:
+        return story.target_branch or self.config.base_branch
+
     def _ensure_worktree(self, story: Story) -> bool:
+        worktrees = self._worktrees(story)
+        if story.target_branch is not None and not worktrees.base_exists():
+            # git's own "invalid reference" would hide that the story names a missing branch.
+            return self._block(story, f"target branch {story.target_branch} does not exist")
         path = None
         for attempt in range(3):
             try:
                 with self._worktree_slots:
-                    path = self.worktrees.ensure(story.id)
+                    path = worktrees.ensure(story.id)
                 break
             except GitError as exc:
                 # A transient git failure (a lock, a concurrent registration) gets two more
@@ -270,7 +281,7 @@ class CoderReactions:
         if purpose == "commit_leftovers":
             # Named in the prompt: "continue" alone did not tell the agent what was left.
             with contextlib.suppress(GitError):
-                leftovers = tuple(self.worktrees.status(story.id).dirty_paths)
+                leftovers = tuple(self._worktrees(story).status(story.id).dirty_paths)
         # False when no coder slot is free: a freed slot wakes every waiting story.
         try:
             launched = self.launcher.launch(
@@ -278,7 +289,7 @@ class CoderReactions:
                     story=story,
                     role=AgentRole.CODER,
                     agent=agent,
-                    cwd=self.worktrees.path_for(story.id),
+                    cwd=self._worktrees(story).path_for(story.id),
                     purpose=purpose,
                     uncommitted_paths=leftovers,
                 ),
@@ -315,7 +326,7 @@ class CoderReactions:
         blocked with the refused calls named.
         """
         try:
-            status = self.worktrees.status(story.id)
+            status = self._worktrees(story).status(story.id)
         except GitError as exc:
             return self._block(story, f"cannot inspect the worktree: {exc}")
         if status.dirty and outcome is AgentOutcome.PERMISSION_DENIED:
@@ -353,8 +364,9 @@ class CoderReactions:
 
     def run_gates(self, story: Story) -> None:
         """Run the gates for a story in ``gates`` and record the verdict."""
+        worktrees = self._worktrees(story)
         try:
-            status = self.worktrees.status(story.id)
+            status = worktrees.status(story.id)
         except GitError as exc:
             self._gates_failed(story, f"cannot inspect the worktree: {exc}")
             return
@@ -366,11 +378,11 @@ class CoderReactions:
             self._gates_failed(
                 story,
                 f"no commits: {feature_branch(story.id)} is not ahead of "
-                f"{self.config.base_branch}; the agent committed nothing",
+                f"{self._target(story)}; the agent committed nothing",
             )
             return
         run = run_story_gates(
-            self.config.gates, self.worktrees.path_for(story.id), self.project, story.id
+            self.config.gates, worktrees.path_for(story.id), self.project, story.id
         )
         if not run.passed:
             self._gates_failed(story, run.output)
@@ -408,9 +420,10 @@ class CoderReactions:
 
     def cleanup(self, story: Story) -> None:
         """Remove the worktree of a finished story (the branch stays for the record)."""
-        path = self.worktrees.path_for(story.id)
+        worktrees = self._worktrees(story)
+        path = worktrees.path_for(story.id)
         if path.exists():
             try:
-                self.worktrees.remove(story.id)
+                worktrees.remove(story.id)
             except GitError:
                 logger.exception("could not remove the worktree of %s", story.id)

@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 try:  # pragma: no cover - exercised only where fcntl is missing
     import fcntl
@@ -497,9 +498,33 @@ class WorkspaceSet:
         self._common: Path | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._siblings: dict[str, Self] = {}
 
     def path_for(self, story_id: str) -> Path:
         return self.root / validate_story_id(story_id)
+
+    def on_branch(self, branch: str | None) -> Self:
+        """The same set of workspaces (same root, same per-story locks) working against
+        ``branch`` instead of the base branch; None is the base branch itself.
+
+        For stories that merge into another branch (an epic's integration branch): paths are
+        per story, so every branch can share one root. Cached, so each story keeps one lock.
+        """
+        if branch is None or branch == self.base_branch:
+            return self
+        with self._locks_guard:
+            sibling = self._siblings.get(branch)
+            if sibling is None:
+                sibling = type(self)(self.repo, branch, root=self.root)
+                # Shared, so a story is serialised whichever branch object drives it.
+                sibling._locks = self._locks
+                sibling._locks_guard = self._locks_guard
+                sibling._common = self._common
+                self._siblings[branch] = sibling
+            return sibling
+
+    def base_exists(self) -> bool:
+        return self._ref_sha(self.base_ref) is not None
 
     @property
     def base_ref(self) -> str:

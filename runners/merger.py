@@ -102,21 +102,33 @@ class MergeReactions:
         if self.on_slot_freed is not None:
             self.on_slot_freed()
 
-    def _base_tip(self) -> str:
+    def _workspaces(self, story: Story) -> MergeWorkspaces:
+        """The story's merge workspaces: squashing onto, and advancing, its target branch."""
+        return self.workspaces.on_branch(story.target_branch)
+
+    def _target(self, story: Story) -> str:
+        return story.target_branch or self.config.base_branch
+
+    def _missing(self, story: Story) -> str:
+        if story.target_branch is None:
+            return "the base branch does not exist"
+        return f"target branch {story.target_branch} does not exist"
+
+    def _base_tip(self, story: Story) -> str:
         out = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{self.config.base_branch}"],
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{self._target(story)}"],
             cwd=self.project,
             capture_output=True,
             text=True,
             check=False,
         )
         if out.returncode != 0:
-            raise GitError(f"the base branch {self.config.base_branch!r} does not exist")
+            raise GitError(self._missing(story))
         return out.stdout.strip()
 
     def _merge(self, story: Story) -> None:
         try:
-            base = self._base_tip()
+            base = self._base_tip(story)
         except GitError as exc:
             base = None
             logger.error("merge of %s: %s", story.id, exc)
@@ -132,7 +144,7 @@ class MergeReactions:
             return
         story = committed.story
         if base is None:
-            self._fail(story, MergeFailureKind.OTHER, "the base branch does not exist")
+            self._fail(story, MergeFailureKind.OTHER, self._missing(story))
             return
         try:
             if story.resolved_pending:
@@ -149,32 +161,42 @@ class MergeReactions:
         )
 
     def _squash_and_land(self, story: Story) -> None:
-        self.workspaces.prepare(story.id)
-        self._land(story, self.workspaces.squash_merge(story.id, self._message(story)))
+        workspaces = self._workspaces(story)
+        workspaces.prepare(story.id)
+        self._land(story, workspaces.squash_merge(story.id, self._message(story)))
 
     def _merge_resolution(self, story: Story) -> None:
         """Land what a mergemaster committed in the conflicted workspace."""
-        head = self.workspaces.finish_resolution(story.id, self._message(story))
-        base = self.workspaces.started_base(story.id)
+        workspaces = self._workspaces(story)
+        head = workspaces.finish_resolution(story.id, self._message(story))
+        base = workspaces.started_base(story.id)
         if base is None:
             raise GitError("the merge workspace lost its recorded base")
         self._land(story, SquashResult(outcome="merged", base_sha=base, commit_sha=head))
 
     def _land(self, story: Story, result: SquashResult) -> None:
-        """Gate the squashed commit, then compare-and-swap the base onto it."""
+        """Gate the squashed commit, then compare-and-swap the target branch onto it."""
+        workspaces = self._workspaces(story)
         for _ in range(CAS_ATTEMPTS):
             if not self._handle_result(story, result):
                 return
             assert result.commit_sha is not None
             if not self._merge_gates_pass(story):
                 return
-            if self.workspaces.advance_base(result.base_sha, result.commit_sha):
+            if workspaces.advance_base(result.base_sha, result.commit_sha):
                 self._succeed(story, result.commit_sha)
                 return
-            # Someone moved the base while we merged: re-apply on the new tip, never overwrite.
-            logger.info("base moved during the merge of %s; re-applying", story.id)
-            result = self.workspaces.rebase_onto_base(story.id)
-        self._fail(story, MergeFailureKind.OTHER, "the base branch kept moving during the merge")
+            # Someone moved the target while we merged: re-apply on the new tip, never overwrite.
+            logger.info(
+                "%s moved during the merge of %s; re-applying", workspaces.base_branch, story.id
+            )
+            result = workspaces.rebase_onto_base(story.id)
+        moving = (
+            "the base branch"
+            if story.target_branch is None
+            else f"the target branch {story.target_branch}"
+        )
+        self._fail(story, MergeFailureKind.OTHER, f"{moving} kept moving during the merge")
 
     def _handle_result(self, story: Story, result: SquashResult) -> bool:
         """Record a failed squash; True when the result is a commit to land."""
@@ -191,7 +213,7 @@ class MergeReactions:
             self._fail(
                 story,
                 MergeFailureKind.NO_COMMITS,
-                f"{story.feature_branch} has nothing that {self.config.base_branch} lacks",
+                f"{story.feature_branch} has nothing that {self._target(story)} lacks",
             )
         else:
             self._fail(story, MergeFailureKind.OTHER, result.output)
@@ -199,7 +221,10 @@ class MergeReactions:
 
     def _merge_gates_pass(self, story: Story) -> bool:
         run = run_story_gates(
-            self.config.merge_gates, self.workspaces.path_for(story.id), self.project, story.id
+            self.config.merge_gates,
+            self._workspaces(story).path_for(story.id),
+            self.project,
+            story.id,
         )
         if not run.passed:
             self._fail(story, MergeFailureKind.GATES_FAILED, run.output)
@@ -211,7 +236,7 @@ class MergeReactions:
                 story.id,
                 "merge_succeeded",
                 actor=ACTOR_MERGE,
-                data={"merge_commit": commit, "base_branch": self.config.base_branch},
+                data={"merge_commit": commit, "base_branch": self._target(story)},
             )
         except DomainError:
             logger.exception("merged %s as %s but could not record it", story.id, commit)
@@ -264,10 +289,11 @@ class MergeReactions:
             self._wake_queue()
 
     def _landed_commit(self, story: Story) -> str | None:
-        base = self.workspaces.started_base(story.id)
+        workspaces = self._workspaces(story)
+        base = workspaces.started_base(story.id)
         try:
-            head = self.workspaces.head(story.id)
-            tip = self._base_tip()
+            head = workspaces.head(story.id)
+            tip = self._base_tip(story)
         except GitError:
             return None
         if base is None or head == base:
@@ -360,7 +386,7 @@ class MergeReactions:
                     story=story,
                     role=AgentRole.MERGEMASTER,
                     agent=agent,
-                    cwd=self.workspaces.path_for(story.id),
+                    cwd=self._workspaces(story).path_for(story.id),
                     purpose="mergemaster",
                     conflict_details=story.merge_failure_details,
                 ),
@@ -376,8 +402,9 @@ class MergeReactions:
     # ------------------------------------------------------------------ cleanup
 
     def cleanup(self, story: Story) -> None:
-        if self.workspaces.path_for(story.id).exists():
+        workspaces = self._workspaces(story)
+        if workspaces.path_for(story.id).exists():
             try:
-                self.workspaces.remove(story.id)
+                workspaces.remove(story.id)
             except GitError:
                 logger.exception("could not remove the merge workspace of %s", story.id)
