@@ -91,6 +91,8 @@ class AgentLauncher:
         self._launch_lock = threading.Lock()
         self.run_dir = project / ".storyline" / "run"
         self.log_dir = project / ".storyline" / "logs"
+        self.spawn_veto: Callable[[Story], str | None] | None = None
+        """Why no agent may start for a story now (its epic is blocked), or None."""
 
     # ------------------------------------------------------------------ queries
 
@@ -165,7 +167,7 @@ class AgentLauncher:
             role=req.role.value,  # type: ignore[arg-type]
             agent=req.agent,
             cwd=req.cwd,
-            base_branch=self.config.base_branch,
+            base_branch=story.target_branch or self.config.base_branch,
             story=StoryText(story.name, story.description, tuple(story.acceptance_criteria)),
             log_path=self.log_dir / story.id / f"{req.role.value}-{attempt}.log",
             inactivity_timeout_secs=self.config.inactivity_timeout_secs,
@@ -198,6 +200,10 @@ class AgentLauncher:
         """
         with self._launch_lock:
             if self.running(req.story.id) is not None or self.count(req.role) >= limit:
+                return False
+            veto = self.spawn_veto(req.story) if self.spawn_veto is not None else None
+            if veto is not None:
+                logger.info("no agent for story %s: %s", req.story.id, veto)
                 return False
             return self._launch(req)
 

@@ -71,6 +71,10 @@ to replace that turn's default usage (100 in, 20 out, $0.001).
     ``GET $STORYLINE_URL/stories/$STORYLINE_STORY_ID`` for the version, then ``POST
     .../transitions`` with ``{"event", "expected_version", "reason", "data"}`` and
     ``Authorization: Bearer $STORYLINE_TOKEN``. A failed call exits 4 unless ``allow_failure``.
+``{"submit_plan": {"subtasks": [...], "prefer_single_session": false}}``
+    An epic's planner (``$STORYLINE_STORY_ID`` is ``epic-<n>``): ``POST
+    $STORYLINE_URL/epics/<id>/transitions`` with ``{"event": "submit_plan", "data": {"plan":
+    ...}}``. A refused plan is an answer (HTTP 200), not a failure.
 ``{"resolve_conflicts": "ours" | "theirs" | "union"}``
     Rewrite every conflicted file, dropping the conflict markers (keeping our side, their
     side, or both in that order) and ``git add`` it.
@@ -144,6 +148,7 @@ _ACTIONS = {
     "silent",
     "spawn_child_sleep",
     "crash_before_session",
+    "submit_plan",
     "kill_self",
     "exit",
     "fail_result",
@@ -489,6 +494,9 @@ class Agent:
             raise
         return f"api {call.get('event')}: HTTP {status} {body[:200]}"
 
+    def do_submit_plan(self, plan: Any, action: dict[str, Any]) -> str:
+        return self.do_api({"event": "submit_plan", "data": {"plan": plan}}, action)
+
     def do_resolve_conflicts(self, mode: str, action: dict[str, Any]) -> str:
         if mode not in ("ours", "theirs", "union"):
             raise ActionError(f"resolve_conflicts takes ours, theirs or union, not {mode!r}")
@@ -564,7 +572,9 @@ def _api_transition(call: dict[str, Any]) -> tuple[int, str]:
     story = os.environ.get("STORYLINE_STORY_ID", "")
     if not base or not story:
         raise ActionError("STORYLINE_URL and STORYLINE_STORY_ID must be set", EXIT_API)
-    url = f"{base}/stories/{urllib.parse.quote(story, safe='')}"
+    # An epic's planner reports on its epic (``epic-<n>``), a coder on its story.
+    kind = "epics" if story.startswith("epic-") and story[5:].isdigit() else "stories"
+    url = f"{base}/{kind}/{urllib.parse.quote(story, safe='')}"
     headers = {"Accept": "application/json"}
     token = os.environ.get("STORYLINE_TOKEN")
     if token:
@@ -588,17 +598,19 @@ def _api_transition(call: dict[str, Any]) -> tuple[int, str]:
         except (urllib.error.URLError, OSError) as exc:
             raise ActionError(f"{method} {target}: {exc}", EXIT_API) from exc
 
-    _, body = request("GET", url, None)
-    try:
-        version = json.loads(body)["version"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ActionError(f"GET {url}: no version in the answer", EXIT_API) from exc
-    payload = {
+    payload: dict[str, Any] = {
         "event": call.get("event"),
-        "expected_version": version,
         "reason": call.get("reason", ""),
         "data": call.get("data", {}),
     }
+    if kind == "stories":
+        _, body = request("GET", url, None)
+        try:
+            payload["expected_version"] = json.loads(body)["version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ActionError(f"GET {url}: no version in the answer", EXIT_API) from exc
+    # A plan does not depend on the epic's version (the runner records the planner's start
+    # concurrently), so it is sent without one.
     return request("POST", f"{url}/transitions", payload)
 
 

@@ -35,6 +35,27 @@ MERGEMASTER_PROMPT = (
     "write the feature; you only resolve this merge."
 )
 
+PLANNER_PROMPT = (
+    "You are the planner of epic {{story_id}}. Your working directory {{worktree_path}} is a "
+    "read-only checkout of {{base_branch}}: read the code, change nothing. Split the goal "
+    "below into subtasks that separate coding agents can do in parallel, each in its own "
+    "branch, merged one by one into the epic's integration branch; then the union is judged "
+    "by the epic's gates."
+)
+PLANNER_INSTRUCTIONS = (
+    "# How to report\n\n"
+    "Submit exactly one plan with the storyline MCP tool `submit_plan`: `subtasks`, each with "
+    "`name`, `description`, `acceptance_criteria` (at least one), `depends_on` (names of "
+    "other subtasks that must land first) and `footprint` (the paths it expects to touch; a "
+    "directory ends in `/`). Subtasks that may run at the same time must not share footprint "
+    "paths: make one depend on the other, or merge them. When the goal has no parallelism "
+    "worth the coordination, submit `prefer_single_session: true` with no subtasks. A "
+    "refused plan comes back with its problems: fix them and submit again. Without the MCP "
+    'tools, POST `{"event": "submit_plan", "data": {"plan": {...}}}` to '
+    "$STORYLINE_URL/epics/$STORYLINE_STORY_ID/transitions with the header "
+    "`Authorization: Bearer $STORYLINE_TOKEN`."
+)
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 
 
@@ -90,7 +111,8 @@ def template_values(spec: SpawnSpec, prompt: str = "") -> dict[str, str]:
 
 def _story_block(spec: SpawnSpec) -> str:
     story = spec.story
-    parts = [f"# Story {spec.story_id}: {story.name}"]
+    what = "Epic" if spec.role == "planner" else "Story"
+    parts = [f"# {what} {spec.story_id}: {story.name}"]
     if story.description.strip():
         parts.append(story.description.strip())
     if story.acceptance_criteria:
@@ -155,11 +177,15 @@ def build_prompt(spec: SpawnSpec) -> str:
         )
     opening = spec.agent.prompt
     if opening is None:
-        opening = MERGEMASTER_PROMPT if spec.role == "mergemaster" else CODER_PROMPT
+        opening = {"mergemaster": MERGEMASTER_PROMPT, "planner": PLANNER_PROMPT}.get(
+            spec.role, CODER_PROMPT
+        )
     rendered = render_template(opening, template_values(spec)).strip()
     if rendered:
         parts.append(rendered)
     parts.append(_story_block(spec))
+    if spec.role == "planner":
+        parts.append(PLANNER_INSTRUCTIONS)
     if spec.role == "mergemaster" or spec.conflict_details:
         parts.append(_conflict_block(spec))
     if spec.purpose == "commit_leftovers":

@@ -17,7 +17,7 @@ from typing import Literal, Protocol, runtime_checkable
 from domain.config import AgentConfig, FixupCaps
 from domain.ids import validate_story_id
 
-AgentRole = Literal["coder", "mergemaster"]
+AgentRole = Literal["coder", "mergemaster", "planner"]
 Outcome = Literal[
     "completed",
     "aborted_before_session",
@@ -118,8 +118,8 @@ class SpawnSpec:
         validate_story_id(self.story_id)
         if self.attempt < 0:
             raise ValueError(f"attempt must be >= 0, got {self.attempt}")
-        if self.role not in ("coder", "mergemaster"):
-            raise ValueError(f"role must be 'coder' or 'mergemaster', got {self.role!r}")
+        if self.role not in ("coder", "mergemaster", "planner"):
+            raise ValueError(f"role must be 'coder', 'mergemaster' or 'planner', got {self.role!r}")
         for name, value in (
             ("inactivity_timeout_secs", self.inactivity_timeout_secs),
             ("overall_timeout_secs", self.overall_timeout_secs),
