@@ -2,8 +2,10 @@
 
 Locally it starts the real service in this process (API on a loopback port, projections,
 runners) on the embedded SQLite default (or ``STORYLINE_DATABASE_URL``), then drives six
-stories through the HTTP API exactly as any client would. With ``--url`` the same scenario
-runs against a server started elsewhere on a project prepared by ``--prepare``.
+stories through the HTTP API exactly as any client would, and then one epic (``api.demo_epic``:
+planned into three stories, two of which clash in the union, blamed, replanned, landed).
+With ``--url`` the same scenario runs against a server started elsewhere on a project
+prepared by ``--prepare``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from api.client import ClientError, StorylineClient
+from api.demo_epic import EXPECTED_EPIC, EpicDemoError, epic_summary, run_epic_part
 from api.demo_project import STORIES, create_project, git
 
 EXPECTED_FINAL = {
@@ -57,10 +60,19 @@ class DemoResult:
     seconds: float
     replay_equal: bool | None
     merge_commits: list[str]
+    epic: dict[str, Any]
+    """The demo's epic as it ended (its ``GET /epics/{id}`` view)."""
+    epic_history: list[dict[str, Any]]
+    epic_landing: str | None
+    """The epic's landing commit on main as ``git log`` shows it (None if it did not land)."""
+
+    @property
+    def epic_ok(self) -> bool:
+        return all(self.epic.get(key) == want for key, want in EXPECTED_EPIC.items())
 
     @property
     def ok(self) -> bool:
-        return self.final == EXPECTED_FINAL and self.replay_equal is not False
+        return self.final == EXPECTED_FINAL and self.epic_ok and self.replay_equal is not False
 
 
 # --------------------------------------------------------------------------- local server
@@ -252,16 +264,19 @@ def prepare_database(project: Path, database_url: str | None, *, migrate: bool) 
             "with --migrate, or `storyline db upgrade` first"
         )
     from service.application import StorylineApplication
+    from service.epics import EpicService
 
     app = StorylineApplication(db, pool_size=1)
     try:
         held = len(app.story_ids())
+        epics = len(EpicService(app).ids())
     finally:
         app.close()
-    if held:
+    if held or epics:
         raise DemoError(
             f"the demo needs an empty database, and {db.display} already holds {held} "
-            "stories: point STORYLINE_DATABASE_URL at a new database"
+            f"stories and {epics} epic{'' if epics == 1 else 's'}: point STORYLINE_DATABASE_URL "
+            "at a new database"
         )
 
 
@@ -276,32 +291,38 @@ def run_demo(
 ) -> DemoResult:
     started = time.monotonic()
 
-    def drive(client: StorylineClient) -> dict[str, str]:
-        create_stories(client)
-        return watch(client, console, timeout)
+    def drive(server: str) -> tuple[dict[str, str], dict[str, Any], list[dict[str, Any]]]:
+        client = StorylineClient(server)
+        try:
+            create_stories(client)
+            final = watch(client, console, timeout)
+            console.print()
+            console.print(audit_trail(client, "subtract"))
+            # The second part starts once the stories settled: its landing on main then
+            # cannot race the stories' merges, and each part reads on its own.
+            try:
+                epic, history = run_epic_part(client, console, timeout)
+            except EpicDemoError as exc:
+                raise DemoError(str(exc)) from exc
+        finally:
+            client.close()
+        return final, epic, history
 
     if url is None:
         prepare_database(project, database_url, migrate=migrate)
         with local_server(project, database_url) as (server_url, _service):
-            client = StorylineClient(server_url)
-            try:
-                final = drive(client)
-                console.print()
-                console.print(audit_trail(client, "subtract"))
-            finally:
-                client.close()
+            final, epic, history = drive(server_url)
         replay: bool | None = replay_check(project, database_url)
     else:
-        client = StorylineClient(url)
-        try:
-            final = drive(client)
-            console.print()
-            console.print(audit_trail(client, "subtract"))
-        finally:
-            client.close()
+        final, epic, history = drive(url)
         replay = None
     merges = git(project, "log", "--format=%h %s", "main").splitlines()
-    return DemoResult(project, final, time.monotonic() - started, replay, merges)
+    landing = None
+    if epic.get("merge_commit"):
+        landing = git(project, "log", "-1", "--format=%h %s", str(epic["merge_commit"]))
+    return DemoResult(
+        project, final, time.monotonic() - started, replay, merges, epic, history, landing
+    )
 
 
 def explain(result: DemoResult, console: Console) -> None:
@@ -314,6 +335,7 @@ def explain(result: DemoResult, console: Console) -> None:
         style = "green" if got == want else "red"
         table.add_row(story.id, Text(got, style=style), want, story.expect)
     console.print(table)
+    epic_summary(result.epic, result.epic_history, result.epic_landing, console)
     console.print("[bold]merge commits on main[/bold] (newest first):")
     for line in result.merge_commits:
         console.print(f"  {line}", markup=False)

@@ -1,5 +1,8 @@
 """The demo's throwaway project: a small Python package with a real test suite as the gate,
-a scripted agent script for six stories, and a ``storyline.toml`` that uses it.
+a scripted agent script for six stories and one epic, and a ``storyline.toml`` that uses it.
+
+The epic's union gate is ``checks/operators.py``: an integration check the stories' own
+gates do not run, so two stories can each pass theirs and still clash when put together.
 
 The scripted agent is a real executable speaking the Claude Code CLI contract; only what it
 writes comes from the script below instead of a model.
@@ -16,10 +19,30 @@ from typing import Any
 
 GIT_ID = ["-c", "user.name=storyline demo", "-c", "user.email=demo@storyline.local"]
 
+OPERATORS_CHECK = """\
+\"\"\"Integration check: every operator symbol in calc/*.py is claimed by one module only.\"\"\"
+import pathlib
+import re
+import sys
+
+owners = {}
+for module in sorted(pathlib.Path("calc").glob("*.py")):
+    found = re.search(r'^SYMBOL = "(.+)"$', module.read_text(), re.MULTILINE)
+    if found:
+        owners.setdefault(found.group(1), []).append(module.as_posix())
+clashes = {symbol: paths for symbol, paths in owners.items() if len(paths) > 1}
+for symbol, paths in sorted(clashes.items()):
+    print(f"FAILED: operator symbol {symbol!r} is claimed by " + " and ".join(paths))
+if not clashes:
+    print(f"ok: {len(owners)} operator symbols, each claimed once:", *sorted(owners))
+sys.exit(1 if clashes else 0)
+"""
+
 FILES: dict[str, str] = {
     "README.md": "# calc\n\nA tiny calculator that storyline's demo agents extend.\n",
     "calc/__init__.py": '"""A tiny calculator."""\n',
     "calc/banner.py": 'BANNER = "calc"\n',
+    "checks/operators.py": OPERATORS_CHECK,
     "tests/__init__.py": "",
     "tests/test_banner.py": (
         "import unittest\n\nfrom calc.banner import BANNER\n\n\n"
@@ -152,7 +175,98 @@ def coder_script() -> dict[str, Any]:
             {"commit": "French banner"},
         ],
         "divide": {"*": _implement("divide", "a // b + 1", DIV, "add divide()")},
+        **epic_coder_script(),
         "*": [{"say": "nothing scripted for this story"}],
+    }
+
+
+EPIC_ID = "epic-1"
+"""The demo's epic: the first in its empty database (scripts are keyed by its stories' ids)."""
+
+
+@dataclass(frozen=True)
+class DemoEpic:
+    name: str
+    goal: str
+    criteria: list[str]
+
+
+EPIC = DemoEpic(
+    "Operator symbols",
+    "Add power, xor and modulo to calc: each a function in its own module with its own "
+    "tests, and the operator symbol a parser will use for it (SYMBOL in the module).",
+    [
+        "power(2, 3) == 8, xor(6, 3) == 5, modulo(7, 3) == 1",
+        "checks/operators.py passes: no symbol is claimed twice",
+    ],
+)
+POW = [(2, 3, 8), (5, 0, 1)]
+XOR = [(6, 3, 5), (1, 1, 0)]
+MOD = [(7, 3, 1), (9, 3, 0)]
+
+
+def _operator(
+    name: str, body: str, symbol: str, cases: list[tuple[Any, Any, Any]]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "write": f"calc/{name}.py",
+            "content": f"SYMBOL = {json.dumps(symbol)}\n\n\n" + _module(name, body),
+        },
+        {"write": f"tests/test_{name}.py", "content": _test(name, cases)},
+    ]
+
+
+def _subtask(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": description,
+        "acceptance_criteria": [f"{name}() is tested", f"calc/{name}.py sets SYMBOL"],
+        "depends_on": [],
+        "footprint": [f"calc/{name}.py", f"tests/test_{name}.py"],
+    }
+
+
+PLAN: dict[str, Any] = {
+    "subtasks": [
+        _subtask("power", "calc.power(a, b) returns a to the power b; pick its SYMBOL."),
+        _subtask("xor", "calc.xor(a, b) returns the bitwise xor; pick its SYMBOL."),
+        _subtask("modulo", "calc.modulo(a, b) returns a modulo b; pick its SYMBOL."),
+    ],
+    "rationale": "three independent modules; nothing shared but the symbol table",
+}
+
+
+def planner_script() -> dict[str, Any]:
+    return {"*": [{"say": "three independent operations: one story each"}, {"submit_plan": PLAN}]}
+
+
+def epic_coder_script() -> dict[str, Any]:
+    """The epic's stories: power and xor both pick '^' (each passes its own tests; together
+    they break the union's check); the replan story redoes that region with '**' for power."""
+    story = {name: f"{EPIC_ID}.{n}" for n, name in enumerate(["power", "xor", "modulo"], 1)}
+    return {
+        story["power"]: [
+            {"say": "power is ^ on most calculators"},
+            *_operator("power", "a ** b", "^", POW),
+            {"commit": "add power() with symbol ^"},
+        ],
+        story["xor"]: [
+            {"say": "xor is ^ in Python"},
+            *_operator("xor", "a ^ b", "^", XOR),
+            {"commit": "add xor() with symbol ^"},
+        ],
+        story["modulo"]: [
+            *_operator("modulo", "a % b", "%", MOD),
+            {"commit": "add modulo() with symbol %"},
+        ],
+        f"{EPIC_ID}.r1": [
+            {"expect_in_prompt": "is claimed by calc/power.py and calc/xor.py"},
+            {"say": "power and xor both took ^: power gets ** as in Python, xor keeps ^"},
+            *_operator("power", "a ** b", "**", POW),
+            *_operator("xor", "a ^ b", "^", XOR),
+            {"commit": "power is **, xor is ^"},
+        ],
     }
 
 
@@ -187,6 +301,7 @@ def _agent(stage: str, script: Path) -> str:
 
 def config_text(project: Path) -> str:
     gate = json.dumps([sys.executable, "-m", "unittest", "discover", "-s", "tests", "-t", "."])
+    union = json.dumps([sys.executable, "checks/operators.py"])
     return (
         "# storyline.toml written by `storyline demo`: the scripted agent stands in for a\n"
         "# real coding agent; the gates are the project's real test suite.\n"
@@ -203,6 +318,10 @@ def config_text(project: Path) -> str:
         "timeout_secs = 60\n"
         + _agent("coder", project / ".storyline" / "demo" / "coder.json")
         + _agent("mergemaster", project / ".storyline" / "demo" / "mergemaster.json")
+        + _agent("planner", project / ".storyline" / "demo" / "planner.json")
+        + "[epic]\n"
+        "# The union gate: judges the integration branch once every story of the epic merged.\n"
+        f"union_gates = {{ commands = [{union}], timeout_secs = 60 }}\n"
     )
 
 
@@ -230,6 +349,7 @@ def create_project(project: Path) -> Path:
     (scripts / "mergemaster.json").write_text(
         json.dumps(mergemaster_script(), indent=1), encoding="utf-8"
     )
+    (scripts / "planner.json").write_text(json.dumps(planner_script(), indent=1), encoding="utf-8")
     (project / "storyline.toml").write_text(config_text(project), encoding="utf-8")
     exclude = project / ".git" / "info" / "exclude"
     exclude.write_text(exclude.read_text() + "\n/.storyline/\n/storyline.toml\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
         "banner-en": "done",
         "banner-fr": "done",
         "divide": "blocked",
+        # The epic's stories: the plan's three, then the regional replan's one.
+        "epic-1.1": "done",
+        "epic-1.2": "done",
+        "epic-1.3": "done",
+        "epic-1.r1": "done",
     }
 
     subjects = subprocess.run(
@@ -65,7 +71,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
         check=True,
     ).stdout.splitlines()
     assert subjects[-1] == "calc: initial project"
-    merged = sorted(s.rsplit("(story ", 1)[1].rstrip(")") for s in subjects[:-1])
+    # The epic lands last, as one squash commit; its stories never merged into main.
+    assert subjects[0] == "Operator symbols (epic epic-1)"
+    merged = sorted(s.rsplit("(story ", 1)[1].rstrip(")") for s in subjects[1:-1])
     assert merged == ["add", "banner-en", "banner-fr", "multiply", "subtract"]
     assert (project / "calc" / "subtract.py").read_text().strip().endswith("return a - b")
 
@@ -95,6 +103,71 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
     )
     assert "retries exhausted" in divide["blocked_reason"]
     assert list((project / ".storyline" / "logs" / "subtract").glob("coder-*.log"))
+
+    check_epic(project, run.stdout, env)
+
+
+def check_epic(project: Path, stdout: str, env: dict[str, str]) -> None:
+    """The demo's second part: planned, blamed on power and xor, replanned, landed."""
+    assert "part 2: an epic ('Operator symbols')" in stdout
+    assert re.search(
+        r"round 1: failed on \w+: FAILED: operator symbol '\^' is claimed by calc/power.py "
+        r"and calc/xor.py\n",
+        stdout,
+    )
+    assert re.search(r"round 2: passed on \w+: ok: 3 operator symbols", stdout)
+    assert "implicated by blame: epic-1.1 (power), epic-1.2 (xor)" in stdout
+    assert "kept through the replan: epic-1.3 (modulo)" in stdout
+    assert "landed on main: " in stdout and "Operator symbols (epic epic-1)" in stdout
+    assert "run mode regional_replan" in stdout
+
+    epic = json.loads(
+        storyline("epic", "show", "epic-1", "--json", "--project", str(project), env=env).stdout
+    )
+    assert (epic["stage"], epic["mode"], epic["round"]) == ("done", "regional_replan", 2)
+    assert [s["name"] for s in epic["plan"]["subtasks"]] == ["power", "xor", "modulo"]
+    assert epic["kept_stories"] == ["epic-1.3"]
+    assert [v["passed"] for v in epic["union_verdicts"]] == [False, True]
+    head = subprocess.run(
+        ["git", "rev-parse", "main"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert epic["merge_commit"] == head
+    # The ledger is the planner's run plus every story's (the scripted agent's usage).
+    ledger = epic["ledger"]
+    assert ledger["planner_cost_usd"] > 0 and ledger["stories_cost_usd"] > 0
+    assert ledger["tokens_in"] == epic["planner"]["tokens_in"] + sum(
+        s["tokens_in"] for s in epic["stories"]
+    )
+    assert f"${ledger['cost_usd']:.4f}" in stdout
+
+    history = json.loads(
+        storyline("epic", "history", "epic-1", "--json", "--project", str(project), env=env).stdout
+    )
+    probes = {
+        tuple(e["data"]["excluded"]): e["data"]["result"]
+        for e in history
+        if e["type"] == "BlameProbed"
+    }
+    assert probes == {("epic-1.1",): "passed", ("epic-1.2",): "passed", ("epic-1.3",): "failed"}
+    blame = [e["data"] for e in history if e["type"] == "BlameConcluded"]
+    assert [(b["implicated"], b["clean"]) for b in blame] == [
+        (["epic-1.1", "epic-1.2"], ["epic-1.3"])
+    ]
+    rebuilt = next(e["data"] for e in history if e["type"] == "IntegrationRebuilt")
+    assert rebuilt["kept"] == ["epic-1.3"]
+    rounds = [e["data"] for e in history if e["type"] == "StoriesFarmedOut"]
+    assert [(r["mode"], r["stories"]) for r in rounds] == [
+        ("parallel", ["epic-1.1", "epic-1.2", "epic-1.3"]),
+        ("regional_replan", ["epic-1.r1"]),
+    ]
+    assert history[-1]["type"] == "EpicLanded"
+    # Every probe the demo printed is one recorded probe.
+    assert stdout.count("BlameProbed") == 3
+    # On main: modulo kept from round 1, power and xor as the replan redid them.
+    power = (project / "calc" / "power.py").read_text()
+    assert 'SYMBOL = "**"' in power
+    assert 'SYMBOL = "^"' in (project / "calc" / "xor.py").read_text()
+    assert 'SYMBOL = "%"' in (project / "calc" / "modulo.py").read_text()
 
 
 def free_port() -> int:
@@ -152,6 +225,7 @@ def test_demo_against_a_separate_server(tmp_path: Path, pg_database: Database) -
         assert "replay check: skipped (the server's database is not local)" in run.stdout
         rows = httpx.get(f"{url}/stories", params={"limit": 100}).json()["stories"]
         board = {row["id"]: row["stage"] for row in rows}
+        epic = httpx.get(f"{url}/epics/epic-1").json()
     finally:
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=60)
@@ -163,13 +237,16 @@ def test_demo_against_a_separate_server(tmp_path: Path, pg_database: Database) -
         "banner-en": "done",
         "banner-fr": "done",
         "divide": "blocked",
+        "epic-1.1": "done",
+        "epic-1.2": "done",
+        "epic-1.3": "done",
+        "epic-1.r1": "done",
     }
+    assert (epic["stage"], epic["mode"]) == ("done", "regional_replan")
 
 
 def test_the_readme_postgresql_demo_line_works_on_an_empty_database(tmp_path: Path) -> None:
     """The README's PostgreSQL line, as written, on a database with no schema at all."""
-    import re
-
     from tests.conftest import create_pg_database, drop_pg_database
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -198,6 +275,6 @@ def test_the_readme_postgresql_demo_line_works_on_an_empty_database(tmp_path: Pa
             ["bash", "-c", command], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
         )
         assert again.returncode == 1
-        assert "already holds 6 stories" in again.stdout + again.stderr
+        assert "already holds 10 stories and 1 epic:" in again.stdout + again.stderr
     finally:
         drop_pg_database(db)
