@@ -137,6 +137,34 @@ allow_gate_commands = true
 # model = "sonnet"
 # base_url = "https://api.anthropic.com"
 
+# An epic's planner: it reads a scratch checkout of the base branch (its edits there are
+# thrown away) and submits its plan with the storyline MCP tool submit_plan. Without a
+# planner agent an epic runs as one whole-goal session.
+[[agent]]
+name = "planner"
+stage = "planner"
+runtime = "claude-code"
+command = "claude"
+args = ["-p", "{{prompt}}", "--output-format", "stream-json", "--verbose",
+        "--include-partial-messages", "--permission-mode", "acceptEdits"]
+allowed_tools = ["Bash(git ls-files:*)", "Bash(git log:*)", "Bash(git show:*)",
+                 "mcp__storyline"]
+allow_gate_commands = false
+
+[epic]
+# Plans refused or missing before the goal runs as one session instead.
+max_plan_attempts = 3
+# After a union failure blame cannot localise: re-run the whole goal as one session
+# (a whole extra session's cost, so off by default).
+recover_via_single_session = false
+# Leave-one-out probes at most per union failure.
+max_blame_probes = 12
+
+[epic.union_gates]
+# Run on the integration branch once every story of a round is done: the goal's own check.
+commands = [["python", "-m", "pytest", "-q"]]
+timeout_secs = 600
+
 [server]
 host = "127.0.0.1"
 port = 8765
