@@ -22,6 +22,8 @@ Public API (what the API, the CLI and the runners use):
     The Prometheus text exposition of ``ReadModels.metrics()`` and ``ReadModels.status()``.
 
 Projection names: ``board``, ``history``, ``agent_runs``, ``merge_queue``, ``metrics``.
+Epic events (originator ``epic-<n>``, same log) are in the history only; the others hold
+stories alone.
 Tables (Alembic revision 0002): ``board``, ``story_history``, ``agent_runs``,
 ``merge_queue``, ``story_metrics``, ``stage_metrics`` and the tracking table
 ``projection_positions``. A standalone follower runs with ``python -m projections.worker``.

@@ -13,6 +13,11 @@ trusted while the runner can prove nobody else wrote the tables (tracking positi
 generation unchanged) and is dropped after any failure. After a rebuild has emptied the
 tables the cache is *complete*: a key it does not hold has no row, so nothing is read back.
 
+Epics share the event log with stories. The history keeps every event (epic events too,
+it is the audit trail); every other projection folds only story events
+(:attr:`projections.log.Batch.story_events`), so a log with epic events gives the same
+story tables as one without them.
+
 Changed rows are written by :class:`BulkWriter` (replace by key: a pipelined upsert for
 small batches, delete + binary COPY for large ones on PostgreSQL). The history writes its
 rows as it applies a batch (it keeps no state), so its position moves with every batch.
@@ -158,7 +163,9 @@ class KeyedProjection(Projection, Generic[K, S]):
         return values[0] if len(values) == 1 else values  # type: ignore[return-value]
 
     def apply(self, conn: Connection, batch: Batch) -> None:
-        events = batch.events
+        # Every keyed projection is a read model of stories: epic events (same log) are
+        # left out here, before any key is taken, so no row is ever made for an epic.
+        events = batch.story_events
         key_of = type(self).key_function
         if len(self._cache) > MAX_CACHED and not self._dirty:
             # Bound memory; only between flushes, as unflushed state lives nowhere else.
@@ -255,7 +262,7 @@ class AgentRunsProjection(KeyedProjection[tuple[str, str, int], RunState]):
 
 
 class HistoryProjection(Projection):
-    """The audit trail: one row per event, append-only.
+    """The audit trail: one row per event, append-only, epic events included.
 
     On PostgreSQL the rows are derived by the server from the stored events, in one
     ``INSERT ... SELECT`` over the batch's range of positions (checked against the number

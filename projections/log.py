@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from service.application import events_table, position_column
-from service.events_log import LoggedEvent, decode
+from service.events_log import LoggedEvent, decode, is_epic_originator
 from service.settings import Database
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Batch:
     pays for decoding; the others share one decoding per batch.
     """
 
-    __slots__ = ("_events", "rows", "skipped")
+    __slots__ = ("_events", "_story_events", "rows", "skipped")
 
     def __init__(
         self,
@@ -53,6 +53,7 @@ class Batch:
     ) -> None:
         self.rows = rows
         self._events = events
+        self._story_events: list[LoggedEvent] | None = None
         self.skipped = skipped
         """Positions left out of this batch (skipped events, see ``without``): they are in
         the log between its rows, so a projection reading the log by range excludes them."""
@@ -62,6 +63,26 @@ class Batch:
         if self._events is None:
             self._events = [decode(*row) for row in self.rows]
         return self._events
+
+    @property
+    def story_events(self) -> list[LoggedEvent]:
+        """The decoded events of stories: the batch without epic events.
+
+        Epics share the log; the read models of stories (board, queue, runs, metrics) fold
+        only these, the history keeps every event. Epic rows are never decoded for this
+        (only :attr:`events` decodes them), so an epic event a reader cannot decode does not
+        stop the story projections."""
+        found = self._story_events
+        if found is None:
+            rows = self.rows
+            if not any(is_epic_originator(row[1]) for row in rows):
+                found = self.events
+            elif self._events is not None:
+                found = [e for e in self._events if not is_epic_originator(e.story_id)]
+            else:
+                found = [decode(*row) for row in rows if not is_epic_originator(row[1])]
+            self._story_events = found
+        return found
 
     @property
     def last(self) -> int:

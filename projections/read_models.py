@@ -26,6 +26,7 @@ from projections.engine import create_projection_engine
 from projections.log import EventReader
 from projections.runner import PROGRESS
 from projections.state import ALL_STAGES, TERMINAL_STAGES, RunState, StoryState, apply_story_event
+from service.events_log import aggregate_of, is_epic_originator
 from service.settings import Database
 
 MAX_PAGE = 1000
@@ -278,6 +279,8 @@ class ReadModels:
                 if not events:
                     break
                 for event in events:
+                    if is_epic_originator(event.story_id):
+                        continue  # an epic's event: the board shows stories only
                     states[event.story_id] = apply_story_event(states.get(event.story_id), event)
                 after = events[-1].position
         queued = sorted(
@@ -308,6 +311,7 @@ class ReadModels:
             {
                 "position": r.position,
                 "story_id": r.story_id,
+                "aggregate": aggregate_of(r.story_id),
                 "version": r.version,
                 "type": r.type,
                 "timestamp": r.timestamp.isoformat(),

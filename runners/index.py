@@ -3,6 +3,12 @@
 The runners need "which backlog stories depend on X" and "which stories sit in stage S"
 without loading every aggregate; the index answers from decoded log entries (no pydantic),
 and is rebuilt from position 0 at start-up (about a second per million events).
+
+Epics share the log. Their events never enter the story index (nothing would step an
+"epic-3" story); instead the index notes which epics may need a look, for the epic runner:
+an epic whose own event was folded in, or one of whose stories changed stage. It takes them
+with :meth:`StoryIndex.take_epics` (level-triggered, like the stories: a note says only
+*which* epics to look at).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.application import StorylineApplication
-from service.events_log import LoggedEvent
+from service.events_log import LoggedEvent, is_epic_originator
 
 
 @dataclass
@@ -25,6 +31,7 @@ class IndexedStory:
     merge_failure_kind: str | None = None
     final: bool = False
     merging: bool = False
+    epic: str | None = None
 
 
 @dataclass
@@ -37,6 +44,8 @@ class StoryIndex:
     reader: Any = None
     breaker_events: list[LoggedEvent] = field(default_factory=list)
     """Provider breaker openings and closings folded in and not yet taken by the runner."""
+    epics: set[str] = field(default_factory=set)
+    """Epics that may need a look and were not yet taken (see :meth:`take_epics`)."""
 
     def apply(self, events: Iterable[LoggedEvent]) -> set[str]:
         """Fold events in; returns the ids of stories that need a look (incl. dependants)."""
@@ -47,13 +56,24 @@ class StoryIndex:
                     continue  # already folded in (catch-ups may overlap)
                 self.position = event.position
                 sid = event.story_id
+                if is_epic_originator(sid):
+                    self.epics.add(sid)
+                    continue
                 touched.add(sid)
                 if event.type in ("ProviderBreakerOpened", "ProviderBreakerClosed"):
                     self.breaker_events.append(event)
                     continue  # not a step: nothing else of the story changes
                 if event.type == "StoryCreated":
                     deps = tuple(event.data.get("depends_on") or ())
-                    self.stories[sid] = IndexedStory(sid, "backlog", deps, event.position)
+                    # ``epic`` was a free-form label before epics existed: only an epic's
+                    # id ties the story to an epic.
+                    label = event.data.get("epic")
+                    epic = label if isinstance(label, str) and is_epic_originator(label) else None
+                    self.stories[sid] = IndexedStory(
+                        sid, "backlog", deps, event.position, epic=epic
+                    )
+                    if epic is not None:
+                        self.epics.add(epic)
                     for dep in deps:
                         self.dependants.setdefault(dep, set()).add(sid)
                     continue
@@ -64,6 +84,8 @@ class StoryIndex:
                     story.stage = event.to_stage
                     story.entered_stage_position = event.position
                     story.merging = False
+                    if story.epic is not None:
+                        self.epics.add(story.epic)
                     if event.to_stage in ("done", "archived"):
                         touched.update(self.dependants.get(sid, ()))
                 if event.type == "MergeStarted":
@@ -103,6 +125,13 @@ class StoryIndex:
     def take_breaker_events(self) -> list[LoggedEvent]:
         with self.lock:
             taken, self.breaker_events = self.breaker_events, []
+        return taken
+
+    def take_epics(self) -> set[str]:
+        """The epics noted since the last call (and forget them): those with a new event
+        of their own, or a story of theirs created or moved to another stage."""
+        with self.lock:
+            taken, self.epics = self.epics, set()
         return taken
 
     def in_stage(self, *stages: str) -> list[IndexedStory]:

@@ -24,7 +24,7 @@ from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent
 from domain.commands import Policy, apply_named
 from domain.errors import DomainError, StoryExists, StoryNotFound, VersionConflict
 from domain.events import StoryCreated, StoryEvent
-from domain.ids import validate_story_id
+from domain.ids import is_epic_id, validate_story_id
 from domain.stages import Stage
 from domain.story import Story
 from service.codec import OrjsonTranscoder, PydanticMapper
@@ -410,6 +410,10 @@ class StorylineApplication(Application[str]):
 
     def get_story(self, story_id: str) -> Story:
         validate_story_id(story_id)
+        if is_epic_id(story_id):
+            # An epic's events share the store: loading them as a story would fail to
+            # decode (or build the wrong aggregate). No story has an epic's id.
+            raise StoryNotFound(story_id)
         try:
             story: Story = self.repository.get(story_id, projector_func=_project_story)
         except AggregateNotFoundError:
@@ -421,6 +425,8 @@ class StorylineApplication(Application[str]):
     ) -> Story:
         """The story as it was after the log position ``position`` or at time ``at``."""
         validate_story_id(story_id)
+        if is_epic_id(story_id):
+            raise StoryNotFound(story_id)  # as in get_story: an epic is not a story
         story: Story | None = None
         for logged, domain_event in self._story_events(story_id):
             if position is not None and logged.position > position:
@@ -459,11 +465,16 @@ class StorylineApplication(Application[str]):
         return int(value or 0)
 
     def story_ids(self) -> list[str]:
+        """Every story's id, oldest first; epics (same store) are not stories.
+
+        Epics are filtered here rather than in SQL: SQLite has no regular expressions, a
+        LIKE on the prefix would also drop a story named "epic-x", and epics are few."""
         rows = self._fetch(
             f"SELECT originator_id FROM {self._events} WHERE originator_version = 1 "
             f"ORDER BY {self._pos}"
         )
-        return [str(row["originator_id"]) for row in rows]
+        ids = (str(row["originator_id"]) for row in rows)
+        return [sid for sid in ids if not is_epic_id(sid)]
 
     def iter_stories(self) -> Iterator[Story]:
         for sid in self.story_ids():

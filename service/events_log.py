@@ -13,7 +13,24 @@ from typing import Any
 import orjson
 from eventsourcing.utils import resolve_topic
 
-import domain.events  # noqa: F401  (registers the pinned topics)
+# Imported for the pinned topics they register; epics share the log with stories.
+import domain.epic_events
+import domain.events  # noqa: F401
+from domain.ids import is_epic_id
+
+
+def is_epic_originator(originator_id: str) -> bool:
+    """Whether a log entry belongs to an epic rather than a story.
+
+    Epics share the event log with stories; every reader that folds story state skips
+    these. The prefix test first: readers call this once per event on a rebuild, and
+    almost every id is a story's, which the prefix alone rules out."""
+    return originator_id.startswith("epic-") and is_epic_id(originator_id)
+
+
+def aggregate_of(originator_id: str) -> str:
+    """The ``"aggregate"`` of a log entry's JSON: ``"epic"`` or ``"story"``."""
+    return "epic" if is_epic_originator(originator_id) else "story"
 
 
 # Not frozen: a frozen dataclass sets every field through object.__setattr__, which made
@@ -33,10 +50,18 @@ class LoggedEvent:
     to_stage: str | None
     data: dict[str, Any]
 
+    @property
+    def aggregate(self) -> str:
+        """``"epic"`` or ``"story"``: which kind of aggregate ``story_id`` names."""
+        return aggregate_of(self.story_id)
+
     def as_json(self) -> dict[str, Any]:
+        # "story_id" is the originator for epic events too (the key predates epics);
+        # "aggregate" says which kind it is.
         return {
             "position": self.position,
             "story_id": self.story_id,
+            "aggregate": self.aggregate,
             "version": self.version,
             "type": self.type,
             "timestamp": self.timestamp.isoformat(),
