@@ -15,17 +15,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from domain.epic_commands import EpicPolicy
 from domain.errors import DomainError, StoryNotFound
+from domain.ids import is_epic_id
 from domain.stages import AgentRole, Stage
 from runners.agents import AgentResult
 from runners.breaker import ProviderBreakers
 from runners.coder import CoderReactions
+from runners.epic_runner import EpicReactions
 from runners.index import StoryIndex
 from runners.launcher import AgentLauncher
 from runners.lease import Lease
 from runners.merger import MergeReactions
+from runners.planner import PlannerLauncher
 from service.agent_tokens import AgentTokens
 from service.container import Service
+from service.epics import EpicService
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +121,21 @@ class Supervisor:
             self.launcher,
             on_slot_freed=lambda: self.slot_freed(Stage.MERGE.value),
         )
+        self.epics = EpicService(
+            self.app, EpicPolicy(max_plan_attempts=self.config.epic.max_plan_attempts)
+        )
+        self.planner = PlannerLauncher(
+            self.epics,
+            self.config,
+            self.launcher,
+            api_url=api_url,
+            tokens=tokens,
+            on_exit=lambda epic_id: self.look_at({epic_id}),
+        )
+        self.epic_runner = EpicReactions(self.epics, self.config, service.project, self.planner)
+        self.launcher.spawn_veto = self.epic_runner.spawn_veto
+        self._settled_epics: set[str] = set()
+        """Epics found done or failed and cleaned up (not looked at again by sweeps)."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runner")
         self._wake = threading.Condition()
         self._woken = False
@@ -166,6 +186,7 @@ class Supervisor:
         if self._listener is not None:
             self._listener.join(timeout=5)
         if kill_agents:
+            self.planner.stop_all("the runner is shutting down")
             self.launcher.stop_all("the runner is shutting down")
         self._pool.shutdown(wait=True, cancel_futures=True)
         try:
@@ -230,9 +251,11 @@ class Supervisor:
             touched |= self._pending
             self._pending.clear()
         now = time.monotonic()
+        touched |= self.index.take_epics()
         if now - self._last_sweep >= self.full_sweep_interval:
             self._last_sweep = now
             touched |= {s.story_id for s in self.index.in_stage(*ACTIVE_STAGES)}
+            touched |= set(self.epics.ids()) - self._settled_epics
         # Renew well before expiry; a long tick must not let another runner take over. On
         # a clock, not on every tick: every commit anywhere wakes this loop, and a lease
         # write per wake-up would add a commit to every command.
@@ -285,6 +308,8 @@ class Supervisor:
                 self.after_step(story_id)
 
     def _step(self, story_id: str) -> bool:
+        if is_epic_id(story_id):
+            return self._step_epic(story_id)
         try:
             story = self.app.get_story(story_id)
         except StoryNotFound:
@@ -314,6 +339,14 @@ class Supervisor:
             self.coder.cleanup(story)
             self.merger.cleanup(story)
         return False
+
+    def _step_epic(self, epic_id: str) -> bool:
+        epic = self.epics.get(epic_id)
+        progressed = self.epic_runner.step(epic)
+        settled = epic.stage.value in ("done", "failed") and epic.running_planner is None
+        if not progressed and settled:
+            self._settled_epics.add(epic_id)
+        return progressed
 
     def _listen(self) -> None:
         if self.app.db.kind == "postgres":

@@ -288,7 +288,7 @@ class StorylineApplication(Application[str]):
         deps = list(depends_on)
         for dep in deps:
             validate_story_id(dep)
-            if not self._exists(dep):
+            if is_epic_id(dep) or not self._exists(dep):
                 raise StoryNotFound(dep)
         attempts = 0
         while True:
@@ -441,6 +441,8 @@ class StorylineApplication(Application[str]):
     def history(self, story_id: str) -> list[LoggedEvent]:
         """Every event of the story, oldest first, with its global position."""
         validate_story_id(story_id)
+        if is_epic_id(story_id):
+            raise StoryNotFound(story_id)  # an epic's history is the epic service's
         rows = self._fetch(
             f"SELECT {self._pos} AS position, originator_id, originator_version, topic, state "
             f"FROM {self._events} WHERE originator_id = ? ORDER BY originator_version",
