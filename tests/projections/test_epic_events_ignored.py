@@ -212,8 +212,9 @@ def test_story_queries_and_read_models_leave_epics_out(
     ):
         with pytest.raises(StoryNotFound):
             query()
-    # The store's own history of an epic is its events (left as it is).
-    assert [e.position for e in app.history("epic-1")] == epics.positions[:4]
+    # An epic's history is the epic service's: the story history refuses the id.
+    with pytest.raises(StoryNotFound):
+        app.history("epic-1")
 
     runner.run_once()
     assert [row["id"] for row in read_models.board_as_of(head)] == ["1", "2"]
