@@ -15,14 +15,16 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import routes_events, routes_health, routes_projections, routes_stories
+from api import routes_epics, routes_events, routes_health, routes_projections, routes_stories
 from api.auth import Authenticator, StaticTokens, load_tokens
 from api.errors import error_body, install_error_handlers
 from api.routes_common import ApiState, BackgroundComponent, JsonResponse, reject_unknown_query
 from api.sse import CommitNotifier, LogReader, StreamSettings
 from domain.config import TokenConfig
+from domain.epic_commands import EpicPolicy
 from service.agent_tokens import AgentTokens
 from service.container import Service
+from service.epics import EpicService
 from service.idempotency import IdempotencyStore
 
 logger = logging.getLogger(__name__)
@@ -179,6 +181,10 @@ def create_app(
         thread_limit=thread_limit,
         health_timeout=health_timeout,
     )
+    # One per app: it serialises the choice of the next epic number within this process.
+    state.extra["epics"] = EpicService(
+        service.app, EpicPolicy(max_plan_attempts=service.config.epic.max_plan_attempts)
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -210,7 +216,7 @@ def create_app(
     )
     app.state.storyline = state
     install_error_handlers(app)
-    for module in (routes_stories, routes_events, routes_projections, routes_health):
+    for module in (routes_stories, routes_epics, routes_events, routes_projections, routes_health):
         app.include_router(module.router)
     _tidy_openapi(app, state.auth.required)
     limit = max_body_bytes if max_body_bytes is not None else service.config.server.max_body_bytes

@@ -8,6 +8,11 @@ Roles:
 - ``agent`` (a per-story token from :class:`AgentTokens`): GET its own story and its
   history, and send only :data:`AGENT_EVENTS` to its own story.
 
+Epics: ``write`` and ``admin`` create epics and send only the person events
+(``domain.epic_transitions.PERSON_EVENTS``: block, unblock, fail, add_note); the rest are
+the runners', which act in process, never over HTTP. A planner's agent token (scoped to an
+epic id) reads only its own epic and sends only ``PLANNER_EVENTS`` to it.
+
 Tokens come from ``[[server.tokens]]`` (inline ``token`` or ``token_env``) and from
 ``$STORYLINE_TOKENS`` (``token=actor:role,...``). With no configured token the API needs no
 ``Authorization`` header and requests act as ``user:local`` with the admin role; that is
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from domain.config import ServerConfig, TokenConfig
+from domain.epic_transitions import EPIC_EVENT_NAMES, PERSON_EVENTS, PLANNER_EVENTS
 from service.agent_tokens import TOKEN_PREFIX, AgentGrant, AgentTokens
 
 Role = Literal["read", "write", "admin", "agent"]
@@ -231,6 +237,17 @@ def may_transition(principal: Principal, story_id: str, event: str) -> bool:
     return principal.at_least("write")
 
 
+def may_transition_epic(principal: Principal, epic_id: str, event: str) -> bool:
+    """A planner's token: the planner events on its own epic. A person (write or admin):
+    the person events, on any epic. An unknown event name is let through to the domain,
+    which answers 422 with the known names (as for stories)."""
+    if principal.role == "agent":
+        return epic_id == principal.story_id and event in PLANNER_EVENTS
+    if not principal.at_least("write"):
+        return False
+    return event in PERSON_EVENTS or event not in EPIC_EVENT_NAMES
+
+
 __all__ = [
     "AGENT_EVENTS",
     "ANONYMOUS_ACTOR",
@@ -247,5 +264,6 @@ __all__ = [
     "may_create",
     "may_read",
     "may_transition",
+    "may_transition_epic",
     "parse_tokens_env",
 ]

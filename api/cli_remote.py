@@ -1,4 +1,4 @@
-"""Story commands against either the local store or a running server (``--url``).
+"""Story and epic commands against either the local store or a running server (``--url``).
 
 The CLI asks :func:`story_backend` for a backend and calls the same methods either way;
 both return the API's JSON shapes (story snapshots with ``position``, history events as
@@ -17,8 +17,11 @@ from typing import Any, Protocol
 
 from api.client import ClientError, StorylineClient
 from api.error_shapes import domain_status
+from api.schemas_epics import epic_id_refusal, epic_summaries, load_epic_view, plan_verdict
+from domain.epic_commands import EpicPolicy
 from domain.errors import DomainError
 from service.container import Service, open_service
+from service.epics import EpicService
 
 
 class StoryBackend(Protocol):
@@ -52,9 +55,41 @@ class StoryBackend(Protocol):
 
     def events(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]: ...
 
+    def create_epic(
+        self,
+        *,
+        name: str,
+        goal: str,
+        acceptance_criteria: list[str],
+        max_budget_usd: float | None = None,
+    ) -> dict[str, Any]: ...
+
+    def epic_transition(
+        self,
+        epic_id: str,
+        event: str,
+        *,
+        expected_version: int | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> dict[str, Any]: ...
+
+    def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]: ...
+
+    def list_epics(self) -> list[dict[str, Any]]: ...
+
+    def epic_history(self, epic_id: str) -> list[dict[str, Any]]: ...
+
 
 def _client_error(exc: DomainError) -> ClientError:
     return ClientError(domain_status(exc), exc.code, exc.message, exc.details or None)
+
+
+def _check_epic_id(epic_id: str) -> None:
+    """The API's 422 for a malformed epic id (its 404 means a well-formed unknown one)."""
+    refusal = epic_id_refusal(epic_id)
+    if refusal is not None:
+        raise ClientError(422, "invalid_epic_id", *refusal)
 
 
 class LocalBackend:
@@ -63,6 +98,7 @@ class LocalBackend:
     def __init__(self, service: Service, actor: str) -> None:
         self.service = service
         self.actor = actor
+        self._epics: EpicService | None = None
 
     def create_story(
         self,
@@ -137,6 +173,82 @@ class LocalBackend:
     def events(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         return [e.as_json() for e in self.service.app.events_after(after, limit)]
 
+    # ------------------------------------------------------------------ epics
+
+    @property
+    def epics(self) -> EpicService:
+        if self._epics is None:
+            policy = EpicPolicy(max_plan_attempts=self.service.config.epic.max_plan_attempts)
+            self._epics = EpicService(self.service.app, policy)
+        return self._epics
+
+    def create_epic(
+        self,
+        *,
+        name: str,
+        goal: str,
+        acceptance_criteria: list[str],
+        max_budget_usd: float | None = None,
+    ) -> dict[str, Any]:
+        try:
+            committed = self.epics.create(
+                name=name,
+                goal=goal,
+                acceptance_criteria=list(acceptance_criteria),
+                max_budget_usd=max_budget_usd,
+                actor=self.actor,
+            )
+            return load_epic_view(self.epics, committed.epic.id, committed=committed.position)
+        except DomainError as exc:
+            raise _client_error(exc) from None
+
+    def epic_transition(
+        self,
+        epic_id: str,
+        event: str,
+        *,
+        expected_version: int | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        _check_epic_id(epic_id)
+        try:
+            committed = self.epics.transition(
+                epic_id,
+                event,
+                actor=self.actor,
+                expected_version=expected_version,
+                reason=reason,
+                data=data or {},
+            )
+            view = load_epic_view(self.epics, epic_id, committed=committed.position)
+        except DomainError as exc:
+            raise _client_error(exc) from None
+        if event == "submit_plan" and isinstance(committed.result, list):
+            view |= plan_verdict(committed.epic, committed.result)
+        return view
+
+    def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]:
+        _check_epic_id(epic_id)
+        try:
+            if as_of is None:
+                return load_epic_view(self.epics, epic_id)
+            if as_of.strip().isascii() and as_of.strip().isdigit():
+                return load_epic_view(self.epics, epic_id, position=int(as_of), as_of=as_of)
+            return load_epic_view(self.epics, epic_id, at=_parse_time(as_of), as_of=as_of)
+        except DomainError as exc:
+            raise _client_error(exc) from None
+
+    def list_epics(self) -> list[dict[str, Any]]:
+        return epic_summaries(self.epics)
+
+    def epic_history(self, epic_id: str) -> list[dict[str, Any]]:
+        _check_epic_id(epic_id)
+        try:
+            return [e.as_json() for e in self.epics.history(epic_id)]
+        except DomainError as exc:
+            raise _client_error(exc) from None
+
 
 def _parse_time(value: str) -> datetime:
     try:
@@ -207,6 +319,43 @@ class RemoteBackend:
 
     def events(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.client.events(after=after, limit=limit)["events"])
+
+    def create_epic(
+        self,
+        *,
+        name: str,
+        goal: str,
+        acceptance_criteria: list[str],
+        max_budget_usd: float | None = None,
+    ) -> dict[str, Any]:
+        return self.client.create_epic(
+            name=name,
+            goal=goal,
+            acceptance_criteria=acceptance_criteria,
+            max_budget_usd=max_budget_usd,
+        )
+
+    def epic_transition(
+        self,
+        epic_id: str,
+        event: str,
+        *,
+        expected_version: int | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return self.client.epic_transition(
+            epic_id, event, expected_version=expected_version, reason=reason, data=data
+        )
+
+    def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]:
+        return self.client.get_epic(epic_id, as_of=as_of)
+
+    def list_epics(self) -> list[dict[str, Any]]:
+        return self.client.list_epics()
+
+    def epic_history(self, epic_id: str) -> list[dict[str, Any]]:
+        return self.client.epic_history(epic_id)
 
 
 @contextmanager

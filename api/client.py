@@ -240,6 +240,68 @@ class StorylineClient:
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
 
+    # ------------------------------------------------------------------ epics
+
+    def create_epic(
+        self,
+        *,
+        name: str,
+        goal: str,
+        acceptance_criteria: Sequence[str],
+        max_budget_usd: float | None = None,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "name": name,
+            "goal": goal,
+            "acceptance_criteria": list(acceptance_criteria),
+            "max_budget_usd": max_budget_usd,
+            "reason": reason,
+        }
+        result: dict[str, Any] = self._json(
+            "POST", "/epics", json=body, idempotency_key=idempotency_key
+        )
+        return result
+
+    def epic_transition(
+        self,
+        epic_id: str,
+        event: str,
+        *,
+        expected_version: int | None = None,
+        reason: str | None = None,
+        data: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """The epic after the event; ``submit_plan`` adds ``accepted`` and ``problems`` (a
+        refused plan is an answer, not a ClientError)."""
+        body = {
+            "event": event,
+            "expected_version": expected_version,
+            "reason": reason,
+            "data": data or {},
+        }
+        result: dict[str, Any] = self._json(
+            "POST",
+            f"/epics/{_segment(epic_id)}/transitions",
+            json=body,
+            idempotency_key=idempotency_key,
+        )
+        return result
+
+    def get_epic(self, epic_id: str, *, as_of: int | str | None = None) -> dict[str, Any]:
+        params = {"as_of": str(as_of) if as_of is not None else None}
+        result: dict[str, Any] = self._json("GET", f"/epics/{_segment(epic_id)}", params=params)
+        return result
+
+    def list_epics(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/epics")["epics"])
+
+    def epic_history(self, epic_id: str) -> list[dict[str, Any]]:
+        body = self._json("GET", f"/epics/{_segment(epic_id)}/history")
+        return list(body["events"])
+
     def stream(
         self, *, after: int | None = None, last_event_id: int | None = None
     ) -> Iterator[dict[str, Any]]:

@@ -1,8 +1,11 @@
-"""What the ``storyline mcp`` prompts tell an agent, per role (pure text from a story snapshot).
+"""What the ``storyline mcp`` prompts tell an agent, per role (pure text from a story snapshot,
+or for the planner from its epic).
 
 The mergemaster works somewhere unusual (a detached HEAD in a merge workspace, not its
 story's branch) and must report a verdict; the coder mostly needs to know where its gate
-failures are and that notes exist. Both texts name the tools by the names agents see.
+failures are and that notes exist; the planner needs the rules a plan is judged by
+(footprints, dependencies, when to run the goal as one session). Each text names the tools
+by the names agents see.
 """
 
 from __future__ import annotations
@@ -65,3 +68,46 @@ Notes: add_note(text) records a note on the story's audit trail (shown in its hi
 you as the actor). Use it for what a reviewer should know: a decision, a workaround, a
 test you could not make pass. get_story and story_history show the story and what happened
 so far."""
+
+
+def planner_prompt(epic: dict[str, Any]) -> str:
+    eid = epic.get("id", "?")
+    criteria = "\n".join(f"- {c}" for c in epic.get("acceptance_criteria") or []) or "- (none)"
+    problems = [str(p) for p in epic.get("last_plan_problems") or []]
+    last = (
+        "Your previous plan was refused; fix every one of these first:\n"
+        + "\n".join(f"- {p}" for p in problems)
+        + "\n\n"
+        if problems
+        else ""
+    )
+    return f"""You are the planner for epic {eid} ("{epic.get("name", "")}").
+
+Goal:
+{epic.get("goal", "(call get_epic)")}
+
+Acceptance criteria of the whole goal:
+{criteria}
+
+{last}Your job is a plan, not code: do not edit files. Read the repository to see where the
+work goes, then call submit_plan once with:
+- subtasks: each becomes a story that a coder does alone on its own branch, then merges
+  into the epic's integration branch. Give each a unique name, a description the coder can
+  act on without you, and its own acceptance criteria.
+- depends_on: names of subtasks that must merge before this one starts (it then builds on
+  their work). Subtasks without a path of dependencies between them run at the same time.
+- footprint: the paths each subtask expects to touch (files, or directories ending in "/").
+  Two subtasks that may run at the same time must not share a path: their merges would
+  conflict. Make one depend on the other, or merge them into one subtask.
+- prefer_single_session: true when the goal has no parallelism worth the coordination (it
+  is small, or every piece touches the same files). The goal then runs as one story. A plan
+  with one subtask, or whose footprints all overlap, runs that way too.
+- rationale: one paragraph on why this split.
+
+After every story merges, the union of their work is checked as a whole against the goal's
+acceptance criteria, so the subtasks together must cover all of them.
+
+submit_plan answers accepted true or false. When false, its problems say what to change;
+fix them and submit again (each refusal counts toward a small number of attempts). Use
+get_epic to re-read the goal and the last problems, and add_note for anything a person
+should know about the plan."""

@@ -1,5 +1,10 @@
 """``storyline mcp``: a stdio MCP server through which an agent reads and reports on its story.
 
+Served for an epic (``STORYLINE_STORY_ID`` is ``epic-<n>``), it is the planner's instead:
+``get_epic``, ``submit_plan`` and ``add_note`` on that epic only. A plan the epic refuses
+is an answer (``accepted: false`` and the problems), not a tool error, so the planner reads
+what to fix and submits again; each refusal is recorded and counts toward the attempts.
+
 It is a client of a running ``storyline serve`` over HTTP, like the agent it serves: a
 runner-spawned agent has exactly the server's URL and its attempt's story-scoped token
 (``STORYLINE_URL``, ``STORYLINE_TOKEN``, ``STORYLINE_STORY_ID`` in its environment, never in
@@ -26,9 +31,10 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from api.client import TOKEN_ENV, URL_ENV, ClientError, StorylineClient
-from api.mcp_prompts import coder_prompt, mergemaster_prompt
+from api.mcp_prompts import coder_prompt, mergemaster_prompt, planner_prompt
 from domain.errors import DomainError
-from domain.ids import validate_story_id
+from domain.ids import is_epic_id, validate_story_id
+from domain.plan import MAX_FOOTPRINT, MAX_SUBTASKS
 
 STORY_ENV = "STORYLINE_STORY_ID"
 SERVER_NAME = "storyline"
@@ -253,6 +259,160 @@ def build_server(tools: StoryTools) -> MCPServer:
     return server
 
 
+class SubtaskArg(BaseModel):
+    """One subtask as the planner writes it. Only the shape is checked here: the epic
+    checks the rest (blank texts, names, dependencies, overlapping footprints) and answers
+    with every problem at once."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(max_length=200, description="Unique within the plan.")]
+    description: Annotated[
+        str, Field(max_length=20_000, description="What to build, for the story's coder.")
+    ]
+    acceptance_criteria: Annotated[
+        list[Annotated[str, Field(max_length=5_000)]],
+        Field(max_length=50, description="How to tell the subtask is done (at least one)."),
+    ]
+    depends_on: Annotated[
+        list[Annotated[str, Field(max_length=200)]],
+        Field(
+            max_length=MAX_SUBTASKS,
+            description="Names of subtasks of this plan that must merge first.",
+        ),
+    ] = []
+    footprint: Annotated[
+        list[Annotated[str, Field(max_length=1_000)]],
+        Field(
+            max_length=MAX_FOOTPRINT,
+            description="Paths it expects to touch, relative to the repository (a directory "
+            "ends in '/'). Subtasks that may run at the same time must not overlap.",
+        ),
+    ] = []
+
+
+class PlanArg(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    subtasks: Annotated[list[SubtaskArg], Field(max_length=MAX_SUBTASKS)] = []
+    prefer_single_session: bool = Field(
+        default=False,
+        description="True when the goal has no parallelism worth the coordination: it then "
+        "runs as one story with the whole goal.",
+    )
+    rationale: Annotated[str, Field(max_length=10_000)] = ""
+
+
+class EpicTools:
+    """The planner's tools: one epic, one HTTP client (kept apart from the MCP wiring)."""
+
+    def __init__(self, settings: McpSettings, client: StorylineClient | None = None) -> None:
+        self.settings = settings
+        token = settings.token.get_secret_value() if settings.token else ""
+        self.client = client or StorylineClient(settings.url, token=token, retries=2)
+
+    @property
+    def epic_id(self) -> str:
+        return self.settings.story_id
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return await anyio.to_thread.run_sync(fn)
+        except ClientError as exc:
+            raise _refusal(exc) from None
+
+    async def get_epic(self) -> dict[str, Any]:
+        epic = await self._call(lambda: self.client.get_epic(self.epic_id))
+        return dict(
+            clip(
+                {
+                    "id": epic["id"],
+                    "name": epic["name"],
+                    "goal": epic["goal"],
+                    "acceptance_criteria": epic["acceptance_criteria"],
+                    "stage": epic["stage"],
+                    "version": epic["version"],
+                    "legal_events": epic["legal_events"],
+                    "plan": epic.get("plan"),
+                    "last_plan_problems": epic["plan_problems"],
+                    "planner_attempts": epic["planner"]["attempts"],
+                    "failed_plan_attempts": epic["planner"]["failed_attempts"],
+                    "single_session_reason": epic.get("single_session_reason"),
+                },
+                10_000,
+            )
+        )
+
+    async def submit_plan(self, plan: PlanArg) -> dict[str, Any]:
+        data = {"plan": plan.model_dump(mode="json")}
+        epic = await self._call(
+            lambda: self.client.epic_transition(self.epic_id, "submit_plan", data=data)
+        )
+        return {
+            "epic_id": epic["id"],
+            "accepted": bool(epic.get("accepted")),
+            "problems": list(epic.get("problems") or []),
+            "stage": epic["stage"],
+            "version": epic["version"],
+            "failed_plan_attempts": epic["planner"]["failed_attempts"],
+            "single_session_reason": epic.get("single_session_reason"),
+        }
+
+    async def add_note(self, text: str) -> dict[str, Any]:
+        epic = await self._call(
+            lambda: self.client.epic_transition(self.epic_id, "add_note", reason=text)
+        )
+        return {
+            "epic_id": epic["id"],
+            "event": "add_note",
+            "stage": epic["stage"],
+            "version": epic["version"],
+        }
+
+    async def epic_for_prompt(self) -> dict[str, Any]:
+        try:
+            return await self.get_epic()
+        except ToolError as exc:
+            return {"id": self.epic_id, "name": f"(unavailable: {exc})"}
+
+
+def build_planner_server(tools: EpicTools) -> MCPServer:
+    server: MCPServer = MCPServer(
+        SERVER_NAME,
+        instructions=(
+            f"Tools for the planner of storyline epic {tools.epic_id}: read the goal and its "
+            "acceptance criteria, submit a plan (subtasks with dependencies and footprints), "
+            "add notes."
+        ),
+        log_level="WARNING",
+    )
+
+    @server.tool(
+        description="The epic you plan: goal, acceptance criteria, stage, and the problems "
+        "of your last refused plan (fix those first)."
+    )
+    async def get_epic() -> dict[str, Any]:
+        return await tools.get_epic()
+
+    @server.tool(
+        description="Submit the plan. Answers accepted (true/false) and, when false, every "
+        "problem to fix before submitting again; each refusal counts toward the epic's plan "
+        "attempts."
+    )
+    async def submit_plan(plan: PlanArg) -> dict[str, Any]:
+        return await tools.submit_plan(plan)
+
+    @server.tool(description="Add a note to the epic's audit trail (you are its actor).")
+    async def add_note(text: Text) -> dict[str, Any]:
+        return await tools.add_note(text)
+
+    @server.prompt(description="How to plan this epic: subtasks, dependencies, footprints.")
+    async def planner() -> str:
+        return planner_prompt(await tools.epic_for_prompt())
+
+    return server
+
+
 def run(url: str | None, story_id: str | None) -> None:
     """Serve on stdin/stdout until the client closes them."""
     try:
@@ -260,4 +420,7 @@ def run(url: str | None, story_id: str | None) -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"storyline mcp: {problems}") from None
-    build_server(StoryTools(settings)).run("stdio")
+    if is_epic_id(settings.story_id):
+        build_planner_server(EpicTools(settings)).run("stdio")
+    else:
+        build_server(StoryTools(settings)).run("stdio")

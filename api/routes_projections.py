@@ -10,9 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import Principal, may_read
 from api.params import Digits
 from api.routes_common import JsonResponse, forbidden, principal, state_of
+from api.routes_epics import board_rows, epics_of
 from api.routes_health import breaker_metrics
 from api.routes_stories import _row
-from api.schemas import AgentRunsOut, BoardOut, MergeQueueOut, responses
+from api.schemas import AgentRunsOut, MergeQueueOut, responses
+from api.schemas_epics import BoardWithEpicsOut, epic_metrics, epic_summaries
 from domain.ids import STORY_ID_PATTERN, validate_story_id
 from domain.stages import Stage
 
@@ -27,7 +29,7 @@ def _require_read(caller: Principal, what: str) -> None:
         raise forbidden(caller, f"read {what}")
 
 
-@router.get("/board", response_model=BoardOut, responses=responses(), summary="The board")
+@router.get("/board", response_model=BoardWithEpicsOut, responses=responses(), summary="The board")
 async def board(
     request: Request,
     stage: Stage | None = None,
@@ -39,7 +41,8 @@ async def board(
     caller: Principal = Depends(principal),
 ) -> Response:
     _require_read(caller, "the board")
-    read_models = state_of(request).read_models
+    state = state_of(request)
+    read_models = state.read_models
 
     def whole(name: str | None) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -64,7 +67,10 @@ async def board(
             out.setdefault(str(row.get("stage")), []).append(row)
         return out
 
-    return JsonResponse({"stages": await run_in_threadpool(columns)})
+    stages = await run_in_threadpool(columns)
+    # Epics are few and not projected: read from the log (a replay each) beside the columns.
+    epics = await run_in_threadpool(board_rows, state)
+    return JsonResponse({"stages": stages, "epics": epics})
 
 
 @router.get(
@@ -132,7 +138,8 @@ async def metrics(request: Request, caller: Principal = Depends(principal)) -> R
                 renderer = module.render_prometheus
         text = str(renderer(values, statuses))
         runners = state.runner_status() if state.runner_status else []
-        return text + breaker_metrics(list(runners))
+        epics = epic_metrics(epic_summaries(epics_of(state)))
+        return text + breaker_metrics(list(runners)) + epics
 
     text = await run_in_threadpool(render)
     return Response(text, media_type=PROMETHEUS_TYPE)
