@@ -68,7 +68,9 @@ def test_runner_killed_mid_agent_recovers_without_double_spawn(
     tmp_path: Path, database: Database
 ) -> None:
     repo = make_repo(tmp_path / "repo")
-    script = {"s1": {"1": [{"sleep": 60, "interval": 0.2}], "2": FIX}}
+    # Silent: a talkative agent dies of a broken pipe with its runner, and the reaper would
+    # then have nothing left to kill (the checks below could not tell).
+    script = {"s1": {"1": [{"silent": 60}], "2": FIX}}
     config = make_config(tmp_path, script)
     (repo / "storyline.toml").write_text(dump_toml(config))
     app = StorylineApplication(database)
@@ -107,6 +109,8 @@ def test_runner_killed_mid_agent_recovers_without_double_spawn(
     assert spawns == [1, 2], f"an attempt was spawned twice: {spawns}"
     exits = [(e.data["attempt"], e.data["outcome"]) for e in history if e.type == "AgentExited"]
     assert exits == [(1, "lost"), (2, "completed")]
+    lost = next(e for e in history if e.type == "AgentExited")
+    assert lost.reason is not None and "killed orphaned process group" in lost.reason
     assert final.abort_respawns == 0
     assert len(calls(tmp_path)) == 2
     app.close()
