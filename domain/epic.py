@@ -236,6 +236,9 @@ class Epic(BaseAggregate[str]):
         return attempt
 
     def planner_started(self, *, actor: str, attempt: int, pid: int) -> None:
+        # The table's stages, not only the running attempt: a planner spawned just before a
+        # block (or a failure) is not recorded as started while the epic waits.
+        self._require_stage("planner_started", EpicStage.PLANNING)
         self._require_planner("planner_started", attempt)
         self._move(PlannerStarted, actor=actor, attempt=attempt, pid=pid)
 
@@ -313,6 +316,10 @@ class Epic(BaseAggregate[str]):
             raise self._refuse(event, "a round needs at least one story")
         if self.stage is EpicStage.PLANNING and self.round > 0:
             raise self._refuse(event, "the epic was already farmed out")
+        if self.running_planner is not None:
+            # Its exit is refused outside planning, blocked and failed: it would never be
+            # recorded (nor its cost counted) once the epic runs.
+            raise self._refuse(event, f"planner attempt {self.running_planner['attempt']} runs")
         if self.stage is EpicStage.INTEGRATING and (self.union is None or self.union["passed"]):
             raise self._refuse(event, "only a failed union starts another round")
         again = sorted(set(stories) & set(self.stories))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_SUBTASKS = 20
 MAX_FOOTPRINT = 200
+MAX_PATH = 4096
 
 
 class _Strict(BaseModel):
@@ -55,9 +56,14 @@ class Subtask(_Strict):
         list[Annotated[str, Field(min_length=1, max_length=5_000)]],
         Field(min_length=1, max_length=50),
     ]
-    depends_on: Annotated[list[str], Field(max_length=MAX_SUBTASKS)] = Field(default_factory=list)
+    # Bounded like names: an unknown dependency is quoted in the rejection's stored problems.
+    depends_on: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=MAX_SUBTASKS)
+    ] = Field(default_factory=list)
     """Names of other subtasks of the same plan."""
-    footprint: Annotated[list[str], Field(max_length=MAX_FOOTPRINT)] = Field(default_factory=list)
+    footprint: Annotated[
+        list[Annotated[str, Field(max_length=MAX_PATH)]], Field(max_length=MAX_FOOTPRINT)
+    ] = Field(default_factory=list)
     """Paths (files, or directories ending in ``/``) the subtask expects to touch."""
 
     @field_validator("name")
@@ -96,6 +102,12 @@ class Plan(_Strict):
     prefer_single_session: bool = False
     """The planner's judgement that the goal has no parallelism worth the coordination."""
     rationale: Annotated[str, Field(max_length=10_000)] = ""
+
+    @field_validator("rationale")
+    @classmethod
+    def _rationale(cls, value: str) -> str:
+        # Shown to people (CLI, board) like a description: no terminal escapes.
+        return _no_control(value, newlines=True)
 
 
 def _overlap(a: str, b: str) -> bool:
