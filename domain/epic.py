@@ -235,12 +235,14 @@ class Epic(BaseAggregate[str]):
         )
         return attempt
 
-    def planner_started(self, *, actor: str, attempt: int, pid: int) -> None:
+    def planner_started(
+        self, *, actor: str, attempt: int, pid: int, reason: str | None = None
+    ) -> None:
         # The table's stages, not only the running attempt: a planner spawned just before a
         # block (or a failure) is not recorded as started while the epic waits.
         self._require_stage("planner_started", EpicStage.PLANNING)
         self._require_planner("planner_started", attempt)
-        self._move(PlannerStarted, actor=actor, attempt=attempt, pid=pid)
+        self._move(PlannerStarted, actor=actor, reason=reason, attempt=attempt, pid=pid)
 
     def _require_planner(self, event: str, attempt: int) -> None:
         running = self.running_planner

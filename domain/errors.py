@@ -194,3 +194,21 @@ class EpicIllegalTransition(IllegalTransition):
         details = super().details
         details["epic_id"] = details.pop("story_id")
         return details
+
+
+class EpicVersionConflict(VersionConflict):
+    """An epic changed since the version the caller expected (same code and status)."""
+
+    def __init__(self, epic_id: str, expected: int, current: int) -> None:
+        super().__init__(epic_id, expected, current)
+        self.message = (
+            f"epic {epic_id!r} is at version {current}, not the expected version {expected}; "
+            "reload it and try again"
+        )
+        self.args = (self.message,)
+
+    @property
+    def details(self) -> dict[str, object]:
+        details = super().details
+        details["epic_id"] = details.pop("story_id")
+        return details

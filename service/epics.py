@@ -20,7 +20,7 @@ from eventsourcing.persistence import IntegrityError
 from domain.epic import Epic
 from domain.epic_commands import EpicPolicy, apply_epic_named
 from domain.epic_events import EpicEvent, RunMode
-from domain.errors import EpicNotFound, StoryExists, StoryNotFound, VersionConflict
+from domain.errors import EpicNotFound, EpicVersionConflict, StoryExists, StoryNotFound
 from domain.ids import integration_branch, is_epic_id, validate_epic_id
 from domain.story import Story
 from service.application import StorylineApplication, _marked
@@ -106,7 +106,7 @@ class EpicService:
         """Apply the named epic transition; a stale ``expected_version`` is a VersionConflict."""
         epic = self.get(epic_id)
         if expected_version is not None and epic.version != expected_version:
-            raise VersionConflict(epic_id, expected_version, epic.version)
+            raise EpicVersionConflict(epic_id, expected_version, epic.version)
         loaded = epic.version
         result = apply_epic_named(
             epic, event, actor=actor, reason=reason, data=data, policy=self.policy
@@ -115,7 +115,7 @@ class EpicService:
             recordings = self.app.save(epic, **_marked(idempotency))
         except IntegrityError:
             current = self.get(epic_id)
-            raise VersionConflict(epic_id, loaded, current.version) from None
+            raise EpicVersionConflict(epic_id, loaded, current.version) from None
         position = recordings[-1].notification.id
         self.app._committed(position)
         return EpicCommitted(epic, position, result)
@@ -137,7 +137,7 @@ class EpicService:
         """Start a round: the epic's event and its new stories, in one transaction."""
         epic = self.get(epic_id)
         if epic.version != expected_version:
-            raise VersionConflict(epic_id, expected_version, epic.version)
+            raise EpicVersionConflict(epic_id, expected_version, epic.version)
         branch = integration_branch(epic_id)
         created = [
             Story.create(
@@ -164,10 +164,11 @@ class EpicService:
             reason=reason,
         )
         try:
-            recordings = self.app.save(epic, *created)
+            # The stories first: a view of the epic as of its event's position shows them.
+            recordings = self.app.save(*created, epic)
         except IntegrityError:
             current = self.get(epic_id)
-            raise VersionConflict(epic_id, expected_version, current.version) from None
+            raise EpicVersionConflict(epic_id, expected_version, current.version) from None
         position = recordings[-1].notification.id
         self.app._committed(position)
         return EpicCommitted(epic, position)

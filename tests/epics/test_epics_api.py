@@ -472,7 +472,7 @@ def test_stories_of_the_epic_and_as_of(serve: Serve) -> None:
     assert bob.get(f"/epics/{eid}", params={"as_of": moment}).json()["stage"] == "blocked"
     # As of the round's commit (the epic's event and its stories' creation, one
     # transaction), before the first story moved: every story in the backlog.
-    farmed = max(app.history(sid)[0].position for sid in sids)
+    farmed = next(e.position for e in EpicService(app).history(eid) if e.type == "StoriesFarmedOut")
     at_farm = bob.get(f"/epics/{eid}", params={"as_of": str(farmed)}).json()
     assert at_farm["stage"] == "running"
     assert [s["stage"] for s in at_farm["stories"]] == ["backlog"] * 3
