@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import routes_epics, routes_events, routes_health, routes_projections, routes_stories
@@ -20,6 +21,8 @@ from api.auth import Authenticator, StaticTokens, load_tokens
 from api.errors import error_body, install_error_handlers
 from api.routes_common import ApiState, BackgroundComponent, JsonResponse, reject_unknown_query
 from api.sse import CommitNotifier, LogReader, StreamSettings
+from api.web import STATIC_DIR as WEB_STATIC_DIR
+from api.web import router as web_router
 from domain.config import TokenConfig
 from domain.epic_commands import EpicPolicy
 from service.agent_tokens import AgentTokens
@@ -218,6 +221,9 @@ def create_app(
     install_error_handlers(app)
     for module in (routes_stories, routes_epics, routes_events, routes_projections, routes_health):
         app.include_router(module.router)
+    # The web board: public page shells, fragments behind the same auth, script and styles.
+    app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=WEB_STATIC_DIR), name="static")
     _tidy_openapi(app, state.auth.required)
     limit = max_body_bytes if max_body_bytes is not None else service.config.server.max_body_bytes
     app.add_middleware(BodyLimitMiddleware, max_bytes=limit)
