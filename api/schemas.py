@@ -207,7 +207,7 @@ class LoggedEventOut(BaseModel):
     from_stage: str | None
     to_stage: str | None
     data: dict[str, Any]
-    aggregate: Literal["story", "epic"] = "story"
+    aggregate: Literal["story", "epic", "project"] = "story"
     """Epics share the log with stories; ``story_id`` holds the epic's id for its events."""
 
 

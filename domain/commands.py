@@ -137,10 +137,50 @@ class MergeSucceededData(_Data):
     base_branch: PathText
 
 
+class LostHunk(_Data):
+    file: PathText
+    side: Annotated[str, Field(pattern=r"^(story|base)$")]
+    hunk: Annotated[str, Field(max_length=200), Clean]
+    lines: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=200)] = []
+
+
 class MergeFailedData(_Data):
     kind: MergeFailureKind
     details: str = ""
     conflicts: Annotated[list[PathText], Field(max_length=10_000)] = []
+    lost_hunks: Annotated[list[LostHunk], Field(max_length=1_000)] = []
+
+
+class DeclareDropData(_Data):
+    file: PathText
+    side: Annotated[str, Field(pattern=r"^(story|base)$")]
+    hunk: Annotated[str, Field(min_length=2, max_length=200), Clean]
+
+
+Phase = Annotated[str, Field(pattern=r"^(gates|merge_gates)$")]
+Sha = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^[0-9a-f]+$")]
+GateName = Annotated[str, Field(min_length=1, max_length=4096), Clean]
+
+
+class GateVerdictData(_Data):
+    phase: Phase
+    gate: GateName
+    tree: Sha
+    fingerprint: Sha
+    passed: bool
+    output: Annotated[str, Field(max_length=MAX_OUTPUT)] = ""
+    rerun: Annotated[int, Field(ge=0, le=100)] = 0
+    ignored: bool = False
+
+
+class FlakyGateData(_Data):
+    phase: Phase
+    gate: GateName
+    tree: Sha
+    fingerprint: Sha
+    outputs: Annotated[list[Annotated[str, Field(max_length=MAX_OUTPUT)]], Field(max_length=10)]
+    verdicts: Annotated[list[bool], Field(min_length=2, max_length=10)]
+    action: Annotated[str, Field(pattern=r"^(retried|quarantined|recorded)$")]
 
 
 class ProviderBreakerOpenedData(_Data):
@@ -229,7 +269,12 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     "merge_failed": _spec(
         MergeFailedData,
         lambda s, a, r, d, p, deps: s.fail_merge(
-            actor=a, reason=r, kind=d.kind, details=_tail(d.details), conflicts=d.conflicts
+            actor=a,
+            reason=r,
+            kind=d.kind,
+            details=_tail(d.details),
+            conflicts=d.conflicts,
+            lost_hunks=[h.model_dump() for h in d.lost_hunks],
         ),
     ),
     "request_fixup": _spec(NoData, lambda s, a, r, d, p, deps: s.request_fixup(actor=a, reason=r)),
@@ -260,6 +305,24 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
         ProviderBreakerClosedData,
         lambda s, a, r, d, p, deps: s.provider_breaker_closed(
             actor=a, reason=r, provider=d.provider
+        ),
+    ),
+    "declare_dropped_hunk": _spec(
+        DeclareDropData,
+        lambda s, a, r, d, p, deps: s.declare_dropped_hunk(
+            actor=a, reason=r, file=d.file, side=d.side, hunk=d.hunk
+        ),
+    ),
+    "record_gate_verdict": _spec(
+        GateVerdictData,
+        lambda s, a, r, d, p, deps: s.record_gate_verdict(
+            actor=a, reason=r, **{**d.model_dump(), "output": _tail(d.output)}
+        ),
+    ),
+    "flaky_gate_detected": _spec(
+        FlakyGateData,
+        lambda s, a, r, d, p, deps: s.flaky_gate_detected(
+            actor=a, reason=r, **{**d.model_dump(), "outputs": [_tail(o) for o in d.outputs]}
         ),
     ),
 }

@@ -121,9 +121,7 @@ EPIC_COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     ),
     "planner_started": (
         PlannerStartedData,
-        lambda e, a, r, d, p: e.planner_started(
-            actor=a, reason=r, attempt=d.attempt, pid=d.pid
-        ),
+        lambda e, a, r, d, p: e.planner_started(actor=a, reason=r, attempt=d.attempt, pid=d.pid),
     ),
     "planner_exited": (
         PlannerExitedData,

@@ -313,12 +313,16 @@ class MergeFailed(StoryEvent):
     kind: MergeFailureKind
     details: str = ""
     conflicts: list[str] = Field(default_factory=list)
+    lost_hunks: list[dict[str, Any]] = Field(default_factory=list)
+    """``hunks_lost``: each ``{file, side, hunk, lines}`` a resolution dropped (added with a
+    default, so older events decode unchanged)."""
 
     def apply_to(self, story: Story) -> None:
         story.merging = False
         story.merge_failure_kind = self.kind
         story.merge_failure_details = self.details
         story.conflicts = list(self.conflicts)
+        story.lost_hunks = [dict(h) for h in self.lost_hunks]
         story.final = False
         story.mergemaster_spawns = 0
 
@@ -440,6 +444,62 @@ class ProviderBreakerClosed(_NotAStep):
     provider: str
 
 
+class DroppedHunkDeclared(_NotAStep):
+    """A mergemaster says it dropped one side's hunk on purpose (and why): the loss check
+    lets that hunk go. ``side`` is ``story`` or ``base``; ``hunk`` is the header the check
+    reports (``@@ -12,0 +13,4 @@``)."""
+
+    TOPIC: ClassVar[str] = "storyline.DroppedHunkDeclared.v1"
+    file: str
+    side: str
+    hunk: str
+
+    def apply_to(self, story: Story) -> None:
+        story.declared_drops = [
+            *story.declared_drops,
+            {"file": self.file, "side": self.side, "hunk": self.hunk, "reason": self.reason},
+        ]
+
+
+class GateVerdictRecorded(_NotAStep):
+    """One gate command's verdict on one tree: the evidence flakiness is judged from.
+
+    ``fingerprint`` covers the command and its environment, so the same key on the same
+    tree must give the same verdict from a deterministic gate. ``ignored``: the gate is
+    quarantined, so this failure did not block (the verdict itself is kept as it was)."""
+
+    TOPIC: ClassVar[str] = "storyline.GateVerdictRecorded.v1"
+    phase: str
+    gate: str
+    tree: str
+    fingerprint: str
+    passed: bool
+    output: str = ""
+    rerun: int = 0
+    ignored: bool = False
+
+    def apply_to(self, story: Story) -> None:
+        story.gate_runs += 1
+
+
+class GateFlakyDetected(_NotAStep):
+    """The same gate gave different verdicts on the same tree (both runs' output kept)."""
+
+    TOPIC: ClassVar[str] = "storyline.GateFlakyDetected.v1"
+    phase: str
+    gate: str
+    tree: str
+    fingerprint: str
+    outputs: list[str]
+    verdicts: list[bool]
+    action: str
+    """``retried`` (a rerun passed: counted as passed), ``quarantined``, or ``recorded``."""
+
+    def apply_to(self, story: Story) -> None:
+        if self.gate not in story.flaky_gates:
+            story.flaky_gates = [*story.flaky_gates, self.gate]
+
+
 EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     StoryCreated,
     CodingStarted,
@@ -464,6 +524,9 @@ EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     NoteAdded,
     ProviderBreakerOpened,
     ProviderBreakerClosed,
+    DroppedHunkDeclared,
+    GateVerdictRecorded,
+    GateFlakyDetected,
 )
 
 EVENTS_BY_NAME: dict[str, type[StoryEvent]] = {cls.__name__: cls for cls in EVENT_CLASSES}

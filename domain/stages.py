@@ -36,6 +36,8 @@ class AgentOutcome(StrEnum):
 
 class MergeFailureKind(StrEnum):
     CONFLICT_DETECTED = "conflict_detected"
+    HUNKS_LOST = "hunks_lost"
+    """A mergemaster's resolution dropped lines one side changed, without declaring it."""
     GATES_FAILED = "gates_failed"
     NO_COMMITS = "no_commits"
     OTHER = "other"
@@ -50,3 +52,7 @@ class AgentRole(StrEnum):
 
 FINISHED_STAGES = frozenset({Stage.DONE, Stage.ARCHIVED})
 """A dependency in one of these stages no longer holds its dependants back."""
+
+
+MERGEMASTER_KINDS = frozenset({MergeFailureKind.CONFLICT_DETECTED, MergeFailureKind.HUNKS_LOST})
+"""Merge failures a mergemaster works on."""

@@ -26,10 +26,13 @@ from domain.events import (
     AgentSpawnRequested,
     AgentStarted,
     CodingStarted,
+    DroppedHunkDeclared,
     FixupRequested,
+    GateFlakyDetected,
     GatesFailed,
     GatesPassed,
     GatesStarted,
+    GateVerdictRecorded,
     MergeFailed,
     MergemasterAttempted,
     MergeRequeued,
@@ -50,6 +53,7 @@ from domain.events import (
 from domain.ids import is_epic_id, validate_branch_name, validate_story_id
 from domain.stages import (
     FINISHED_STAGES,
+    MERGEMASTER_KINDS,
     AgentOutcome,
     AgentRole,
     MergeFailureKind,
@@ -159,6 +163,13 @@ class Story(BaseAggregate[str]):
         self.merge_failure_kind: MergeFailureKind | None = None
         self.merge_failure_details: str | None = None
         self.conflicts: list[str] = []
+        self.lost_hunks: list[dict[str, Any]] = []
+        """What the last resolution dropped without saying so (``hunks_lost``)."""
+        self.declared_drops: list[dict[str, Any]] = []
+        """Hunks a mergemaster declared dropped on purpose, with its reasons."""
+        self.gate_runs = 0
+        self.flaky_gates: list[str] = []
+        """Gates that gave this story different verdicts on the same tree."""
         self.blocked_from: Stage | None = None
         self.blocked_reason: str | None = None
         self.notes = 0
@@ -319,8 +330,10 @@ class Story(BaseAggregate[str]):
             attempt = self.coder_attempts + 1
         else:
             self._require_stage(event, Stage.MERGE_FAILURE)
-            if self.merge_failure_kind is not MergeFailureKind.CONFLICT_DETECTED:
-                raise self._refuse(event, "a mergemaster only works on conflict_detected")
+            if self.merge_failure_kind not in MERGEMASTER_KINDS:
+                raise self._refuse(
+                    event, "a mergemaster only works on conflict_detected or hunks_lost"
+                )
             if self.final:
                 raise self._refuse(event, "a mergemaster already gave up on this story")
             attempt = self.mergemaster_attempts + 1
@@ -493,6 +506,7 @@ class Story(BaseAggregate[str]):
         details: str = "",
         conflicts: list[str] | None = None,
         reason: str | None = None,
+        lost_hunks: list[dict[str, Any]] | None = None,
     ) -> None:
         event = "merge_failed"
         self._require_stage(event, Stage.MERGE)
@@ -506,6 +520,7 @@ class Story(BaseAggregate[str]):
             kind=kind,
             details=details,
             conflicts=list(conflicts or []),
+            lost_hunks=[dict(h) for h in lost_hunks or []],
         )
 
     def request_fixup(self, *, actor: str, reason: str | None = None) -> None:
@@ -520,7 +535,7 @@ class Story(BaseAggregate[str]):
     ) -> None:
         event = "merge_resolved" if resolved else "requeue_merge"
         self._require_stage(event, Stage.MERGE_FAILURE)
-        if resolved and self.merge_failure_kind is not MergeFailureKind.CONFLICT_DETECTED:
+        if resolved and self.merge_failure_kind not in MERGEMASTER_KINDS:
             raise self._refuse(event, "only a conflict_detected merge can be resolved")
         self._move(
             MergeRequeued, actor=actor, to_stage=Stage.MERGE, reason=reason, resolved=resolved
@@ -610,6 +625,54 @@ class Story(BaseAggregate[str]):
             from_stage=self.stage,
             to_stage=self.stage,
             provider=provider,
+        )
+
+    def declare_dropped_hunk(
+        self, *, actor: str, file: str, side: str, hunk: str, reason: str | None
+    ) -> None:
+        """A mergemaster's word that one side's hunk is left out on purpose."""
+        event = "declare_dropped_hunk"
+        self._require_stage(event, Stage.MERGE_FAILURE, Stage.MERGE)
+        if side not in ("story", "base"):
+            raise InvalidField(("data", "side"), "side is 'story' or 'base'")
+        why = _require_reason(reason, "declaring a dropped hunk")
+        file = _clean_text(file, "file", max_len=4096, allow_newlines=False)
+        hunk = _clean_text(hunk, "hunk", max_len=200, allow_newlines=False)
+        if not file.strip() or not hunk.startswith("@@"):
+            raise InvalidCommand("name the file and the hunk header as reported (@@ ... @@)")
+        self.trigger_event(
+            DroppedHunkDeclared,
+            actor=actor,
+            reason=why,
+            from_stage=self.stage,
+            to_stage=self.stage,
+            file=file,
+            side=side,
+            hunk=hunk,
+        )
+
+    def record_gate_verdict(self, *, actor: str, reason: str | None, **verdict: Any) -> None:
+        self._require_stage("record_gate_verdict", Stage.GATES, Stage.MERGE)
+        self.trigger_event(
+            GateVerdictRecorded,
+            actor=actor,
+            reason=check_reason(reason),
+            from_stage=self.stage,
+            to_stage=self.stage,
+            **verdict,
+        )
+
+    def flaky_gate_detected(self, *, actor: str, reason: str | None, **found: Any) -> None:
+        self._require_stage("flaky_gate_detected", Stage.GATES, Stage.MERGE)
+        if not reason or not reason.strip():
+            raise InvalidCommand("a flaky gate's verdict needs a reason (what was decided)")
+        self.trigger_event(
+            GateFlakyDetected,
+            actor=actor,
+            reason=check_reason(reason),
+            from_stage=self.stage,
+            to_stage=self.stage,
+            **found,
         )
 
     def accepts_expected_version(self, expected: int) -> bool:

@@ -39,6 +39,10 @@ TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     # agent exit opened it or whose probe run closed it.
     "provider_breaker_opened": ("ProviderBreakerOpened", (Stage.CODING,)),
     "provider_breaker_closed": ("ProviderBreakerClosed", (Stage.CODING,)),
+    # Not moves: a mergemaster's declaration of an intended drop, and the gates' evidence.
+    "declare_dropped_hunk": ("DroppedHunkDeclared", (Stage.MERGE_FAILURE, Stage.MERGE)),
+    "record_gate_verdict": ("GateVerdictRecorded", (Stage.GATES, Stage.MERGE)),
+    "flaky_gate_detected": ("GateFlakyDetected", (Stage.GATES, Stage.MERGE)),
 }
 
 EVENT_NAMES: tuple[str, ...] = tuple(TRANSITIONS)

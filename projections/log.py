@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from service.application import events_table, position_column
-from service.events_log import LoggedEvent, decode, is_epic_originator
+from service.events_log import LoggedEvent, decode, is_story_originator
 from service.settings import Database
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,12 @@ class Batch:
         found = self._story_events
         if found is None:
             rows = self.rows
-            if not any(is_epic_originator(row[1]) for row in rows):
+            if all(is_story_originator(row[1]) for row in rows):
                 found = self.events
             elif self._events is not None:
-                found = [e for e in self._events if not is_epic_originator(e.story_id)]
+                found = [e for e in self._events if is_story_originator(e.story_id)]
             else:
-                found = [decode(*row) for row in rows if not is_epic_originator(row[1])]
+                found = [decode(*row) for row in rows if is_story_originator(row[1])]
             self._story_events = found
         return found
 

@@ -26,7 +26,7 @@ from projections.engine import create_projection_engine
 from projections.log import EventReader
 from projections.runner import PROGRESS
 from projections.state import ALL_STAGES, TERMINAL_STAGES, RunState, StoryState, apply_story_event
-from service.events_log import aggregate_of, is_epic_originator
+from service.events_log import aggregate_of, is_story_originator
 from service.settings import Database
 
 MAX_PAGE = 1000
@@ -279,7 +279,7 @@ class ReadModels:
                 if not events:
                     break
                 for event in events:
-                    if is_epic_originator(event.story_id):
+                    if not is_story_originator(event.story_id):
                         continue  # an epic's event: the board shows stories only
                     states[event.story_id] = apply_story_event(states.get(event.story_id), event)
                 after = events[-1].position

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.application import StorylineApplication
-from service.events_log import LoggedEvent, is_epic_originator
+from service.events_log import LoggedEvent, is_epic_originator, is_story_originator
 
 
 @dataclass
@@ -44,6 +44,8 @@ class StoryIndex:
     reader: Any = None
     breaker_events: list[LoggedEvent] = field(default_factory=list)
     """Provider breaker openings and closings folded in and not yet taken by the runner."""
+    project_events: list[LoggedEvent] = field(default_factory=list)
+    """Project-level decisions (the gate registry's) not yet taken by the runner."""
     epics: set[str] = field(default_factory=set)
     """Epics that may need a look and were not yet taken (see :meth:`take_epics`)."""
 
@@ -58,6 +60,9 @@ class StoryIndex:
                 sid = event.story_id
                 if is_epic_originator(sid):
                     self.epics.add(sid)
+                    continue
+                if not is_story_originator(sid):
+                    self.project_events.append(event)  # the gate registry's decisions
                     continue
                 touched.add(sid)
                 if event.type in ("ProviderBreakerOpened", "ProviderBreakerClosed"):
@@ -125,6 +130,11 @@ class StoryIndex:
     def take_breaker_events(self) -> list[LoggedEvent]:
         with self.lock:
             taken, self.breaker_events = self.breaker_events, []
+        return taken
+
+    def take_project_events(self) -> list[LoggedEvent]:
+        with self.lock:
+            taken, self.project_events = self.project_events, []
         return taken
 
     def take_epics(self) -> set[str]:

@@ -476,7 +476,8 @@ class StorylineApplication(Application[str]):
             f"ORDER BY {self._pos}"
         )
         ids = (str(row["originator_id"]) for row in rows)
-        return [sid for sid in ids if not is_epic_id(sid)]
+        # Not epics, and not project-level aggregates (the gate registry, ``_gates``).
+        return [sid for sid in ids if sid[:1].isalnum() and not is_epic_id(sid)]
 
     def iter_stories(self) -> Iterator[Story]:
         for sid in self.story_ids():

@@ -15,7 +15,8 @@ from eventsourcing.utils import resolve_topic
 
 # Imported for the pinned topics they register; epics share the log with stories.
 import domain.epic_events
-import domain.events  # noqa: F401
+import domain.events
+import domain.gate_registry  # noqa: F401  (registers the registry topics)
 from domain.ids import is_epic_id
 
 
@@ -28,9 +29,17 @@ def is_epic_originator(originator_id: str) -> bool:
     return originator_id.startswith("epic-") and is_epic_id(originator_id)
 
 
+def is_story_originator(originator_id: str) -> bool:
+    """Whether a log entry belongs to a story: not an epic, and not a project-level
+    aggregate such as the gate registry (``_gates``: no story id starts with ``_``)."""
+    return originator_id[:1].isalnum() and not is_epic_originator(originator_id)
+
+
 def aggregate_of(originator_id: str) -> str:
     """The ``"aggregate"`` of a log entry's JSON: ``"epic"`` or ``"story"``."""
-    return "epic" if is_epic_originator(originator_id) else "story"
+    if is_epic_originator(originator_id):
+        return "epic"
+    return "story" if originator_id[:1].isalnum() else "project"
 
 
 # Not frozen: a frozen dataclass sets every field through object.__setattr__, which made
