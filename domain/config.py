@@ -45,6 +45,15 @@ class GatesConfig(_Strict):
 
     commands: list[Command] = Field(default_factory=list)
     timeout_secs: Annotated[float, Field(gt=0, le=24 * 3600)] = 600.0
+    flaky: Literal["off", "retry", "quarantine"] = "off"
+    """What a gate that gives different verdicts on the same tree gets: ``off`` records it;
+    ``retry`` reruns a failed gate up to ``flaky_retries`` times first (a pass on a rerun
+    counts, recorded as flaky); ``quarantine`` also lets a gate found flaky stop blocking
+    until a person clears it (``storyline gates clear``)."""
+    flaky_retries: Annotated[int, Field(ge=1, le=10)] = 2
+    nondeterministic: list[str] = Field(default_factory=list)
+    """Gate commands (as written, joined) whose verdicts are never compared: their
+    different verdicts on one tree are expected, never called flaky."""
 
     @field_validator("commands", mode="before")
     @classmethod
