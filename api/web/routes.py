@@ -144,6 +144,18 @@ async def board_fragment(
     return html("board.html", limit=limit, filters=filters, **context)
 
 
+@router.get("/ui/fragments/epic-options")
+async def epic_options_fragment(
+    request: Request, epic: TextQuery = None, caller: Principal = Depends(principal)
+) -> Response:
+    """The board's epic filter choices alone (re-read when an epic event comes)."""
+    _reader(caller, "the board")
+    epics = epics_of(state_of(request))
+    summaries = await run_in_threadpool(epic_summaries, epics)
+    options = board_data.epic_options(summaries, [], epic or None)
+    return html("epic_options.html", epic_options=options)
+
+
 @router.get("/ui/fragments/column/{stage}")
 async def column_fragment(
     request: Request,

@@ -268,6 +268,7 @@ def test_fragments_need_a_token_when_tokens_are_configured(serve: Serve) -> None
         "/ui/fragments/merge-queue",
         "/ui/fragments/runs",
         "/ui/fragments/epics",
+        "/ui/fragments/epic-options",
         "/ui/fragments/metrics",
     ]
     anonymous = live.client()
@@ -425,6 +426,7 @@ def test_the_board_has_every_stage_and_pages_each_column(serve: Serve) -> None:
     assert card_ids(backlog) == ["s5", "s4"]
     assert count(backlog) == 5
     more = backlog.one("a", data_role="more")
+    assert backlog.attrs["data-offset"] == "0"
     assert more.attrs["href"] == "/?stage=backlog&offset=2&limit=2"
     assert more.attrs["data-fragment"] == "/ui/fragments/column/backlog?offset=2&limit=2"
     assert card_ids(column(board, "coding")) == ["c1"]
@@ -441,6 +443,8 @@ def test_the_board_has_every_stage_and_pages_each_column(serve: Serve) -> None:
     # The next page of one column; the others start at their first card.
     page = fragment(reader, "/ui/fragments/board", limit=2, offset=2, stage="backlog")
     assert card_ids(column(page, "backlog")) == ["s3", "s2"]
+    assert column(page, "backlog").attrs["data-offset"] == "2"
+    assert column(page, "coding").attrs["data-offset"] == "0"
     assert card_ids(column(page, "coding")) == ["c1"]
     last = fragment(reader, "/ui/fragments/board", limit=2, offset=4, stage="backlog")
     assert card_ids(column(last, "backlog")) == ["s1"]
@@ -706,6 +710,13 @@ def test_runs_epics_and_metrics_fragments(serve: Serve) -> None:
     board = fragment(reader, "/ui/fragments/board")
     values = [o.attrs["value"] for o in board.one("template").all("option")]
     assert values == [epic_id]
+    # What the board re-reads when an epic event comes: the choices alone.
+    options = fragment(reader, "/ui/fragments/epic-options", epic="chosen")
+    choices = options.one("template", data_role="epic-options").all("option")
+    assert [(o.attrs["value"], o.text) for o in choices] == [
+        (epic_id, f"{epic_id} · Pretty <printer>"),
+        ("chosen", "chosen"),
+    ]
 
     metrics = fragment(reader, "/ui/fragments/metrics")
     charts = {svg.attrs["data-chart"] for svg in metrics.all("svg", data_chart=True)}

@@ -339,9 +339,12 @@
       const cards = col.querySelector('[data-role="cards"]');
       const priority = Number(card.dataset.priority || 0);
       const id = card.dataset.storyId;
-      for (const other of cards.querySelectorAll("article.card")) {
+      const shown = cards.querySelectorAll("article.card");
+      for (const [index, other] of shown.entries()) {
         const p = Number(other.dataset.priority || 0);
         if (p < priority || (p === priority && other.dataset.storyId > id)) {
+          // Before the first card of a later page: it belongs to an earlier page.
+          if (index === 0 && Number(col.dataset.offset || 0) > 0) return;
           cards.insertBefore(card, other);
           return;
         }
@@ -402,12 +405,18 @@
       }
     },
 
+    // New epics join the filter's choices; the ones already there (free-text epic labels
+    // of cards among them) stay.
     refreshEpics: throttle(async () => {
       try {
-        const nodes = await fragment("/ui/fragments/board" + query(Object.assign({ limit: 1 }, board.filters())));
-        const template = nodes && nodes.querySelector('template[data-role="epic-options"]');
+        const nodes = await fragment("/ui/fragments/epic-options" + query({ epic: board.filters().epic }));
+        const fresh = nodes && nodes.querySelector('template[data-role="epic-options"]');
         const current = board.container.querySelector('template[data-role="epic-options"]');
-        if (template && current) current.replaceWith(template);
+        if (!fresh || !current) return;
+        const known = new Set(Array.from(current.content.querySelectorAll("option"), (o) => o.value));
+        for (const option of fresh.content.querySelectorAll("option")) {
+          if (!known.has(option.value)) current.content.appendChild(option.cloneNode(true));
+        }
         board.syncEpicOptions();
       } catch (err) {
         showError(err);
@@ -505,8 +514,25 @@
       return this.container.dataset.src + query({ as_of: asOf });
     },
 
-    async load() {
-      fill(this.container, await fragment(this.url(this.asOf)));
+    // A re-render (live events) keeps what the person was doing: the reason being typed,
+    // the focused control, and a log scrolled to its end.
+    async load(keep) {
+      const nodes = await fragment(this.url(this.asOf));
+      const reason = this.container.querySelector('input[name="reason"]');
+      const typed = keep && reason ? reason.value : "";
+      const active = document.activeElement;
+      const focused = keep && active && this.container.contains(active) ? active.id : "";
+      const log = document.getElementById("agent-log");
+      const logAtEnd = !log || log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      fill(this.container, nodes);
+      const nextReason = this.container.querySelector('input[name="reason"]');
+      if (nextReason && typed) nextReason.value = typed;
+      if (focused) {
+        const again = document.getElementById(focused);
+        if (again) again.focus();
+      }
+      const nextLog = document.getElementById("agent-log");
+      if (nextLog && logAtEnd) nextLog.scrollTop = nextLog.scrollHeight;
       const root = this.container.querySelector('[data-role="story-root"]');
       return root ? root.dataset.position : null;
     },
@@ -597,7 +623,7 @@
     },
 
     refreshSoon: throttle(() => {
-      story.load().catch(showError);
+      story.load(true).catch(showError);
     }, 150),
 
     setup() {
