@@ -5,7 +5,8 @@
     python -m bench --only raw_insert,app_transitions --no-sqlite
 
 Rows: 1 raw INSERT limit, 2 bare eventsourcing app, 3 storyline application layer,
-4 HTTP, 5 projection rebuild vs bare read, 6 runner reaction, 7 scale (100k stories).
+4 HTTP, 5 projection rebuild vs bare read, 6 runner reaction, 7 scale (100k stories),
+8 the web board in Chromium (10k stories).
 A row whose code is not there yet is shown as "pending"; a row that fails is shown as
 "error" with the reason, and the run goes on.
 """
@@ -44,6 +45,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "projection_rebuild": ("bench.scale", "5"),
     "runner_reaction": ("bench.runner_reaction", "6"),
     "scale": ("bench.scale", "7"),
+    "board_render": ("bench.board_render", "8"),
 }
 # Throughput rows sharing the machine with whatever else runs on it: run in interleaved
 # rounds and keep each row's best round (interference only ever slows a round down).
@@ -64,7 +66,11 @@ on the server's two cores), in the same rounds as rows 1-3. Row 6
 latency = AgentStarted.timestamp - CodingStarted.timestamp (taken before its commit, so an
 upper bound by the commit time; AgentStarted is taken right after `Popen` returned, i.e.
 the agent executable was exec'd). Row 7 requests are sequential from one keep-alive
-client; `serve` runs without runners (they would act on the generated stories)."""
+client; `serve` runs without runners (they would act on the generated stories). Row 8
+loads the web board of 10,000 stories (SQLite, `serve --no-runners`) in Debian's headless
+chromium through Playwright: DOMContentLoaded and the first card of every non-empty column
+from the navigation's start (fresh context per load), and an event's timestamp (just before
+its commit) to the MutationObserver stamp of its card landing in the new column."""
 
 
 @dataclass
@@ -179,6 +185,9 @@ def ratios(results: list[Measurement]) -> list[Ratio]:
     ):
         bound(f"row 7 p99 {what}", key, "p99_ms", 50, "ms")
     bound("row 7 resident memory of storyline serve", "7m/postgres/-", "value", 300, "MB")
+    bound("row 8 median, board DOMContentLoaded, 10k stories", "8/sqlite/-", "p50_ms", 1000, "ms")
+    bound("row 8f median, board filled, 10k stories", "8f/sqlite/-", "p50_ms", 1000, "ms")
+    bound("row 8e median, event commit to card moved", "8e/sqlite/-", "p50_ms", 250, "ms")
     return out
 
 
