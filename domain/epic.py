@@ -42,7 +42,7 @@ from domain.errors import EpicIllegalTransition, InvalidCommand
 from domain.ids import validate_epic_id
 from domain.plan import Plan, plan_problems, single_session_reason
 from domain.stages import AgentOutcome
-from domain.story import MAX_CRITERIA, MAX_NAME, MAX_TEXT, _clean_text, check_reason
+from domain.story import MAX_NAME, MAX_TEXT, _clean_text, check_reason, clean_criteria
 
 MAX_BUDGET_USD = 1_000_000.0
 MAX_OUTPUT = 20_000
@@ -133,22 +133,7 @@ class Epic(BaseAggregate[str]):
         goal = _clean_text(goal, "goal", max_len=MAX_TEXT, allow_newlines=True)
         if not goal.strip():
             raise InvalidCommand("goal must not be empty")
-        if not acceptance_criteria:
-            raise InvalidCommand("an epic needs at least one acceptance criterion")
-        if len(acceptance_criteria) > MAX_CRITERIA:
-            raise InvalidCommand(f"at most {MAX_CRITERIA} acceptance criteria")
-        criteria = [
-            _clean_text(
-                c,
-                f"acceptance_criteria[{i}]",
-                max_len=MAX_TEXT,
-                allow_newlines=True,
-                loc=("acceptance_criteria", i),
-            )
-            for i, c in enumerate(acceptance_criteria)
-        ]
-        if any(not c.strip() for c in criteria):
-            raise InvalidCommand("acceptance criteria must not be empty")
+        criteria = clean_criteria(acceptance_criteria, "an epic")
         return cls._create(
             EpicCreated,
             id=epic_id,

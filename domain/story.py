@@ -91,6 +91,27 @@ def _clean_text(
     return value
 
 
+def clean_criteria(acceptance_criteria: list[str], what: str) -> list[str]:
+    """Acceptance criteria as every aggregate takes them: one at least, bounded, not blank."""
+    if not acceptance_criteria:
+        raise InvalidCommand(f"{what} needs at least one acceptance criterion")
+    if len(acceptance_criteria) > MAX_CRITERIA:
+        raise InvalidCommand(f"at most {MAX_CRITERIA} acceptance criteria")
+    criteria = [
+        _clean_text(
+            c,
+            f"acceptance_criteria[{i}]",
+            max_len=MAX_TEXT,
+            allow_newlines=True,
+            loc=("acceptance_criteria", i),
+        )
+        for i, c in enumerate(acceptance_criteria)
+    ]
+    if any(not c.strip() for c in criteria):
+        raise InvalidCommand("acceptance criteria must not be empty")
+    return criteria
+
+
 def check_reason(reason: str | None) -> str | None:
     """Any reason, required or not: bounded, and no NUL.
 
@@ -205,22 +226,7 @@ class Story(BaseAggregate[str]):
         if not name.strip():
             raise InvalidCommand("name must not be empty")
         description = _clean_text(description, "description", max_len=MAX_TEXT, allow_newlines=True)
-        if not acceptance_criteria:
-            raise InvalidCommand("a story needs at least one acceptance criterion")
-        if len(acceptance_criteria) > MAX_CRITERIA:
-            raise InvalidCommand(f"at most {MAX_CRITERIA} acceptance criteria")
-        criteria = [
-            _clean_text(
-                c,
-                f"acceptance_criteria[{i}]",
-                max_len=MAX_TEXT,
-                allow_newlines=True,
-                loc=("acceptance_criteria", i),
-            )
-            for i, c in enumerate(acceptance_criteria)
-        ]
-        if any(not c.strip() for c in criteria):
-            raise InvalidCommand("acceptance criteria must not be empty")
+        criteria = clean_criteria(acceptance_criteria, "a story")
         if len(depends_on) > MAX_DEPENDENCIES:
             raise InvalidCommand(f"at most {MAX_DEPENDENCIES} dependencies")
         deps = [validate_story_id(d) for d in depends_on]

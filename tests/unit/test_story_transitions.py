@@ -40,6 +40,24 @@ DATA: dict[str, dict[str, Any]] = {
         "opened_times": 1,
     },
     "provider_breaker_closed": {"provider": "coder"},
+    "declare_dropped_hunk": {"file": "a.py", "side": "base", "hunk": "@@ -3,0 +4,2 @@"},
+    "record_gate_verdict": {
+        "phase": "gates",
+        "gate": "python check.py",
+        "tree": "ab12",
+        "fingerprint": "cd34",
+        "passed": False,
+        "output": "FAILED",
+    },
+    "flaky_gate_detected": {
+        "phase": "merge_gates",
+        "gate": "python check.py",
+        "tree": "ab12",
+        "fingerprint": "cd34",
+        "outputs": ["ok", "FAILED"],
+        "verdicts": [True, False],
+        "action": "recorded",
+    },
 }
 REASON = "because the test says so"
 
@@ -87,6 +105,13 @@ ROWS = [
     (Stage.DONE, "archive", Stage.ARCHIVED),
     (Stage.BACKLOG, "archive", Stage.ARCHIVED),
     (Stage.BLOCKED, "archive", Stage.ARCHIVED),
+    # Not moves: recorded in their stage, which stays.
+    (Stage.MERGE_FAILURE, "declare_dropped_hunk", Stage.MERGE_FAILURE),
+    (Stage.MERGE, "declare_dropped_hunk", Stage.MERGE),
+    (Stage.GATES, "record_gate_verdict", Stage.GATES),
+    (Stage.MERGE, "record_gate_verdict", Stage.MERGE),
+    (Stage.GATES, "flaky_gate_detected", Stage.GATES),
+    (Stage.MERGE, "flaky_gate_detected", Stage.MERGE),
 ]
 
 
