@@ -420,16 +420,14 @@ class AgentLauncher:
     def _remove_pidfile(self, story_id: str) -> None:
         self._pidfile(story_id).unlink(missing_ok=True)
 
-    def reap_orphan(self, story: Story) -> None:
-        """After a restart: kill whatever this story's recorded attempt left running and
-        record that attempt as lost, so the normal crash rules take over."""
-        running = story.running_agent
-        if running is None or self.running(story.id) is not None:
-            return
-        # Only the pid file names a process we started (with its start-time identity, so a
-        # reused pid is never killed); the pid in the event may be the runner's own.
-        killed = []
-        pidfile = self._pidfile(story.id)
+    def kill_orphan(self, key: str) -> list[int]:
+        """Kill the process group the pid file ``key`` names, if it is still the one we
+        started; remove the file. Returns the pids killed.
+
+        Only the pid file names a process we started (with its start-time identity, so a
+        reused pid is never killed); the pid in an event may be the runner's own."""
+        killed: list[int] = []
+        pidfile = self._pidfile(key)
         if pidfile.exists():
             try:
                 fields = pidfile.read_text(encoding="utf-8").split()
@@ -440,7 +438,16 @@ class AgentLauncher:
             alive = pid > 1 and pid != os.getpid() and group_alive(pid)
             if alive and kill_process_group(pid, expected_identity=identity):
                 killed.append(pid)
-        self._remove_pidfile(story.id)
+        self._remove_pidfile(key)
+        return killed
+
+    def reap_orphan(self, story: Story) -> None:
+        """After a restart: kill whatever this story's recorded attempt left running and
+        record that attempt as lost, so the normal crash rules take over."""
+        running = story.running_agent
+        if running is None or self.running(story.id) is not None:
+            return
+        killed = self.kill_orphan(story.id)
         role = AgentRole(running["role"])
         detail = f"; killed orphaned process group {killed}" if killed else ""
         try:

@@ -32,8 +32,6 @@ from runners.agents import (
     SpawnSpec,
     StoryText,
     build_argv,
-    group_alive,
-    kill_process_group,
     runtime_for,
 )
 from runners.agents.mcp_config import write_mcp_config
@@ -267,19 +265,7 @@ class PlannerLauncher:
         running = epic.running_planner
         if running is None or self.running(epic.id) is not None:
             return
-        pidfile = self.agents._pidfile(epic.id)
-        killed: list[int] = []
-        if pidfile.exists():
-            try:
-                fields = pidfile.read_text(encoding="utf-8").split()
-                pid = int(fields[0])
-                identity = fields[3] if len(fields) > 3 and fields[3] != "-" else None
-            except (ValueError, IndexError, OSError):
-                pid, identity = 0, None
-            alive = pid > 1 and pid != os.getpid() and group_alive(pid)
-            if alive and kill_process_group(pid, expected_identity=identity):
-                killed.append(pid)
-        self.agents._remove_pidfile(epic.id)
+        killed = self.agents.kill_orphan(epic.id)
         detail = f"; killed orphaned process group {killed}" if killed else ""
         try:
             self.epics.transition(
