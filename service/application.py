@@ -486,10 +486,15 @@ class StorylineApplication(Application[str]):
     # ------------------------------------------------------------------ internals
 
     def _story_events(self, story_id: str) -> Iterator[tuple[LoggedEvent, StoryEvent]]:
+        return self.aggregate_events(story_id)
+
+    def aggregate_events(self, originator_id: str) -> Iterator[tuple[LoggedEvent, Any]]:
+        """Every event of one aggregate (a story, an epic, the gate registry), oldest first:
+        as logged (with its position) and as its domain event."""
         rows = self._fetch(
             f"SELECT {self._pos} AS position, originator_id, originator_version, topic, state "
             f"FROM {self._events} WHERE originator_id = ? ORDER BY originator_version",
-            (story_id,),
+            (originator_id,),
         )
         for row in rows:
             stored = StoredEvent(
@@ -498,8 +503,7 @@ class StorylineApplication(Application[str]):
                 topic=str(row["topic"]),
                 state=bytes(row["state"]),
             )
-            domain_event = self.mapper.to_domain_event(stored)
-            yield decode_row(row), domain_event  # type: ignore[misc]
+            yield decode_row(row), self.mapper.to_domain_event(stored)
 
     def _exists(self, story_id: str) -> bool:
         rows = self._fetch(

@@ -24,7 +24,7 @@ from domain.errors import EpicNotFound, EpicVersionConflict, StoryExists, StoryN
 from domain.ids import integration_branch, is_epic_id, validate_epic_id
 from domain.story import Story
 from service.application import StorylineApplication, _marked
-from service.events_log import LoggedEvent, decode_row
+from service.events_log import LoggedEvent
 from service.idempotency import IdempotencyMark
 
 
@@ -263,19 +263,4 @@ class EpicService:
         )
 
     def _events_of(self, epic_id: str) -> Iterator[tuple[LoggedEvent, EpicEvent]]:
-        from eventsourcing.persistence import StoredEvent
-
-        rows = self.app._fetch(
-            f"SELECT {self.app._pos} AS position, originator_id, originator_version, topic, "
-            f"state FROM {self.app._events} WHERE originator_id = ? ORDER BY originator_version",
-            (epic_id,),
-        )
-        for row in rows:
-            stored = StoredEvent(
-                originator_id=str(row["originator_id"]),
-                originator_version=int(row["originator_version"]),
-                topic=str(row["topic"]),
-                state=bytes(row["state"]),
-            )
-            event = self.app.mapper.to_domain_event(stored)
-            yield decode_row(row), event  # type: ignore[misc]
+        return self.app.aggregate_events(epic_id)

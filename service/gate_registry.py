@@ -39,14 +39,7 @@ class GateRegistryService:
         return self._save(registry)
 
     def history(self) -> list[LoggedEvent]:
-        from service.events_log import decode_row
-
-        rows = self.app._fetch(
-            f"SELECT {self.app._pos} AS position, originator_id, originator_version, topic, "
-            f"state FROM {self.app._events} WHERE originator_id = ? ORDER BY originator_version",
-            (REGISTRY_ID,),
-        )
-        return [decode_row(row) for row in rows]
+        return [logged for logged, _ in self.app.aggregate_events(REGISTRY_ID)]
 
     def _save(self, registry: GateRegistry) -> int:
         try:
