@@ -16,7 +16,14 @@ from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import routes_epics, routes_events, routes_health, routes_projections, routes_stories
+from api import (
+    routes_epics,
+    routes_events,
+    routes_gates,
+    routes_health,
+    routes_projections,
+    routes_stories,
+)
 from api.auth import Authenticator, StaticTokens, load_tokens
 from api.errors import error_body, install_error_handlers
 from api.routes_common import ApiState, BackgroundComponent, JsonResponse, reject_unknown_query
@@ -219,7 +226,14 @@ def create_app(
     )
     app.state.storyline = state
     install_error_handlers(app)
-    for module in (routes_stories, routes_epics, routes_events, routes_projections, routes_health):
+    for module in (
+        routes_stories,
+        routes_epics,
+        routes_events,
+        routes_projections,
+        routes_health,
+        routes_gates,
+    ):
         app.include_router(module.router)
     # The web board: public page shells, fragments behind the same auth, script and styles.
     app.include_router(web_router)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api.cli_epics import app as epic_app
+from api.cli_gates import app as gates_app
 from api.cli_mcp import mcp
 from api.cli_projections import app as projections_app
 from api.cli_remote import StoryBackend, story_backend
@@ -45,6 +46,7 @@ story_app = typer.Typer(help="Create, inspect and move stories.", no_args_is_hel
 main_app.add_typer(db_app, name="db")
 main_app.add_typer(story_app, name="story")
 main_app.add_typer(epic_app, name="epic")
+main_app.add_typer(gates_app, name="gates")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

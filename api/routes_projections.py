@@ -11,6 +11,7 @@ from api.auth import Principal, may_read
 from api.params import Digits
 from api.routes_common import JsonResponse, forbidden, principal, state_of
 from api.routes_epics import board_rows, epics_of
+from api.routes_gates import gate_metrics
 from api.routes_health import breaker_metrics
 from api.routes_stories import _row
 from api.schemas import AgentRunsOut, MergeQueueOut, responses
@@ -139,7 +140,8 @@ async def metrics(request: Request, caller: Principal = Depends(principal)) -> R
         text = str(renderer(values, statuses))
         runners = state.runner_status() if state.runner_status else []
         epics = epic_metrics(epic_summaries(epics_of(state)))
-        return text + breaker_metrics(list(runners)) + epics
+        gates = gate_metrics(state.service.app)
+        return text + breaker_metrics(list(runners)) + epics + gates
 
     text = await run_in_threadpool(render)
     return Response(text, media_type=PROMETHEUS_TYPE)

@@ -21,7 +21,8 @@ from domain.ids import feature_branch
 from domain.stages import FINISHED_STAGES, AgentOutcome, AgentRole, Stage
 from domain.story import Story
 from runners.breaker import ProviderBreakers
-from runners.gates import run_story_gates
+from runners.gate_verdicts import GateJudge
+from runners.gates import story_gate_pidfile
 from runners.git_ops import GitError, Worktrees
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
@@ -362,6 +363,14 @@ class CoderReactions:
         self.run_gates(committed.story)
         return True
 
+    gate_judge: GateJudge | None = None
+    """Set by the supervisor (it shares the verdict memory it rebuilds from the log)."""
+
+    def _gate_judge(self) -> GateJudge:
+        if self.gate_judge is None:
+            self.gate_judge = GateJudge(self.app)
+        return self.gate_judge
+
     def run_gates(self, story: Story) -> None:
         """Run the gates for a story in ``gates`` and record the verdict."""
         worktrees = self._worktrees(story)
@@ -381,8 +390,14 @@ class CoderReactions:
                 f"{self._target(story)}; the agent committed nothing",
             )
             return
-        run = run_story_gates(
-            self.config.gates, worktrees.path_for(story.id), self.project, story.id
+        # One command at a time, each verdict recorded, under the [gates] flaky policy.
+        run = self._gate_judge().run(
+            story,
+            "gates",
+            self.config.gates,
+            worktrees.path_for(story.id),
+            pidfile=story_gate_pidfile(self.project, story.id),
+            actor=ACTOR_GATES,
         )
         if not run.passed:
             self._gates_failed(story, run.output)

@@ -19,7 +19,8 @@ from domain.config import StorylineConfig
 from domain.errors import DomainError, IllegalTransition, VersionConflict
 from domain.stages import AgentRole, MergeFailureKind, Stage
 from domain.story import Story
-from runners.gates import run_story_gates
+from runners.gate_verdicts import GateJudge
+from runners.gates import story_gate_pidfile
 from runners.git_ops import GitError, MergeWorkspaces, SquashResult
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
@@ -219,12 +220,20 @@ class MergeReactions:
             self._fail(story, MergeFailureKind.OTHER, result.output)
         return False
 
+    gate_judge: GateJudge | None = None
+    """Set by the supervisor (it shares the verdict memory it rebuilds from the log)."""
+
     def _merge_gates_pass(self, story: Story) -> bool:
-        run = run_story_gates(
+        if self.gate_judge is None:
+            self.gate_judge = GateJudge(self.app)
+        # The squashed commit is checked out in the workspace: its tree is what is judged.
+        run = self.gate_judge.run(
+            story,
+            "merge_gates",
             self.config.merge_gates,
             self._workspaces(story).path_for(story.id),
-            self.project,
-            story.id,
+            pidfile=story_gate_pidfile(self.project, story.id),
+            actor=ACTOR_MERGE,
         )
         if not run.passed:
             self._fail(story, MergeFailureKind.GATES_FAILED, run.output)

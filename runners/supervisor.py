@@ -23,7 +23,7 @@ from runners.agents import AgentResult
 from runners.breaker import ProviderBreakers
 from runners.coder import CoderReactions
 from runners.epic_runner import EpicReactions
-from runners.index import StoryIndex
+from runners.gate_verdicts import GateJudge, VerdictIndex, VerdictMemory
 from runners.launcher import AgentLauncher
 from runners.lease import Lease
 from runners.merger import MergeReactions
@@ -83,7 +83,10 @@ class Supervisor:
         self.config = service.config
         self.poll_interval = poll_interval
         self.full_sweep_interval = full_sweep_interval
-        self.index = StoryIndex()
+        # The index folds every event in: the gate verdicts among them rebuild the memory
+        # that flaky gates are judged from (the whole log at start, then each catch-up).
+        self.verdicts = VerdictMemory()
+        self.index = VerdictIndex(verdicts=self.verdicts)
         self._engine = None
         if service.db.kind == "postgres":
             from sqlalchemy import create_engine
@@ -121,6 +124,9 @@ class Supervisor:
             self.launcher,
             on_slot_freed=lambda: self.slot_freed(Stage.MERGE.value),
         )
+        self.gate_judge = GateJudge(self.app, self.verdicts)
+        self.coder.gate_judge = self.gate_judge
+        self.merger.gate_judge = self.gate_judge
         self.epics = EpicService(
             self.app, EpicPolicy(max_plan_attempts=self.config.epic.max_plan_attempts)
         )
@@ -244,6 +250,9 @@ class Supervisor:
             # Openings and closings in the log (a restart, or another runner before this
             # one): this runner's own are known already and change nothing.
             self.breakers.restore(event.type, event.data, event.timestamp)
+        for event in self.index.take_project_events():
+            # The gate registry's decisions: read fresh by every gate run, nothing to redo.
+            logger.info("gate registry: %s of %r", event.type, event.data.get("gate"))
         if self.breakers.take_due():
             # A back-off ended: the stories waiting on it get their probe spawn.
             touched |= {s.story_id for s in self.index.in_stage(Stage.CODING.value)}
