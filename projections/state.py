@@ -298,7 +298,16 @@ _STORY_HANDLERS: dict[str, Callable[[StoryState, LoggedEvent, dict[str, Any]], N
 fields)."""
 
 
-_NOT_STEPS = frozenset({"NoteAdded", "ProviderBreakerOpened", "ProviderBreakerClosed"})
+_NOT_STEPS = frozenset(
+    {
+        "NoteAdded",
+        "ProviderBreakerOpened",
+        "ProviderBreakerClosed",
+        "DroppedHunkDeclared",
+        "GateVerdictRecorded",
+        "GateFlakyDetected",
+    }
+)
 
 
 def apply_story_event(state: StoryState | None, event: LoggedEvent) -> StoryState:

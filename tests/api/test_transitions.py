@@ -79,6 +79,17 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     d.send("provider_breaker_closed", provider="coder")
     d.send("uncommitted_changes_found", paths=["src/app.py"])
     assert d.send("start_gates", commits_ahead=1)["stage"] == "gates"
+    gate = {"phase": "gates", "gate": "pytest -q", "tree": "ab12", "fingerprint": "cd34"}
+    verdict = d.send("record_gate_verdict", **gate, passed=False, output="1 failed")
+    assert (verdict["stage"], verdict["last_event"]) == ("gates", "GatesStarted")
+    d.send(
+        "flaky_gate_detected",
+        **gate,
+        outputs=["ok", "1 failed"],
+        verdicts=[True, False],
+        action="recorded",
+        reason="passed then failed on one tree",
+    )
     failed = d.send("gates_failed", output="1 failed, 3 passed")
     assert (failed["stage"], failed["retry_count"]) == ("coding", 1)
     assert failed["last_gate_output"] == "1 failed, 3 passed"
@@ -87,6 +98,13 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     assert (passed["stage"], passed["in_merge_queue"]) == ("merge", True)
     d.send("start_merge", base_sha="abc123")
     conflict = d.send("merge_failed", kind="conflict_detected", conflicts=["src/app.py"])
+    d.send(
+        "declare_dropped_hunk",
+        file="src/app.py",
+        side="base",
+        hunk="@@ -3,0 +4,2 @@",
+        reason="the story replaces that helper",
+    )
     assert (conflict["stage"], conflict["merge_failure_kind"]) == (
         "merge_failure",
         "conflict_detected",
