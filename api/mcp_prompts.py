@@ -27,6 +27,8 @@ def _conflicts(story: dict[str, Any]) -> str:
 def mergemaster_prompt(story: dict[str, Any]) -> str:
     sid = story.get("id", "?")
     branch = story.get("feature_branch") or f"feature/story-{sid}"
+    if story.get("merge_failure_kind") == "hunks_lost":
+        return _hunks_lost_prompt(story, sid)
     return f"""You are the mergemaster for story {sid} ("{story.get("name", "")}").
 
 Where you are: your working directory is the story's merge workspace, a separate git
@@ -43,8 +45,31 @@ What to do:
 3. Report the verdict with a tool (it is required: without one, storyline retries you):
    - report_merge_resolved(summary): the conflicts are resolved and committed.
    - report_merge_gave_up(reason): it cannot be resolved without a person; say why.
+Before it lands, storyline checks that every line either side changed is still in your
+result. A hunk you leave out on purpose must be declared before step 3 with
+declare_dropped_hunk(file, side, hunk, reason); an undeclared drop sends the merge back.
 Useful: gate_output (what the merge printed), get_story, story_history, and add_note for
 anything a person should read later."""
+
+
+def _hunks_lost_prompt(story: dict[str, Any], sid: str) -> str:
+    return f"""You are the mergemaster for story {sid} ("{story.get("name", "")}").
+
+Your resolution of its merge was sent back before landing: it leaves out lines one side
+changed, and no drop was declared. Your working directory (the merge workspace, detached
+HEAD) still holds that resolution as one commit on top of the base branch.
+
+Files with missing hunks:
+{_conflicts(story)}
+
+Call gate_output: merge_failure_details lists each missing hunk (file, side, the
+`@@ ... @@` header, and the lines). Then for each one, either:
+- put it back, `git add` and `git commit --amend` (the resolution must stay exactly ONE
+  commit on top of the base: amend, never add a second commit), or
+- if leaving it out is right, declare it with declare_dropped_hunk(file, side, hunk,
+  reason), copying file, side and header exactly; the reason stays in the story's history.
+Then report_merge_resolved(summary); the check runs again. report_merge_gave_up(reason)
+when a person must decide."""
 
 
 def coder_prompt(story: dict[str, Any]) -> str:

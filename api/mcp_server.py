@@ -172,9 +172,13 @@ class StoryTools:
             "conflicts": story.get("conflicts") or [],
         }
 
-    async def _send(self, event: str, reason: str) -> dict[str, Any]:
+    async def _send(
+        self, event: str, reason: str, data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         sid = self.settings.story_id
-        story = await self._call(lambda: self.client.transition(sid, event, reason=reason))
+        story = await self._call(
+            lambda: self.client.transition(sid, event, reason=reason, data=data)
+        )
         return {
             "story_id": story["id"],
             "event": event,
@@ -192,6 +196,13 @@ class StoryTools:
     async def add_note(self, text: str) -> dict[str, Any]:
         return await self._send("add_note", text)
 
+    async def declare_dropped_hunk(
+        self, file: str, side: str, hunk: str, reason: str
+    ) -> dict[str, Any]:
+        data = {"file": file, "side": side, "hunk": hunk}
+        answer = await self._send("declare_dropped_hunk", reason, data)
+        return {**answer, "declared": data}
+
     async def story_for_prompt(self) -> dict[str, Any]:
         try:
             return await self.get_story()
@@ -205,7 +216,8 @@ def build_server(tools: StoryTools) -> MCPServer:
         SERVER_NAME,
         instructions=(
             f"Tools for storyline story {tools.settings.story_id}: read the story, its history "
-            "and gate output, add notes, and (mergemaster) report the merge verdict."
+            "and gate output, add notes, and (mergemaster) declare hunks dropped on purpose and "
+            "report the merge verdict."
         ),
         log_level="WARNING",
     )
@@ -247,6 +259,21 @@ def build_server(tools: StoryTools) -> MCPServer:
     @server.tool(description="Add a note to the story's audit trail (you are its actor).")
     async def add_note(text: Text) -> dict[str, Any]:
         return await tools.add_note(text)
+
+    @server.tool(
+        description="Mergemaster: declare that your resolution leaves out one side's hunk on "
+        "purpose, before report_merge_resolved. `file`, `side` (story or base) and `hunk` (the "
+        "`@@ -a,b +c,d @@` header) exactly as the hunk check listed them; `reason` says why "
+        "for the people who review the story's history. Undeclared drops send the resolution "
+        "back."
+    )
+    async def declare_dropped_hunk(
+        file: Annotated[str, Field(min_length=1, max_length=4_096)],
+        side: Annotated[str, Field(pattern=r"^(story|base)$")],
+        hunk: Annotated[str, Field(pattern=r"^@@ .* @@$", max_length=200)],
+        reason: Text,
+    ) -> dict[str, Any]:
+        return await tools.declare_dropped_hunk(file, side, hunk, reason)
 
     @server.prompt(description="How a mergemaster resolves this story's conflict and reports.")
     async def mergemaster() -> str:

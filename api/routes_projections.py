@@ -16,8 +16,10 @@ from api.routes_health import breaker_metrics
 from api.routes_stories import _row
 from api.schemas import AgentRunsOut, MergeQueueOut, responses
 from api.schemas_epics import BoardWithEpicsOut, epic_metrics, epic_summaries
+from domain.errors import DomainError
 from domain.ids import STORY_ID_PATTERN, validate_story_id
 from domain.stages import Stage
+from service.application import StorylineApplication
 
 router = APIRouter(tags=["projections"])
 
@@ -82,9 +84,29 @@ async def board(
 )
 async def merge_queue(request: Request, caller: Principal = Depends(principal)) -> Response:
     _require_read(caller, "the merge queue")
-    read_models = state_of(request).read_models
-    rows = await run_in_threadpool(read_models.merge_queue)
-    return JsonResponse({"queue": [_row(r) for r in rows]})
+    state = state_of(request)
+    rows = await run_in_threadpool(state.read_models.merge_queue)
+    queue = await run_in_threadpool(_with_hunks, state.service.app, [_row(r) for r in rows])
+    return JsonResponse({"queue": queue})
+
+
+def _with_hunks(app: StorylineApplication, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each queued story's declared drops (with reasons) and the hunks its resolution was
+    last sent back for: what a reviewer of the queue should see before it lands.
+
+    From the story itself (the queue is short), not a projection column."""
+    for row in rows:
+        try:
+            story = app.get_story(str(row["story_id"]))
+        except DomainError:
+            story = None
+        row["declared_drops"] = [dict(d) for d in story.declared_drops] if story else []
+        row["lost_hunks"] = (
+            [{k: h.get(k) for k in ("file", "side", "hunk")} for h in story.lost_hunks]
+            if story
+            else []
+        )
+    return rows
 
 
 @router.get(

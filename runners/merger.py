@@ -1,6 +1,15 @@
 """Merge reactions: the merge queue, squash merges with compare-and-swap, merge-gate fixups,
 mergemaster agents for conflicts, and draining queued conflicts one freed slot at a time.
 
+A mergemaster's resolution is checked before it may land (:mod:`runners.hunk_check`): every
+line either side changed since the story branched must still be reflected in it, unless the
+mergemaster declared the drop (``declare_dropped_hunk``). An undeclared loss is a
+``hunks_lost`` merge failure that goes back to a mergemaster, whose attempts on one conflict
+stay under ``mergemaster_respawn_cap``. A clean squash is not checked: it is git's own
+three-way merge, which drops nothing. Nor is a resolution that was re-applied cleanly on a
+base that moved while it was being gated (``rebase_onto_base``): that too is git's merge,
+of a resolution already checked.
+
 Queue order is the log position at which a story entered the queue (GatesPassed,
 MergeRequeued, or an unblock back to merge). ``max_mergemasters`` bounds both the merges in
 flight and the mergemaster agents running.
@@ -17,11 +26,12 @@ from pathlib import Path
 
 from domain.config import StorylineConfig
 from domain.errors import DomainError, IllegalTransition, VersionConflict
-from domain.stages import AgentRole, MergeFailureKind, Stage
-from domain.story import Story
+from domain.stages import MERGEMASTER_KINDS, AgentRole, MergeFailureKind, Stage
+from domain.story import MAX_REASON, Story
 from runners.gate_verdicts import GateJudge
 from runners.gates import story_gate_pidfile
 from runners.git_ops import GitError, MergeWorkspaces, SquashResult
+from runners.hunk_check import check_resolution, merge_base_of
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
 from service.application import StorylineApplication
@@ -31,6 +41,7 @@ logger = logging.getLogger(__name__)
 ACTOR_MERGE = "runner:merge"
 ACTOR_MERGEMASTER = "runner:mergemaster"
 CAS_ATTEMPTS = 3
+_MERGEMASTER_KIND_VALUES = frozenset(k.value for k in MERGEMASTER_KINDS)
 
 
 class MergeReactions:
@@ -173,7 +184,56 @@ class MergeReactions:
         base = workspaces.started_base(story.id)
         if base is None:
             raise GitError("the merge workspace lost its recorded base")
+        if not self._resolution_keeps_both_sides(story, base, head):
+            return
         self._land(story, SquashResult(outcome="merged", base_sha=base, commit_sha=head))
+
+    def _resolution_keeps_both_sides(self, story: Story, base: str, resolution: str) -> bool:
+        """Check the resolution against both sides; record a ``hunks_lost`` failure if not.
+
+        The workspace keeps the resolution commit either way, so the next mergemaster
+        amends it rather than starting over.
+        """
+        tip = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{story.feature_branch}"],
+            cwd=self.project,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if tip.returncode != 0:
+            raise GitError(
+                f"{story.feature_branch} does not exist: the resolution cannot be checked "
+                "against the story's changes"
+            )
+        story_tip = tip.stdout.strip()
+        report = check_resolution(
+            self.project,
+            merge_base=merge_base_of(self.project, story_tip, base),
+            story=story_tip,
+            base=base,
+            resolution=resolution,
+            declared=story.declared_drops,
+        )
+        if report.unchecked:
+            text = "hunk check: some files could not be checked\n" + report.details()
+            self._note(story, text[:MAX_REASON])
+        if report.ok:
+            return True
+        self._fail(
+            story,
+            MergeFailureKind.HUNKS_LOST,
+            report.details(),
+            conflicts=report.files(),
+            lost_hunks=[h.as_dict() for h in report.lost],
+        )
+        return False
+
+    def _note(self, story: Story, text: str) -> None:
+        try:
+            self.app.transition(story.id, "add_note", actor=ACTOR_MERGE, reason=text)
+        except DomainError:
+            logger.exception("could not add a note to %s", story.id)
 
     def _land(self, story: Story, result: SquashResult) -> None:
         """Gate the squashed commit, then compare-and-swap the target branch onto it."""
@@ -256,14 +316,22 @@ class MergeReactions:
         kind: MergeFailureKind,
         details: str,
         conflicts: list[str] | None = None,
+        lost_hunks: list[dict[str, object]] | None = None,
     ) -> None:
+        data: dict[str, object] = {
+            "kind": kind.value,
+            "details": details,
+            "conflicts": conflicts or [],
+        }
+        if lost_hunks:
+            data["lost_hunks"] = lost_hunks
         try:
             self.app.transition(
                 story.id,
                 "merge_failed",
                 actor=ACTOR_MERGE,
                 reason=f"merge failed: {kind.value}",
-                data={"kind": kind.value, "details": details, "conflicts": conflicts or []},
+                data=data,
             )
         except DomainError:
             logger.exception("could not record the merge failure of %s", story.id)
@@ -321,7 +389,7 @@ class MergeReactions:
         kind = story.merge_failure_kind
         if kind is MergeFailureKind.GATES_FAILED:
             return self._maybe_fixup(story)
-        if kind is not MergeFailureKind.CONFLICT_DETECTED or story.final:
+        if kind not in MERGEMASTER_KINDS or story.final:
             return False
         if self.launcher.running(story.id) is not None:
             return False
@@ -344,7 +412,40 @@ class MergeReactions:
             except (VersionConflict, IllegalTransition):
                 return False
             return True
+        if kind is MergeFailureKind.HUNKS_LOST and self._sent_back_too_often(story):
+            return True
         return self._maybe_spawn_mergemaster(story)
+
+    def _sent_back_too_often(self, story: Story) -> bool:
+        """Give up once the mergemasters of this conflict used up the cap between them.
+
+        A ``hunks_lost`` failure resets the story's exits-without-verdict counter like any
+        merge failure, so the attempts are counted from the history instead: every
+        mergemaster spawned since the merge failure that first called for one.
+        """
+        attempts = 0
+        for event in reversed(self.app.history(story.id)):
+            if event.type == "MergeFailed" and event.data.get("kind") != "hunks_lost":
+                break
+            if event.type == "AgentSpawnRequested" and event.data.get("role") == "mergemaster":
+                attempts += 1
+        cap = self.config.mergemaster_respawn_cap
+        if attempts < cap:
+            return False
+        try:
+            self.app.transition(
+                story.id,
+                "merge_gave_up",
+                actor=ACTOR_MERGEMASTER,
+                expected_version=story.version,
+                reason=(
+                    f"{attempts} mergemaster attempts on this conflict (cap {cap}) and the last "
+                    "resolution still drops hunks without declaring them; a person decides"
+                ),
+            )
+        except (VersionConflict, IllegalTransition):
+            return False
+        return True
 
     def _maybe_fixup(self, story: Story) -> bool:
         output = story.merge_failure_details or ""
@@ -370,7 +471,7 @@ class MergeReactions:
         return [
             s.story_id
             for s in self.index.in_stage(Stage.MERGE_FAILURE.value)
-            if s.merge_failure_kind == MergeFailureKind.CONFLICT_DETECTED.value
+            if s.merge_failure_kind in _MERGEMASTER_KIND_VALUES
             and not s.final
             and self.launcher.running(s.story_id) is None
         ]
@@ -396,7 +497,12 @@ class MergeReactions:
                     role=AgentRole.MERGEMASTER,
                     agent=agent,
                     cwd=self._workspaces(story).path_for(story.id),
-                    purpose="mergemaster",
+                    # The prompt differs: a resolution to amend rather than a conflict.
+                    purpose=(
+                        "hunks_lost"
+                        if story.merge_failure_kind is MergeFailureKind.HUNKS_LOST
+                        else "mergemaster"
+                    ),
                     conflict_details=story.merge_failure_details,
                 ),
                 limit=self.config.max_mergemasters,

@@ -43,9 +43,11 @@ to replace that turn's default usage (100 in, 20 out, $0.001).
     Append to a file.
 ``{"delete": "path"}``
     Delete a file (missing is fine).
-``{"commit": "message", "allow_empty": false, "no_verify": false}``
+``{"commit": "message", "allow_empty": false, "no_verify": false, "amend": false}``
     ``git add -A`` and commit with an explicit identity. A clean tree is skipped (not an error)
-    unless ``allow_empty``.
+    unless ``allow_empty``. With ``amend`` the last commit is replaced instead (``git commit
+    --amend``, message and all), clean tree or not: what a mergemaster does to the resolution
+    commit it was sent back to fix.
 ``{"say": "text"}``
     Only print an assistant message.
 ``{"sleep": secs, "interval": 0.5}``
@@ -425,10 +427,14 @@ class Agent:
     def do_commit(self, message: str, action: dict[str, Any]) -> str:
         _git("add", "-A")
         allow_empty = bool(action.get("allow_empty"))
-        if not allow_empty and not _git("status", "--porcelain").strip():
+        amend = bool(action.get("amend"))
+        if not allow_empty and not amend and not _git("status", "--porcelain").strip():
             return "nothing to commit"
         args = ["commit", "-q", "-m", str(message)]
-        if allow_empty:
+        if amend:
+            args.append("--amend")
+        if allow_empty or amend:
+            # An amend may leave the tree as the commit's parent had it; still a commit.
             args.append("--allow-empty")
         if action.get("no_verify"):
             args.append("--no-verify")

@@ -121,8 +121,46 @@ def _story_block(spec: SpawnSpec) -> str:
     return "\n\n".join(parts)
 
 
+HUNKS_LOST_PURPOSE = "hunks_lost"
+"""The mergemaster's purpose when its previous resolution dropped hunks (set by the merger)."""
+
+
+def _hunks_lost_block(spec: SpawnSpec) -> str:
+    files = "\n".join(f"- {path}" for path in spec.conflicts) or "- (see the list below)"
+    endpoint = "$STORYLINE_URL/stories/$STORYLINE_STORY_ID/transitions"
+    return (
+        "# Your resolution dropped hunks\n\n"
+        f"The resolution of the merge of feature/story-{spec.story_id} onto {spec.base_branch} "
+        "was checked before landing and sent back: it leaves out lines that one side "
+        "changed (side story: the story's branch; side base: what the base gained since the "
+        "story branched), and no drop was declared. Your working directory still holds that "
+        "resolution as one commit on top of the base (HEAD is detached: do not create, switch "
+        "or push branches). Files with missing hunks:\n"
+        f"{files}\n\n"
+        "1. Put back what belongs in the result, then `git add` and `git commit --amend`: the "
+        "resolution must stay exactly ONE commit on top of the base, so amend it; a second "
+        "commit is refused.\n"
+        "2. A hunk left out on purpose (the other side replaces it, or it no longer applies) "
+        "must be declared, each one, with the storyline MCP tool "
+        "`declare_dropped_hunk(file, side, hunk, reason)`, copying file, side and the `@@ ... @@` "
+        "header exactly as listed below. Without the MCP tools, POST "
+        '`{"event": "declare_dropped_hunk", "reason": "why", "data": {"file": "...", '
+        '"side": "story|base", "hunk": "@@ ... @@"}}` '
+        f"to {endpoint} with the header `Authorization: Bearer $STORYLINE_TOKEN`. A declared "
+        "drop stays in the story's history for people to review.\n"
+        "3. Report `report_merge_resolved` once the amended commit and the declarations are "
+        'in (or POST `{"event": "merge_resolved"}`), or `report_merge_gave_up` with a '
+        "reason a person can act on. The check runs again before the merge lands.\n"
+        "Exiting without a verdict counts as a failed attempt.\n\n"
+        f"{(spec.conflict_details or '').strip()}"
+    ).rstrip()
+
+
 def _conflict_block(spec: SpawnSpec) -> str:
+    if spec.purpose == HUNKS_LOST_PURPOSE:
+        return _hunks_lost_block(spec)
     files = "\n".join(f"- {path}" for path in spec.conflicts) or "- (see the details below)"
+    branch = f"feature/story-{spec.story_id}"
     return (
         "# Merge conflicts\n\n"
         f"The squash merge of feature/story-{spec.story_id} onto {spec.base_branch} stopped "
@@ -130,6 +168,12 @@ def _conflict_block(spec: SpawnSpec) -> str:
         "push branches). Conflicted files:\n"
         f"{files}\n\n"
         "1. Resolve every conflict marker, keeping the intent of both sides.\n"
+        "   Before it lands, storyline checks that every line either side changed is still "
+        "in your result. A hunk you leave out on purpose must be declared with the MCP tool "
+        "`declare_dropped_hunk(file, side, hunk, reason)`; before you commit, the headers of "
+        f"side `base` are those of `git diff -U0 $(git merge-base HEAD {branch}) HEAD -- FILE`, "
+        f"of side `story` those of `git diff -U0 $(git merge-base HEAD {branch}) {branch} -- "
+        "FILE`.\n"
         "2. Run the quality gates if you can.\n"
         "3. `git add` the resolved files and `git commit` (one commit on the detached HEAD).\n"
         "4. Report your verdict with the storyline MCP tools: `report_merge_resolved` once "
