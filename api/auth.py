@@ -46,8 +46,9 @@ OPERATOR_EVENTS = frozenset(
 )
 """Transitions that override the pipeline: admin only."""
 
-AGENT_EVENTS = frozenset({"merge_resolved", "merge_gave_up", "add_note"})
-"""The verdicts a mergemaster reports about its own story, and notes on it."""
+AGENT_EVENTS = frozenset({"merge_resolved", "merge_gave_up", "add_note", "declare_dropped_hunk"})
+"""The verdicts a mergemaster reports about its own story (with the hunks it dropped on
+purpose), and notes on it."""
 
 _ACTOR = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]+")
 _RANKS = {"read": 1, "write": 2, "admin": 3}

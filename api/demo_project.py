@@ -276,6 +276,14 @@ def mergemaster_script() -> dict[str, Any]:
             {"say": "reading the conflict"},
             {"resolve_conflicts": "theirs"},
             {"commit": "resolve the banner conflict"},
+            # The English banner goes: declared, or the resolution is sent back unlanded.
+            {
+                "api": {
+                    "event": "declare_dropped_hunk",
+                    "reason": "one banner: the incoming French one replaces the English one",
+                    "data": {"file": "calc/banner.py", "side": "base", "hunk": "@@ -1 +1 @@"},
+                }
+            },
             {"api": {"event": "merge_resolved", "reason": "kept the incoming banner"}},
         ]
     }

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from domain.commands import Policy, apply_named
 from domain.errors import DomainError
-from domain.stages import AgentOutcome, MergeFailureKind, Stage
+from domain.stages import MERGEMASTER_KINDS, AgentOutcome, MergeFailureKind, Stage
 from domain.story import Story
 
 if TYPE_CHECKING:
@@ -114,11 +114,15 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
             (block, 3),
             (("demote", {}, None), 2),
         ]
+        gate = {"phase": "gates", "gate": "pytest -q", "tree": "ab12", "fingerprint": "cd34"}
+        options.append((("record_gate_verdict", {**gate, "passed": rng.random() < 0.5}, None), 10))
+        flaky = {**gate, "outputs": ["ok", "FAILED"], "verdicts": [True, False]}
+        options.append((("flaky_gate_detected", {**flaky, "action": "retried"}, "rerun"), 2))
     elif stage is Stage.MERGE:
         if story.merging:
             kind = rng.choice(KINDS)
             failed: dict[str, Any] = {"kind": kind, "details": f"{kind} details"}
-            if kind == "conflict_detected":
+            if kind in ("conflict_detected", "hunks_lost"):
                 failed["conflicts"] = ["src/x.py"]
             done = {"merge_commit": f"{rng.randrange(16**12):012x}", "base_branch": "main"}
             options = [(("merge_succeeded", done, None), 50), (("merge_failed", failed, None), 50)]
@@ -139,7 +143,10 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
             failure = story.merge_failure_kind
             options = [(("requeue_merge", {}, "operator requeue"), 15), (block, 8)]
             options.append((("request_fixup", {}, "fixup"), 30 if failure is not None else 10))
-            if failure is MergeFailureKind.CONFLICT_DETECTED and not story.final:
+            if failure in MERGEMASTER_KINDS:
+                drop = {"file": "src/x.py", "side": "base", "hunk": "@@ -3,0 +4,2 @@"}
+                options.append((("declare_dropped_hunk", drop, "superseded"), 5))
+            if failure in MERGEMASTER_KINDS and not story.final:
                 mm = {"role": "mergemaster", "agent": "mm", "runtime": "claude-code"}
                 options += [
                     (("spawn_agent", {**mm, "purpose": "mergemaster"}, None), 50),

@@ -24,6 +24,14 @@ def edit(body: str, delay: float) -> list[dict[str, object]]:
 RESOLVE = [
     {"resolve_conflicts": "theirs"},
     {"commit": "resolve"},
+    # Taking one side drops the other's line: said so, or the resolution is sent back.
+    {
+        "api": {
+            "event": "declare_dropped_hunk",
+            "reason": "the story's b + a replaces the base's a + b",
+            "data": {"file": "app.py", "side": "base", "hunk": "@@ -2 +2 @@"},
+        }
+    },
     {"api": {"event": "merge_resolved", "reason": "took the incoming side"}},
 ]
 GIVE_UP = [{"api": {"event": "merge_gave_up", "reason": "both sides rewrote add()"}}]

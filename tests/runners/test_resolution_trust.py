@@ -164,9 +164,8 @@ def test_a_declared_drop_lands_with_the_declaration_in_the_history(
     }
     script = [*KEEP_THE_STORY, declare, RESOLVED]
     config = pipeline_config(tmp_path, script)
-    # Agent tokens off: the scripted mergemaster acts as the local admin, because the agent
-    # role's permitted events (api/auth.py AGENT_EVENTS) do not include the declaration yet.
-    with running_pipeline(repo, database, config, with_api=True, use_agent_tokens=False) as p:
+    # With its own agent token: a mergemaster may declare a drop on its story.
+    with running_pipeline(repo, database, config, with_api=True) as p:
         conflict_with_the_base(p, repo, "s1")
         done = p.wait_stage("s1", Stage.DONE, timeout=90)
         history = p.app.history("s1")
