@@ -79,6 +79,12 @@ prompt_file = ".storyline/prompt.md"
 # run through a shell). All must exit 0 for the gates to pass.
 commands = [["python", "-m", "pytest", "-q"]]
 timeout_secs = 600
+# A gate that gives different verdicts on the same tree is recorded as flaky. "retry" reruns
+# a failed command up to flaky_retries times first; "quarantine" also stops a gate found
+# flaky from blocking until `storyline gates clear` (every decision is an event).
+# flaky = "off"
+# flaky_retries = 2
+# nondeterministic = []   # commands whose verdicts are never compared
 
 [merge_gates]
 # Run on the squashed result in the merge workspace before the base branch moves.
