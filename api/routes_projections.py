@@ -20,6 +20,7 @@ from domain.errors import DomainError
 from domain.ids import STORY_ID_PATTERN, validate_story_id
 from domain.stages import Stage
 from service.application import StorylineApplication
+from service.gate_registry import GateRegistryService
 
 router = APIRouter(tags=["projections"])
 
@@ -85,14 +86,19 @@ async def board(
 async def merge_queue(request: Request, caller: Principal = Depends(principal)) -> Response:
     _require_read(caller, "the merge queue")
     state = state_of(request)
-    rows = await run_in_threadpool(state.read_models.merge_queue)
-    queue = await run_in_threadpool(_with_hunks, state.service.app, [_row(r) for r in rows])
-    return JsonResponse({"queue": queue})
+    app = state.service.app
+
+    def read() -> dict[str, Any]:
+        rows = [_row(r) for r in state.read_models.merge_queue()]
+        return {"queue": with_merge_trust(app, rows), "quarantined_gates": quarantined_gates(app)}
+
+    return JsonResponse(await run_in_threadpool(read))
 
 
-def _with_hunks(app: StorylineApplication, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each queued story's declared drops (with reasons) and the hunks its resolution was
-    last sent back for: what a reviewer of the queue should see before it lands.
+def with_merge_trust(app: StorylineApplication, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each queued story's declared drops (with reasons), the hunks its resolution was
+    last sent back for, and the gates found flaky on it: what a reviewer of the queue
+    should see before it lands.
 
     From the story itself (the queue is short), not a projection column."""
     for row in rows:
@@ -106,7 +112,14 @@ def _with_hunks(app: StorylineApplication, rows: list[dict[str, Any]]) -> list[d
             if story
             else []
         )
+        row["flaky_gates"] = list(story.flaky_gates) if story else []
     return rows
+
+
+def quarantined_gates(app: StorylineApplication) -> list[dict[str, Any]]:
+    """The gates quarantined as flaky now, by name (their failures do not block)."""
+    quarantined = GateRegistryService(app).quarantined()
+    return [{"gate": gate, **info} for gate, info in sorted(quarantined.items())]
 
 
 @router.get(

@@ -144,6 +144,28 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class LostHunkOut(BaseModel):
+    """A hunk a conflict resolution dropped without declaring it (``hunks_lost``)."""
+
+    file: str
+    side: str = Field(
+        description="``story`` (the story's branch) or ``base`` (what the base gained)."
+    )
+    hunk: str = Field(description="The ``git diff -U0`` hunk header the lines came from.")
+    lines: list[str] = Field(default_factory=list, description="The lines missing from the result.")
+
+
+class DeclaredDropOut(BaseModel):
+    """A hunk a mergemaster declared dropped on purpose (``declare_dropped_hunk``)."""
+
+    file: str
+    side: str = Field(
+        description="``story`` (the story's branch) or ``base`` (what the base gained)."
+    )
+    hunk: str = Field(description="The hunk header the check reports, e.g. ``@@ -12,0 +13,4 @@``.")
+    reason: str | None
+
+
 class StoryOut(BaseModel):
     """The full state of a story (``Story.snapshot()``) and the log position it reflects."""
 
@@ -180,6 +202,18 @@ class StoryOut(BaseModel):
     merge_failure_kind: str | None
     merge_failure_details: str | None
     conflicts: list[str]
+    lost_hunks: list[LostHunkOut] = Field(
+        default_factory=list,
+        description="What the last resolution checked dropped without declaring it (merge "
+        "failure kind ``hunks_lost``).",
+    )
+    declared_drops: list[DeclaredDropOut] = Field(
+        default_factory=list, description="Hunks declared dropped on purpose, with the reasons."
+    )
+    flaky_gates: list[str] = Field(
+        default_factory=list,
+        description="Gates that gave this story different verdicts on the same tree.",
+    )
     blocked_from: str | None
     blocked_reason: str | None
     last_gate_output: str | None
@@ -234,7 +268,17 @@ class BoardOut(BaseModel):
 
 
 class MergeQueueOut(BaseModel):
-    queue: list[dict[str, Any]]
+    queue: list[dict[str, Any]] = Field(
+        description="Queued stories, next first. Besides the merge-queue projection's fields "
+        "each row has ``declared_drops`` (with reasons), ``lost_hunks`` (``{file, side, "
+        "hunk}`` the last resolution was sent back for) and ``flaky_gates`` (gate names)."
+    )
+    quarantined_gates: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Gates quarantined as flaky now, as ``GET /gates/flaky`` lists them "
+        "(``gate``, ``phase``, ``since``, ``reason``, ``story_id``, ``actor``): their "
+        "failures do not block a merge until a person clears them.",
+    )
 
 
 class AgentRunsOut(BaseModel):

@@ -731,6 +731,12 @@ class Story(BaseAggregate[str]):
             else None,
             "merge_failure_details": self.merge_failure_details,
             "conflicts": list(self.conflicts),
+            "lost_hunks": [
+                {k: list(v) if isinstance(v, list) else v for k, v in hunk.items()}
+                for hunk in self.lost_hunks
+            ],
+            "declared_drops": [dict(drop) for drop in self.declared_drops],
+            "flaky_gates": list(self.flaky_gates),
             "blocked_from": self.blocked_from.value if self.blocked_from else None,
             "blocked_reason": self.blocked_reason,
             "last_gate_output": self.last_gate_output,

@@ -20,6 +20,7 @@ from api.errors import ApiError
 from api.params import Digits, StoryIdPath
 from api.routes_common import forbidden, principal, state_of
 from api.routes_epics import EpicIdPath, check_epic_id, epics_of
+from api.routes_projections import quarantined_gates, with_merge_trust
 from api.schemas_epics import epic_summaries, load_epic_view
 from api.web import board_data, charts, story_data
 from api.web.board_data import DEFAULT_LIMIT, BoardFilter
@@ -138,10 +139,25 @@ async def board_fragment(
             state.read_models, filters, limit, offset, stage.value if stage else None
         )
         options = board_data.epic_options(epic_summaries(epics_of(state)), columns, filters.epic)
-        return {"columns": columns, "position": position, "epic_options": options}
+        return {
+            "columns": columns,
+            "position": position,
+            "epic_options": options,
+            "quarantined_gates": quarantined_gates(state.service.app),
+        }
 
     context = await run_in_threadpool(build)
     return html("board.html", limit=limit, filters=filters, **context)
+
+
+@router.get("/ui/fragments/quarantined-gates")
+async def quarantined_gates_fragment(
+    request: Request, caller: Principal = Depends(principal)
+) -> Response:
+    """The banner of quarantined gates alone (re-read when the gate registry changes)."""
+    _reader(caller, "the gate registry")
+    gates = await run_in_threadpool(quarantined_gates, state_of(request).service.app)
+    return html("quarantined_gates.html", quarantined_gates=gates)
 
 
 @router.get("/ui/fragments/epic-options")
@@ -269,9 +285,16 @@ async def merge_queue_fragment(
     request: Request, caller: Principal = Depends(principal)
 ) -> Response:
     _reader(caller, "the merge queue")
-    read_models = state_of(request).read_models
-    queue = await run_in_threadpool(read_models.merge_queue)
-    return html("merge_queue.html", queue=queue)
+    state = state_of(request)
+    app = state.service.app
+
+    def build() -> dict[str, Any]:
+        queue = with_merge_trust(app, list(state.read_models.merge_queue()))
+        gates = quarantined_gates(app)
+        names = {str(gate["gate"]) for gate in gates}
+        return {"queue": queue, "quarantined_gates": gates, "quarantined_names": names}
+
+    return html("merge_queue.html", **await run_in_threadpool(build))
 
 
 @router.get("/ui/fragments/runs")

@@ -16,9 +16,11 @@ from typing import Any
 from api.auth import Principal, may_transition
 from api.routes_common import ApiState
 from api.routes_stories import parse_as_of
+from api.web.trust_data import merge_trust
 from domain.ids import is_epic_id
 from domain.stages import AgentRole, Stage
 from domain.story import Story
+from service.gate_registry import GateRegistryService
 
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -159,9 +161,12 @@ def story_page(
         if as_of_position == history[-1].position:
             as_of_position = None  # the newest event: that is the story as it is now
     runs = state.read_models.agent_runs(story_id, 100)
+    snapshot = shown.snapshot()
+    quarantined = GateRegistryService(app).quarantined()
     return {
         "story": story.snapshot(),
-        "shown": shown.snapshot(),
+        "shown": snapshot,
+        "trust": merge_trust(snapshot, history, as_of_position, quarantined),
         "target_branch": story.target_branch,
         "epic_link": bool(story.epic) and is_epic_id(story.epic or ""),
         "history": [event.as_json() for event in history],

@@ -361,6 +361,11 @@
         this.refreshEpics();
         return;
       }
+      // The gate registry (quarantines and clears) is the project's, not a story's.
+      if (event.aggregate === "project") {
+        this.refreshGates();
+        return;
+      }
       const id = event.story_id;
       let entry = this.pending.get(id);
       if (!entry) {
@@ -418,6 +423,17 @@
           if (!known.has(option.value)) current.content.appendChild(option.cloneNode(true));
         }
         board.syncEpicOptions();
+      } catch (err) {
+        showError(err);
+      }
+    }, 500),
+
+    refreshGates: throttle(async () => {
+      try {
+        const nodes = await fragment("/ui/fragments/quarantined-gates");
+        const fresh = nodes && nodes.querySelector('[data-role="gate-banner-slot"]');
+        const current = board.container.querySelector('[data-role="gate-banner-slot"]');
+        if (fresh && current) current.replaceWith(fresh);
       } catch (err) {
         showError(err);
       }
@@ -618,7 +634,9 @@
     },
 
     onEvent(event) {
-      if (event.aggregate !== "story" || event.story_id !== this.id) return;
+      // A project event may quarantine or clear a gate this story's section names.
+      const mine = event.aggregate === "story" && event.story_id === this.id;
+      if (!mine && event.aggregate !== "project") return;
       this.refreshSoon();
     },
 
@@ -699,7 +717,8 @@
   const PAGES = {
     board: () => board,
     story: () => story,
-    "merge-queue": () => simplePage("main#merge-queue-page", (e) => e.aggregate === "story", 500),
+    "merge-queue": () =>
+      simplePage("main#merge-queue-page", (e) => e.aggregate === "story" || e.aggregate === "project", 500),
     runs: () => simplePage("main#runs-page", (e) => e.aggregate === "story", 500),
     epics: () => simplePage("main#epics-page", () => true, 500),
     epic: epicPage,
