@@ -6,25 +6,33 @@ stderr and a non-zero exit (1 for a refused command, 2 for bad usage or configur
 
 from __future__ import annotations
 
-import getpass
 import json
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from api.cli_common import (
+    ActorOpt,
+    DbOpt,
+    JsonOpt,
+    ProjectOpt,
+    TokenOpt,
+    UrlOpt,
+    backend,
+    check_as_of,
+    err,
+    fail,
+    history_table,
+    out,
+    print_json,
+)
 from api.cli_epics import app as epic_app
 from api.cli_gates import app as gates_app
 from api.cli_mcp import mcp
 from api.cli_projections import app as projections_app
-from api.cli_remote import StoryBackend, story_backend
 from api.cli_serve import serve
 from api.client import ClientError
 from service.config_file import CONFIG_NAME, DEFAULT_CONFIG, ConfigError
@@ -47,79 +55,6 @@ main_app.add_typer(db_app, name="db")
 main_app.add_typer(story_app, name="story")
 main_app.add_typer(epic_app, name="epic")
 main_app.add_typer(gates_app, name="gates")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ProjectOpt = Annotated[
-    Path | None,
-    typer.Option("--project", "-C", help="Project directory (default: $STORYLINE_PROJECT or .)"),
-]
-DbOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url", help="Database URL (default: $STORYLINE_DATABASE_URL or embedded SQLite)"
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", help="Talk to a running server instead of the local store."),
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", envvar="STORYLINE_TOKEN", help="API token for --url."),
-]
-ActorOpt = Annotated[
-    str | None, typer.Option("--actor", help="Actor recorded on events (default user:<login>).")
-]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
-    raise typer.Exit(code)
-
-
-def default_actor(explicit: str | None) -> str:
-    if explicit:
-        if not re.fullmatch(r"[a-z]+:[A-Za-z0-9_.@-]{1,100}", explicit):
-            fail(f"actor must look like user:<name>, got {explicit!r}", 2)
-        return explicit
-    try:
-        login = getpass.getuser()
-    except Exception:
-        login = "unknown"
-    login = re.sub(r"[^A-Za-z0-9_.@-]", "_", login)[:100] or "unknown"
-    return f"user:{login}"
-
-
-@contextmanager
-def backend(
-    url: str | None,
-    token: str | None,
-    project: Path | None,
-    database_url: str | None,
-    actor: str | None,
-) -> Iterator[StoryBackend]:
-    """The local store, or a running server with ``--url``; refusals exit 1 in one line."""
-    try:
-        with story_backend(
-            url=url,
-            token=token,
-            project=project,
-            database_url=database_url,
-            actor=default_actor(actor),
-        ) as chosen:
-            yield chosen
-    except (ConfigError, SettingsError) as exc:
-        fail(str(exc), 2)
-    except ClientError as exc:
-        fail(exc.message if exc.status else f"cannot reach {url}: {exc.message}", 1)
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
-
 
 # --------------------------------------------------------------------------- init / db
 
@@ -304,18 +239,6 @@ def story_list(
     out.print(table)
 
 
-def _check_as_of(value: str) -> str:
-    if value.isascii() and value.isdigit():  # isdigit alone is true for "²"
-        return value
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--as-of takes a log position or an ISO time, got {value!r}", 2)
-    if moment.tzinfo is None:
-        fail("--as-of needs a timezone, e.g. 2026-01-01T12:00:00+00:00", 2)
-    return value
-
-
 @story_app.command("show")
 def story_show(
     story_id: Annotated[str, typer.Argument(metavar="ID")],
@@ -329,7 +252,7 @@ def story_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a story's current state (or its state as of a position or time)."""
-    checked = _check_as_of(as_of) if as_of is not None else None
+    checked = check_as_of(as_of) if as_of is not None else None
     with backend(url, token, project, database_url, None) as b:
         snapshot = b.get_story(story_id, as_of=checked)
     if as_json:
@@ -393,23 +316,7 @@ def story_history(
     if as_json:
         print_json(events)
         return
-    table = Table("pos", "v", "time", "event", "actor", "stage", "reason")
-    for e in events:
-        stages = (
-            f"{e['from_stage'] or '-'} -> {e['to_stage']}"
-            if e["from_stage"] != e["to_stage"]
-            else (e["to_stage"] or "")
-        )
-        table.add_row(
-            str(e["position"]),
-            str(e["version"]),
-            e["timestamp"][:19].replace("T", " "),
-            e["type"],
-            e["actor"],
-            stages,
-            (e["reason"] or "")[:80],
-        )
-    out.print(table)
+    out.print(history_table(events))
 
 
 # --------------------------------------------------------------------------- services

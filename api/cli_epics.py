@@ -8,106 +8,36 @@ Only the person events are here; the runners and the planner send the rest.
 
 from __future__ import annotations
 
-import getpass
-import json
-import re
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from api.cli_remote import StoryBackend, story_backend
-from api.client import ClientError
-from service.config_file import ConfigError
-from service.settings import SettingsError
+from api.cli_common import (
+    ActorOpt,
+    DbOpt,
+    JsonOpt,
+    ProjectOpt,
+    TokenOpt,
+    UrlOpt,
+    backend,
+    check_as_of,
+    fail,
+    history_table,
+    out,
+    print_json,
+)
 
 app = typer.Typer(
     help="Epics: a goal a planner splits into stories that land together.",
     no_args_is_help=True,
 )
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ProjectOpt = Annotated[
-    Path | None,
-    typer.Option("--project", "-C", help="Project directory (default: $STORYLINE_PROJECT or .)"),
-]
-DbOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url", help="Database URL (default: $STORYLINE_DATABASE_URL or embedded SQLite)"
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", help="Talk to a running server instead of the local store."),
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", envvar="STORYLINE_TOKEN", help="API token for --url."),
-]
-ActorOpt = Annotated[
-    str | None, typer.Option("--actor", help="Actor recorded on events (default user:<login>).")
-]
 EpicArg = Annotated[str, typer.Argument(metavar="ID", help="The epic, e.g. epic-3.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in the history).")]
-
-_ACTOR = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]{1,100}")
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
-    raise typer.Exit(code)
-
-
-def _actor(explicit: str | None) -> str:
-    """The same rule as ``storyline story``: ``--actor`` as given, else ``user:<login>``."""
-    if explicit:
-        if not _ACTOR.fullmatch(explicit):
-            fail(f"actor must look like user:<name>, got {explicit!r}", 2)
-        return explicit
-    try:
-        login = getpass.getuser()
-    except Exception:
-        login = "unknown"
-    login = re.sub(r"[^A-Za-z0-9_.@-]", "_", login)[:100] or "unknown"
-    return f"user:{login}"
-
-
-@contextmanager
-def backend(
-    url: str | None,
-    token: str | None,
-    project: Path | None,
-    database_url: str | None,
-    actor: str | None,
-) -> Iterator[StoryBackend]:
-    try:
-        with story_backend(
-            url=url,
-            token=token,
-            project=project,
-            database_url=database_url,
-            actor=_actor(actor),
-        ) as chosen:
-            yield chosen
-    except (ConfigError, SettingsError) as exc:
-        fail(str(exc), 2)
-    except ClientError as exc:
-        fail(exc.message if exc.status else f"cannot reach {url}: {exc.message}", 1)
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def _style(stage: str) -> str:
@@ -243,18 +173,6 @@ def epic_list(
     out.print(table)
 
 
-def _check_as_of(value: str) -> str:
-    if value.isascii() and value.isdigit():  # isdigit alone is true for "²"
-        return value
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        fail(f"--as-of takes a log position or an ISO time, got {value!r}", 2)
-    if moment.tzinfo is None:
-        fail("--as-of needs a timezone, e.g. 2026-01-01T12:00:00+00:00", 2)
-    return value
-
-
 @app.command("show")
 def epic_show(
     epic_id: EpicArg,
@@ -268,7 +186,7 @@ def epic_show(
     as_json: JsonOpt = False,
 ) -> None:
     """An epic's plan, stories and their stages, integration evidence and cost."""
-    checked = _check_as_of(as_of) if as_of is not None else None
+    checked = check_as_of(as_of) if as_of is not None else None
     with backend(url, token, project, database_url, None) as b:
         view = b.get_epic(epic_id, as_of=checked)
     if as_json:
@@ -292,23 +210,7 @@ def epic_history(
     if as_json:
         print_json(events)
         return
-    table = Table("pos", "v", "time", "event", "actor", "stage", "reason")
-    for e in events:
-        stages = (
-            f"{e['from_stage'] or '-'} -> {e['to_stage']}"
-            if e["from_stage"] != e["to_stage"]
-            else (e["to_stage"] or "")
-        )
-        table.add_row(
-            str(e["position"]),
-            str(e["version"]),
-            e["timestamp"][:19].replace("T", " "),
-            e["type"],
-            escape(e["actor"]),
-            stages,
-            escape((e["reason"] or "")[:80]),
-        )
-    out.print(table)
+    out.print(history_table(events))
 
 
 def _move(
@@ -345,32 +247,45 @@ ExpectedOpt = Annotated[
 ]
 
 
-@app.command("block")
-def epic_block(
-    epic_id: EpicArg,
-    reason: ReasonOpt,
-    expected_version: ExpectedOpt = None,
-    actor: ActorOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
-    project: ProjectOpt = None,
-    database_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stop the epic where it is (no new planner or story spawns) until it is unblocked."""
-    _move(
+def _person_move(event: str, doc: str) -> Callable[..., None]:
+    """``block`` and ``fail``: the same options, only the event and the help differ."""
+
+    def command(
+        epic_id: EpicArg,
+        reason: ReasonOpt,
+        expected_version: ExpectedOpt = None,
+        actor: ActorOpt = None,
+        url: UrlOpt = None,
+        token: TokenOpt = None,
+        project: ProjectOpt = None,
+        database_url: DbOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        _move(
+            event,
+            epic_id,
+            reason,
+            data=None,
+            expected_version=expected_version,
+            actor=actor,
+            url=url,
+            token=token,
+            project=project,
+            database_url=database_url,
+            as_json=as_json,
+        )
+
+    command.__name__ = f"epic_{event}"
+    command.__doc__ = doc
+    return command
+
+
+app.command("block")(
+    _person_move(
         "block",
-        epic_id,
-        reason,
-        data=None,
-        expected_version=expected_version,
-        actor=actor,
-        url=url,
-        token=token,
-        project=project,
-        database_url=database_url,
-        as_json=as_json,
+        "Stop the epic where it is (no new planner or story spawns) until it is unblocked.",
     )
+)
 
 
 @app.command("unblock")
@@ -405,29 +320,6 @@ def epic_unblock(
     )
 
 
-@app.command("fail")
-def epic_fail(
-    epic_id: EpicArg,
-    reason: ReasonOpt,
-    expected_version: ExpectedOpt = None,
-    actor: ActorOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
-    project: ProjectOpt = None,
-    database_url: DbOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Give the epic up; its plan, verdicts and probes stay in its history."""
-    _move(
-        "fail",
-        epic_id,
-        reason,
-        data=None,
-        expected_version=expected_version,
-        actor=actor,
-        url=url,
-        token=token,
-        project=project,
-        database_url=database_url,
-        as_json=as_json,
-    )
+app.command("fail")(
+    _person_move("fail", "Give the epic up; its plan, verdicts and probes stay in its history.")
+)

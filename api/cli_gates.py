@@ -8,77 +8,35 @@ usage or configuration.
 
 from __future__ import annotations
 
-import getpass
-import json
-import re
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from api.cli_common import (
+    ActorOpt,
+    DbOpt,
+    JsonOpt,
+    ProjectOpt,
+    TokenOpt,
+    UrlOpt,
+    cli_backend,
+    default_actor,
+    fail,
+    out,
+    print_json,
+)
 from api.client import ClientError, StorylineClient
 from domain.errors import DomainError
-from service.config_file import ConfigError
-from service.container import Service, open_service
-from service.settings import SettingsError
+from service.container import Service
 
 app = typer.Typer(
     help="Gates: flaky verdicts found from history, and quarantined gates.",
     no_args_is_help=True,
 )
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ProjectOpt = Annotated[
-    Path | None,
-    typer.Option("--project", "-C", help="Project directory (default: $STORYLINE_PROJECT or .)"),
-]
-DbOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url", help="Database URL (default: $STORYLINE_DATABASE_URL or embedded SQLite)"
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-UrlOpt = Annotated[
-    str | None,
-    typer.Option("--url", help="Talk to a running server instead of the local store."),
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", envvar="STORYLINE_TOKEN", help="API token for --url."),
-]
-ActorOpt = Annotated[
-    str | None, typer.Option("--actor", help="Actor recorded on events (default user:<login>).")
-]
-
-_ACTOR = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]{1,100}")
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
-    raise typer.Exit(code)
-
-
-def _actor(explicit: str | None) -> str:
-    """The same rule as ``storyline story``: ``--actor`` as given, else ``user:<login>``."""
-    if explicit:
-        if not _ACTOR.fullmatch(explicit):
-            fail(f"actor must look like user:<name>, got {explicit!r}", 2)
-        return explicit
-    try:
-        login = getpass.getuser()
-    except Exception:
-        login = "unknown"
-    login = re.sub(r"[^A-Za-z0-9_.@-]", "_", login)[:100] or "unknown"
-    return f"user:{login}"
 
 
 class _Local:
@@ -127,35 +85,22 @@ class _Remote:
         return result
 
 
-@contextmanager
 def backend(
     url: str | None,
     token: str | None,
     project: Path | None,
     database_url: str | None,
     actor: str | None,
-) -> Iterator[_Local | _Remote]:
-    try:
-        if url:
-            client = StorylineClient(url, token=token)
-            try:
-                yield _Remote(client)
-            finally:
-                client.close()
-            return
-        service = open_service(project, database_url)
-        try:
-            yield _Local(service, _actor(actor))
-        finally:
-            service.close()
-    except (ConfigError, SettingsError) as exc:
-        fail(str(exc), 2)
-    except ClientError as exc:
-        fail(exc.message if exc.status else f"cannot reach {url}: {exc.message}", 1)
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+) -> AbstractContextManager[_Local | _Remote]:
+    # The actor is checked once the local store is open; a server takes it from the token.
+    return cli_backend(
+        url,
+        token,
+        project,
+        database_url,
+        local=lambda service: _Local(service, default_actor(actor)),
+        remote=_Remote,
+    )
 
 
 def _verdicts(values: list[bool] | None) -> str:

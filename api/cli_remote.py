@@ -9,11 +9,11 @@ maps to: a client cannot choose whom the events record.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from api.client import ClientError, StorylineClient
 from api.error_shapes import domain_status
@@ -24,65 +24,13 @@ from service.container import Service, open_service
 from service.epics import EpicService
 
 
-class StoryBackend(Protocol):
-    def create_story(
-        self,
-        *,
-        name: str,
-        acceptance_criteria: list[str],
-        description: str = "",
-        depends_on: list[str] | None = None,
-        epic: str | None = None,
-        priority: int = 0,
-        story_id: str | None = None,
-    ) -> dict[str, Any]: ...
-
-    def transition(
-        self,
-        story_id: str,
-        event: str,
-        *,
-        expected_version: int | None = None,
-        reason: str | None = None,
-        data: dict[str, Any] | None = None,
-    ) -> dict[str, Any]: ...
-
-    def get_story(self, story_id: str, *, as_of: str | None = None) -> dict[str, Any]: ...
-
-    def history(self, story_id: str) -> list[dict[str, Any]]: ...
-
-    def list_stories(self, *, stage: str | None = None) -> list[dict[str, Any]]: ...
-
-    def events(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]: ...
-
-    def create_epic(
-        self,
-        *,
-        name: str,
-        goal: str,
-        acceptance_criteria: list[str],
-        max_budget_usd: float | None = None,
-    ) -> dict[str, Any]: ...
-
-    def epic_transition(
-        self,
-        epic_id: str,
-        event: str,
-        *,
-        expected_version: int | None = None,
-        reason: str | None = None,
-        data: dict[str, Any] | None = None,
-    ) -> dict[str, Any]: ...
-
-    def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]: ...
-
-    def list_epics(self) -> list[dict[str, Any]]: ...
-
-    def epic_history(self, epic_id: str) -> list[dict[str, Any]]: ...
-
-
-def _client_error(exc: DomainError) -> ClientError:
-    return ClientError(domain_status(exc), exc.code, exc.message, exc.details or None)
+@contextmanager
+def _refused() -> Iterator[None]:
+    """A domain refusal raised as the ClientError the HTTP API would answer."""
+    try:
+        yield
+    except DomainError as exc:
+        raise ClientError(domain_status(exc), exc.code, exc.message, exc.details or None) from None
 
 
 def _check_epic_id(epic_id: str) -> None:
@@ -104,26 +52,24 @@ class LocalBackend:
         self,
         *,
         name: str,
-        acceptance_criteria: list[str],
+        acceptance_criteria: Sequence[str],
         description: str = "",
-        depends_on: list[str] | None = None,
+        depends_on: Sequence[str] = (),
         epic: str | None = None,
         priority: int = 0,
         story_id: str | None = None,
     ) -> dict[str, Any]:
-        try:
+        with _refused():
             committed = self.service.app.create_story(
                 name=name,
                 description=description,
                 acceptance_criteria=list(acceptance_criteria),
-                depends_on=list(depends_on or []),
+                depends_on=list(depends_on),
                 epic=epic,
                 priority=priority,
                 story_id=story_id,
                 actor=self.actor,
             )
-        except DomainError as exc:
-            raise _client_error(exc) from None
         return committed.story.snapshot() | {"position": committed.position}
 
     def transition(
@@ -135,7 +81,7 @@ class LocalBackend:
         reason: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        try:
+        with _refused():
             committed = self.service.app.transition(
                 story_id,
                 event,
@@ -144,27 +90,18 @@ class LocalBackend:
                 reason=reason,
                 data=data or {},
             )
-        except DomainError as exc:
-            raise _client_error(exc) from None
         return committed.story.snapshot() | {"position": committed.position}
 
     def get_story(self, story_id: str, *, as_of: str | None = None) -> dict[str, Any]:
-        try:
+        with _refused():
             if as_of is None:
                 return self.service.app.get_story(story_id).snapshot()
-            if as_of.strip().isascii() and as_of.strip().isdigit():
-                story = self.service.app.get_story_as_of(story_id, position=int(as_of))
-            else:
-                story = self.service.app.get_story_as_of(story_id, at=_parse_time(as_of))
-            return story.snapshot()
-        except DomainError as exc:
-            raise _client_error(exc) from None
+            position, at = _as_of(as_of)
+            return self.service.app.get_story_as_of(story_id, position=position, at=at).snapshot()
 
     def history(self, story_id: str) -> list[dict[str, Any]]:
-        try:
+        with _refused():
             return [e.as_json() for e in self.service.app.history(story_id)]
-        except DomainError as exc:
-            raise _client_error(exc) from None
 
     def list_stories(self, *, stage: str | None = None) -> list[dict[str, Any]]:
         stories = [s.snapshot() for s in self.service.app.iter_stories()]
@@ -187,10 +124,10 @@ class LocalBackend:
         *,
         name: str,
         goal: str,
-        acceptance_criteria: list[str],
+        acceptance_criteria: Sequence[str],
         max_budget_usd: float | None = None,
     ) -> dict[str, Any]:
-        try:
+        with _refused():
             committed = self.epics.create(
                 name=name,
                 goal=goal,
@@ -199,8 +136,6 @@ class LocalBackend:
                 actor=self.actor,
             )
             return load_epic_view(self.epics, committed.epic.id, committed=committed.position)
-        except DomainError as exc:
-            raise _client_error(exc) from None
 
     def epic_transition(
         self,
@@ -212,7 +147,7 @@ class LocalBackend:
         data: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         _check_epic_id(epic_id)
-        try:
+        with _refused():
             committed = self.epics.transition(
                 epic_id,
                 event,
@@ -222,89 +157,58 @@ class LocalBackend:
                 data=data or {},
             )
             view = load_epic_view(self.epics, epic_id, committed=committed.position)
-        except DomainError as exc:
-            raise _client_error(exc) from None
         if event == "submit_plan" and isinstance(committed.result, list):
             view |= plan_verdict(committed.epic, committed.result)
         return view
 
     def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]:
         _check_epic_id(epic_id)
-        try:
+        with _refused():
             if as_of is None:
                 return load_epic_view(self.epics, epic_id)
-            if as_of.strip().isascii() and as_of.strip().isdigit():
-                return load_epic_view(self.epics, epic_id, position=int(as_of), as_of=as_of)
-            return load_epic_view(self.epics, epic_id, at=_parse_time(as_of), as_of=as_of)
-        except DomainError as exc:
-            raise _client_error(exc) from None
+            position, at = _as_of(as_of)
+            return load_epic_view(self.epics, epic_id, position=position, at=at, as_of=as_of)
 
     def list_epics(self) -> list[dict[str, Any]]:
         return epic_summaries(self.epics)
 
     def epic_history(self, epic_id: str) -> list[dict[str, Any]]:
         _check_epic_id(epic_id)
-        try:
+        with _refused():
             return [e.as_json() for e in self.epics.history(epic_id)]
-        except DomainError as exc:
-            raise _client_error(exc) from None
 
 
-def _parse_time(value: str) -> datetime:
+def _as_of(value: str) -> tuple[int | None, datetime | None]:
+    """``as_of`` as the (position, at) pair the application's as-of reads take."""
+    if value.strip().isascii() and value.strip().isdigit():
+        return int(value), None
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
         raise ClientError(
             422, "invalid_as_of", "as_of must be a log position or an ISO 8601 time"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return None, moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class RemoteBackend:
-    """A running server; the token (``--token`` or ``$STORYLINE_TOKEN``) decides the actor."""
+    """A running server; the token (``--token`` or ``$STORYLINE_TOKEN``) decides the actor.
+
+    Commands and single reads are the client's own methods (same names, same answers);
+    only the paged and enveloped reads need adapting.
+    """
 
     def __init__(self, client: StorylineClient) -> None:
         self.client = client
-
-    def create_story(
-        self,
-        *,
-        name: str,
-        acceptance_criteria: list[str],
-        description: str = "",
-        depends_on: list[str] | None = None,
-        epic: str | None = None,
-        priority: int = 0,
-        story_id: str | None = None,
-    ) -> dict[str, Any]:
-        return self.client.create_story(
-            name=name,
-            description=description,
-            acceptance_criteria=acceptance_criteria,
-            depends_on=depends_on or [],
-            epic=epic,
-            priority=priority,
-            story_id=story_id,
-        )
-
-    def transition(
-        self,
-        story_id: str,
-        event: str,
-        *,
-        expected_version: int | None = None,
-        reason: str | None = None,
-        data: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        return self.client.transition(
-            story_id, event, expected_version=expected_version, reason=reason, data=data
-        )
-
-    def get_story(self, story_id: str, *, as_of: str | None = None) -> dict[str, Any]:
-        return self.client.get_story(story_id, as_of=as_of)
-
-    def history(self, story_id: str) -> list[dict[str, Any]]:
-        return self.client.history(story_id)
+        self.create_story = client.create_story
+        self.transition = client.transition
+        self.get_story = client.get_story
+        self.history = client.history
+        self.create_epic = client.create_epic
+        self.epic_transition = client.epic_transition
+        self.get_epic = client.get_epic
+        self.list_epics = client.list_epics
+        self.epic_history = client.epic_history
 
     def list_stories(self, *, stage: str | None = None) -> list[dict[str, Any]]:
         """Board rows (the projection's shape), every page."""
@@ -320,42 +224,37 @@ class RemoteBackend:
     def events(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         return list(self.client.events(after=after, limit=limit)["events"])
 
-    def create_epic(
-        self,
-        *,
-        name: str,
-        goal: str,
-        acceptance_criteria: list[str],
-        max_budget_usd: float | None = None,
-    ) -> dict[str, Any]:
-        return self.client.create_epic(
-            name=name,
-            goal=goal,
-            acceptance_criteria=acceptance_criteria,
-            max_budget_usd=max_budget_usd,
-        )
 
-    def epic_transition(
-        self,
-        epic_id: str,
-        event: str,
-        *,
-        expected_version: int | None = None,
-        reason: str | None = None,
-        data: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        return self.client.epic_transition(
-            epic_id, event, expected_version=expected_version, reason=reason, data=data
-        )
+StoryBackend = LocalBackend | RemoteBackend
 
-    def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]:
-        return self.client.get_epic(epic_id, as_of=as_of)
+L = TypeVar("L")
+R = TypeVar("R")
 
-    def list_epics(self) -> list[dict[str, Any]]:
-        return self.client.list_epics()
 
-    def epic_history(self, epic_id: str) -> list[dict[str, Any]]:
-        return self.client.epic_history(epic_id)
+@contextmanager
+def open_backend(
+    *,
+    url: str | None,
+    token: str | None,
+    project: Path | str | None,
+    database_url: str | None,
+    local: Callable[[Service], L],
+    remote: Callable[[StorylineClient], R],
+) -> Iterator[L | R]:
+    """``remote`` over a client of the server at ``url`` when given, else ``local`` over
+    the project's store; either is closed afterwards."""
+    if url:
+        client = StorylineClient(url, token=token)
+        try:
+            yield remote(client)
+        finally:
+            client.close()
+        return
+    service = open_service(project, database_url)
+    try:
+        yield local(service)
+    finally:
+        service.close()
 
 
 @contextmanager
@@ -372,18 +271,22 @@ def story_backend(
     ``actor`` is used locally only. Opening the local store may raise the container's
     ``SettingsError``/``ConfigError``; the CLI reports those as configuration errors.
     """
-    if url:
-        client = StorylineClient(url, token=token)
-        try:
-            yield RemoteBackend(client)
-        finally:
-            client.close()
-        return
-    service = open_service(project, database_url)
-    try:
-        yield LocalBackend(service, actor)
-    finally:
-        service.close()
+    with open_backend(
+        url=url,
+        token=token,
+        project=project,
+        database_url=database_url,
+        local=lambda service: LocalBackend(service, actor),
+        remote=RemoteBackend,
+    ) as chosen:
+        yield chosen
 
 
-__all__ = ["ClientError", "LocalBackend", "RemoteBackend", "StoryBackend", "story_backend"]
+__all__ = [
+    "ClientError",
+    "LocalBackend",
+    "RemoteBackend",
+    "StoryBackend",
+    "open_backend",
+    "story_backend",
+]

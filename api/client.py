@@ -133,6 +133,33 @@ class StorylineClient:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
 
+    def _transition(
+        self,
+        subject: str,
+        event: str,
+        expected_version: int | None,
+        reason: str | None,
+        data: dict[str, Any] | None,
+        *,
+        idempotency_key: str | None,
+        wait: bool = False,
+    ) -> dict[str, Any]:
+        """Send a story's or an epic's transition (``subject`` is its path): one body for both."""
+        body = {
+            "event": event,
+            "expected_version": expected_version,
+            "reason": reason,
+            "data": data or {},
+        }
+        result: dict[str, Any] = self._json(
+            "POST",
+            f"{subject}/transitions",
+            json=body,
+            params={"wait": "true" if wait else None},
+            idempotency_key=idempotency_key,
+        )
+        return result
+
     # ------------------------------------------------------------------ commands
 
     def create_story(
@@ -179,20 +206,15 @@ class StorylineClient:
         idempotency_key: str | None = None,
         wait: bool = False,
     ) -> dict[str, Any]:
-        body = {
-            "event": event,
-            "expected_version": expected_version,
-            "reason": reason,
-            "data": data or {},
-        }
-        result: dict[str, Any] = self._json(
-            "POST",
-            f"/stories/{_segment(story_id)}/transitions",
-            json=body,
-            params={"wait": "true" if wait else None},
+        return self._transition(
+            f"/stories/{_segment(story_id)}",
+            event,
+            expected_version,
+            reason,
+            data,
             idempotency_key=idempotency_key,
+            wait=wait,
         )
-        return result
 
     # ------------------------------------------------------------------ queries
 
@@ -276,19 +298,14 @@ class StorylineClient:
     ) -> dict[str, Any]:
         """The epic after the event; ``submit_plan`` adds ``accepted`` and ``problems`` (a
         refused plan is an answer, not a ClientError)."""
-        body = {
-            "event": event,
-            "expected_version": expected_version,
-            "reason": reason,
-            "data": data or {},
-        }
-        result: dict[str, Any] = self._json(
-            "POST",
-            f"/epics/{_segment(epic_id)}/transitions",
-            json=body,
+        return self._transition(
+            f"/epics/{_segment(epic_id)}",
+            event,
+            expected_version,
+            reason,
+            data,
             idempotency_key=idempotency_key,
         )
-        return result
 
     def get_epic(self, epic_id: str, *, as_of: int | str | None = None) -> dict[str, Any]:
         params = {"as_of": str(as_of) if as_of is not None else None}
