@@ -427,15 +427,14 @@ class EpicReactions:
             if keep:
                 candidate = self.git.build_candidate(epic.id, "rebuild", onto, picks)
                 if not candidate.ok or candidate.commit is None:
-                    return (
-                        self._record(
-                            epic,
-                            "fail",
-                            reason="the clean stories do not apply together without the implicated "
-                            f"ones: {candidate.output[:500]}",
-                        )
-                        and False
+                    # Recorded as the epic's failure; the caller must not go on to replan.
+                    self._record(
+                        epic,
+                        "fail",
+                        reason="the clean stories do not apply together without the implicated "
+                        f"ones: {candidate.output[:500]}",
                     )
+                    return False
                 new = candidate.commit
             else:
                 new = onto
