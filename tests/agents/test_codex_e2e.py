@@ -200,7 +200,14 @@ BASE = "def add(a, b):\n    return 0\n"
 TEST_ADD = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
 FIRST = "def add(a, b):\n    return a + b\n"
 SECOND = "def add(a, b):\n    return b + a\n"
-RESOLVED = "def add(a, b):\n    return a + b  # both stories agree\n"
+RESOLVED = FIRST + "\n\n# The other story's b + a is the same sum.\n"
+"""Keeps the base's line; the story's own ``b + a`` goes, declared (the no-hunk-lost check)."""
+DROP = {
+    "file": "calc.py",
+    "side": "story",
+    "hunk": "@@ -2 +2 @@",
+    "reason": "b + a is the same sum as the base's a + b",
+}
 RESOLUTION = "kept a + b; both sides computed the same sum"
 
 
@@ -233,6 +240,15 @@ def test_a_codex_mergemaster_resolves_a_conflict_and_reports_through_mcp(
                     "function_call": [
                         {
                             "namespace": "mcp__storyline",
+                            "name": "declare_dropped_hunk",
+                            "arguments": DROP,
+                        }
+                    ]
+                },
+                {
+                    "function_call": [
+                        {
+                            "namespace": "mcp__storyline",
                             "name": "report_merge_resolved",
                             "arguments": verdict,
                         }
@@ -256,6 +272,9 @@ def test_a_codex_mergemaster_resolves_a_conflict_and_reports_through_mcp(
         _wait_done(url, first)
     (failed,) = _events(history, "MergeFailed")
     assert failed["data"]["kind"] == "conflict_detected"
+    (declared,) = _events(history, "DroppedHunkDeclared")
+    assert declared["actor"] == f"agent:mergemaster-{second}-1"
+    assert (declared["data"]["side"], declared["reason"]) == ("story", DROP["reason"])
     (requeued,) = _events(history, "MergeRequeued")
     assert requeued["actor"] == f"agent:mergemaster-{second}-1"
     assert requeued["reason"] == RESOLUTION

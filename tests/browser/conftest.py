@@ -73,7 +73,10 @@ def require_browser() -> None:
     pytest.skip(f"no browser: {problem}")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in the
+# worker's main thread while it is started, and every later test of that worker that runs
+# asyncio itself (the MCP client tests) would fail with "Already running asyncio".
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """One headless Chromium per test process; each test gets its own context."""
     require_browser()

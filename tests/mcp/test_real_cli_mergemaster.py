@@ -33,7 +33,17 @@ BASE = "def add(a, b):\n    return 0\n"
 TEST = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
 FIRST = "def add(a, b):\n    return a + b\n"
 SECOND = "def add(a, b):\n    return b + a\n"
-RESOLVED = "def add(a, b):\n    return a + b  # both stories agree\n"
+RESOLVED = FIRST + "\n\n# The other story's b + a is the same sum.\n"
+"""Keeps the base's line; the story's own ``b + a`` goes, declared (the no-hunk-lost check)."""
+DECLARE = {
+    "name": "mcp__storyline__declare_dropped_hunk",
+    "input": {
+        "file": "calc.py",
+        "side": "story",
+        "hunk": "@@ -2 +2 @@",
+        "reason": "b + a is the same sum as the base's a + b",
+    },
+}
 COMMIT = "git add -A && git commit -m \"$(cat <<'EOF'\nStory work\nEOF\n)\""
 RESOLUTION = "kept a + b; both sides computed the same sum"
 
@@ -160,6 +170,7 @@ def test_a_real_cli_mergemaster_reports_its_verdict_through_the_mcp_tool(
             {"text": "add() fixed too."},
             write(merge / "2" / "calc.py", RESOLVED),
             bash(COMMIT),
+            {"tool_use": [DECLARE]},
             {
                 "tool_use": [
                     {
@@ -183,6 +194,12 @@ def test_a_real_cli_mergemaster_reports_its_verdict_through_the_mcp_tool(
     # The verdict came through the MCP tool, as the mergemaster's own actor.
     failed = next(e for e in history if e["type"] == "MergeFailed")
     assert failed["data"]["kind"] == "conflict_detected"
+    declared = next(e for e in history if e["type"] == "DroppedHunkDeclared")
+    assert declared["actor"] == f"agent:mergemaster-{second}-1"
+    assert declared["data"]["hunk"] == "@@ -2 +2 @@" and declared["data"]["side"] == "story"
+    assert not any(
+        e["data"].get("kind") == "hunks_lost" for e in history if e["type"] == "MergeFailed"
+    )
     requeued = next(e for e in history if e["type"] == "MergeRequeued")
     assert requeued["actor"] == f"agent:mergemaster-{second}-1"
     assert requeued["reason"] == RESOLUTION and requeued["data"]["resolved"] is True
