@@ -37,6 +37,7 @@ from runners.agents import (
     runtime_for,
 )
 from runners.agents.mcp_config import write_mcp_config
+from runners.handles import Handles
 from service.agent_tokens import AgentTokens
 from service.application import StorylineApplication
 
@@ -85,9 +86,7 @@ class AgentLauncher:
         self.api_url = api_url
         self.tokens = tokens
         self.on_exit = on_exit
-        self._handles: dict[str, Handle] = {}
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
+        self.handles: Handles[Handle] = Handles()
         self._launch_lock = threading.Lock()
         self.run_dir = project / ".storyline" / "run"
         self.log_dir = project / ".storyline" / "logs"
@@ -97,25 +96,21 @@ class AgentLauncher:
     # ------------------------------------------------------------------ queries
 
     def running(self, story_id: str) -> Handle | None:
-        with self._lock:
-            return self._handles.get(story_id)
+        return self.handles.get(story_id)
 
     def count(self, role: AgentRole) -> int:
-        with self._lock:
-            return sum(1 for h in self._handles.values() if h.role is role)
+        return len(self.handles.items(lambda h: h.role is role))
 
     def describe(self) -> list[str]:
         """One phrase per running agent, for a person waiting on a shutdown."""
-        with self._lock:
-            handles = list(self._handles.values())
+        handles = [h for _sid, h in self.handles.items()]
         return [
             f"story {h.story_id} ({h.role.value}, attempt {h.attempt}, pid {h.running.pid})"
             for h in handles
         ]
 
     def stories(self, role: AgentRole) -> list[str]:
-        with self._lock:
-            return [sid for sid, h in self._handles.items() if h.role is role]
+        return [sid for sid, _h in self.handles.items(lambda h: h.role is role)]
 
     # ------------------------------------------------------------------ launch
 
@@ -257,8 +252,7 @@ class AgentLauncher:
             self.on_exit(story.id, role, None)
             return True
         handle = Handle(story.id, role, attempt, running, token)
-        with self._lock:
-            self._handles[story.id] = handle
+        self.handles.put(story.id, handle)
         pid = running.pid or os.getpid()
         self._write_pidfile(story.id, role, attempt, running.pid)
         try:
@@ -301,9 +295,7 @@ class AgentLauncher:
                 self.tokens.revoke(handle.token)
             except Exception:
                 logger.exception("could not revoke the agent token of %s", handle.story_id)
-        with self._lock:
-            if self._handles.get(handle.story_id) is handle:
-                del self._handles[handle.story_id]
+        self.handles.discard(handle.story_id, handle)
         self.on_exit(handle.story_id, handle.role, result)
 
     def _record_exit(
@@ -371,12 +363,12 @@ class AgentLauncher:
                 logger.exception("could not record the exit of %s attempt %s", story_id, attempt)
                 return True
             except (InterfaceError, OperationalError) as exc:
-                if self._closing.is_set():
+                if self.handles.closing.is_set():
                     return False
                 logger.warning(
                     "the exit of %s attempt %s waits for the database: %s", story_id, attempt, exc
                 )
-                self._closing.wait(pause)
+                self.handles.closing.wait(pause)
                 pause = min(pause * 2, 5.0)
         return True
 
@@ -384,24 +376,10 @@ class AgentLauncher:
 
     def stop(self, story_id: str, why: str) -> None:
         """Kill the story's agent (its whole process group); its exit is recorded as usual."""
-        handle = self.running(story_id)
-        if handle is not None:
-            handle.stop_reason = why
-            handle.running.kill()
+        self.handles.stop(story_id, why)
 
     def stop_all(self, why: str, wait_secs: float = 10.0) -> None:
-        self._closing.set()
-        with self._lock:
-            handles = list(self._handles.values())
-        for handle in handles:
-            handle.stop_reason = why
-            handle.running.kill()
-        deadline = time.monotonic() + wait_secs
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._handles:
-                    return
-            time.sleep(0.05)
+        self.handles.stop_all(why, wait_secs)
 
     # ------------------------------------------------------------------ orphans
 

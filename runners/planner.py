@@ -35,6 +35,7 @@ from runners.agents import (
     runtime_for,
 )
 from runners.agents.mcp_config import write_mcp_config
+from runners.handles import Handles
 from runners.launcher import AgentConfigError, AgentLauncher
 from service.agent_tokens import AgentTokens
 from service.epics import EpicService
@@ -70,17 +71,13 @@ class PlannerLauncher:
         self.api_url = api_url
         self.tokens = tokens
         self.on_exit = on_exit
-        self._handles: dict[str, PlannerHandle] = {}
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
+        self.handles: Handles[PlannerHandle] = Handles()
 
     def running(self, epic_id: str) -> PlannerHandle | None:
-        with self._lock:
-            return self._handles.get(epic_id)
+        return self.handles.get(epic_id)
 
     def count(self) -> int:
-        with self._lock:
-            return len(self._handles)
+        return len(self.handles.items())
 
     # ------------------------------------------------------------------ launch
 
@@ -158,8 +155,7 @@ class PlannerLauncher:
             self.on_exit(epic.id)
             return True
         handle = PlannerHandle(epic.id, attempt, running, token)
-        with self._lock:
-            self._handles[epic.id] = handle
+        self.handles.put(epic.id, handle)
         self.agents._write_pidfile(epic.id, AgentRole.PLANNER, attempt, running.pid)
         try:
             self.epics.transition(
@@ -188,9 +184,7 @@ class PlannerLauncher:
                 self.tokens.revoke(handle.token)
             except Exception:
                 logger.exception("could not revoke the planner token of %s", handle.epic_id)
-        with self._lock:
-            if self._handles.get(handle.epic_id) is handle:
-                del self._handles[handle.epic_id]
+        self.handles.discard(handle.epic_id, handle)
         self.on_exit(handle.epic_id)
 
     def _record_exit(
@@ -230,34 +224,20 @@ class PlannerLauncher:
                 logger.exception("could not record the exit of planner %s/%s", epic_id, attempt)
                 return True
             except (InterfaceError, OperationalError) as exc:
-                if self._closing.is_set():
+                if self.handles.closing.is_set():
                     return False
                 logger.warning("the planner exit of %s waits for the database: %s", epic_id, exc)
-                self._closing.wait(pause)
+                self.handles.closing.wait(pause)
                 pause = min(pause * 2, 5.0)
         return True
 
     # ------------------------------------------------------------------ stop and reap
 
     def stop(self, epic_id: str, why: str) -> None:
-        handle = self.running(epic_id)
-        if handle is not None:
-            handle.stop_reason = why
-            handle.running.kill()
+        self.handles.stop(epic_id, why)
 
     def stop_all(self, why: str, wait_secs: float = 10.0) -> None:
-        self._closing.set()
-        with self._lock:
-            handles = list(self._handles.values())
-        for handle in handles:
-            handle.stop_reason = why
-            handle.running.kill()
-        deadline = time.monotonic() + wait_secs
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._handles:
-                    return
-            time.sleep(0.05)
+        self.handles.stop_all(why, wait_secs)
 
     def reap_orphan(self, epic: Epic) -> None:
         """After a restart: kill what the recorded planner attempt left running and record
