@@ -6,12 +6,23 @@ attempts differ in what they record but not in how they are held and stopped.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
+from eventsourcing.persistence import InterfaceError, OperationalError
+
+from domain.errors import DomainError, VersionConflict
 from runners.agents import RunningAgent
+
+logger = logging.getLogger(__name__)
+
+
+def exit_reason(reason: str | None) -> str | None:
+    """An attempt's own words as an exit reason: bounded, and no NUL (a reason may hold none)."""
+    return (reason or None) and reason[:2000].replace("\x00", "\ufffd")
 
 
 class Stoppable(Protocol):
@@ -66,3 +77,30 @@ class Handles(Generic[H]):
             if not self.items():
                 return
             time.sleep(0.05)
+
+    def record_exit(self, record: Callable[[], object], what: str) -> bool:
+        """Record an attempt's exit; False if it could not be before shutdown.
+
+        A concurrent writer (the agent's own API call) is retried at once; a database
+        outage is waited out, since an exit left unrecorded would leave the attempt
+        "running" in this process until it restarts (the pid file then tells the next one).
+        """
+        conflicts = 0
+        pause = 0.5
+        while conflicts < 20:
+            try:
+                record()
+                return True
+            except VersionConflict:
+                conflicts += 1
+                time.sleep(0.01)
+            except DomainError:
+                logger.exception("could not record %s", what)
+                return True
+            except (InterfaceError, OperationalError) as exc:
+                if self.closing.is_set():
+                    return False
+                logger.warning("%s waits for the database: %s", what, exc)
+                self.closing.wait(pause)
+                pause = min(pause * 2, 5.0)
+        return True

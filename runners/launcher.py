@@ -12,12 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from eventsourcing.persistence import InterfaceError, OperationalError
 
 from domain.config import AgentConfig, StorylineConfig
 from domain.errors import DomainError, IllegalTransition, VersionConflict
@@ -37,7 +34,7 @@ from runners.agents import (
     runtime_for,
 )
 from runners.agents.mcp_config import write_mcp_config
-from runners.handles import Handles
+from runners.handles import Handles, exit_reason
 from service.agent_tokens import AgentTokens
 from service.application import StorylineApplication
 
@@ -343,34 +340,16 @@ class AgentLauncher:
                 "api_error_status": result.api_error_status,
                 "api_retries": result.api_retries,
             }
-        conflicts = 0
-        pause = 0.5
-        while conflicts < 20:
-            try:
-                self.app.transition(
-                    story_id,
-                    "agent_exited",
-                    actor=f"runner:{role.value}",
-                    # An agent's own words may hold a NUL, which a reason may not.
-                    reason=(reason or None) and reason[:2000].replace("\x00", "\ufffd"),
-                    data=data,
-                )
-                return True
-            except VersionConflict:
-                conflicts += 1
-                time.sleep(0.01)  # a concurrent writer (e.g. the agent's own API call)
-            except DomainError:
-                logger.exception("could not record the exit of %s attempt %s", story_id, attempt)
-                return True
-            except (InterfaceError, OperationalError) as exc:
-                if self.handles.closing.is_set():
-                    return False
-                logger.warning(
-                    "the exit of %s attempt %s waits for the database: %s", story_id, attempt, exc
-                )
-                self.handles.closing.wait(pause)
-                pause = min(pause * 2, 5.0)
-        return True
+        return self.handles.record_exit(
+            lambda: self.app.transition(
+                story_id,
+                "agent_exited",
+                actor=f"runner:{role.value}",
+                reason=exit_reason(reason),
+                data=data,
+            ),
+            f"the exit of {story_id} attempt {attempt}",
+        )
 
     # ------------------------------------------------------------------ stop
 

@@ -13,12 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from eventsourcing.persistence import InterfaceError, OperationalError
 
 from domain.config import AgentConfig, StorylineConfig
 from domain.epic import Epic
@@ -35,7 +32,7 @@ from runners.agents import (
     runtime_for,
 )
 from runners.agents.mcp_config import write_mcp_config
-from runners.handles import Handles
+from runners.handles import Handles, exit_reason
 from runners.launcher import AgentConfigError, AgentLauncher
 from service.agent_tokens import AgentTokens
 from service.epics import EpicService
@@ -207,29 +204,16 @@ class PlannerLauncher:
             }
         if not reason:
             reason = f"planner attempt {attempt} ended: {data['outcome']}"
-        pause = 0.5
-        for _ in range(200):
-            try:
-                self.epics.transition(
-                    epic_id,
-                    "planner_exited",
-                    actor=ACTOR,
-                    reason=(reason or None) and reason[:2000].replace("\x00", "\ufffd"),
-                    data=data,
-                )
-                return True
-            except VersionConflict:
-                time.sleep(0.01)  # the planner's own submit_plan may land at the same time
-            except DomainError:
-                logger.exception("could not record the exit of planner %s/%s", epic_id, attempt)
-                return True
-            except (InterfaceError, OperationalError) as exc:
-                if self.handles.closing.is_set():
-                    return False
-                logger.warning("the planner exit of %s waits for the database: %s", epic_id, exc)
-                self.handles.closing.wait(pause)
-                pause = min(pause * 2, 5.0)
-        return True
+        return self.handles.record_exit(
+            lambda: self.epics.transition(
+                epic_id,
+                "planner_exited",
+                actor=ACTOR,
+                reason=exit_reason(reason),
+                data=data,
+            ),
+            f"the exit of planner {epic_id}/{attempt}",
+        )
 
     # ------------------------------------------------------------------ stop and reap
 
