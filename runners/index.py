@@ -48,6 +48,8 @@ class StoryIndex:
     """Project-level decisions (the gate registry's) not yet taken by the runner."""
     epics: set[str] = field(default_factory=set)
     """Epics that may need a look and were not yet taken (see :meth:`take_epics`)."""
+    all_epics: set[str] = field(default_factory=set)
+    """Every epic the log holds (a sweep looks at them without scanning the store)."""
 
     def apply(self, events: Iterable[LoggedEvent]) -> set[str]:
         """Fold events in; returns the ids of stories that need a look (incl. dependants)."""
@@ -60,6 +62,7 @@ class StoryIndex:
                 sid = event.story_id
                 if is_epic_originator(sid):
                     self.epics.add(sid)
+                    self.all_epics.add(sid)
                     continue
                 if not is_story_originator(sid):
                     self.project_events.append(event)  # the gate registry's decisions

@@ -264,7 +264,9 @@ class Supervisor:
         if now - self._last_sweep >= self.full_sweep_interval:
             self._last_sweep = now
             touched |= {s.story_id for s in self.index.in_stage(*ACTIVE_STAGES)}
-            touched |= set(self.epics.ids()) - self._settled_epics
+            # From the index, which folded every event: no scan of the store per sweep.
+            with self.index.lock:
+                touched |= self.index.all_epics - self._settled_epics
         # Renew well before expiry; a long tick must not let another runner take over. On
         # a clock, not on every tick: every commit anywhere wakes this loop, and a lease
         # write per wake-up would add a commit to every command.
