@@ -31,11 +31,11 @@ from api.sse import CommitNotifier, LogReader, StreamSettings
 from api.web import STATIC_DIR as WEB_STATIC_DIR
 from api.web import router as web_router
 from domain.config import TokenConfig
-from domain.epic_commands import EpicPolicy
 from service.agent_tokens import AgentTokens
 from service.container import Service
 from service.epics import EpicService
 from service.idempotency import IdempotencyStore
+from service.policies import epic_policy
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +192,7 @@ def create_app(
         health_timeout=health_timeout,
     )
     # One per app: it serialises the choice of the next epic number within this process.
-    state.extra["epics"] = EpicService(
-        service.app, EpicPolicy(max_plan_attempts=service.config.epic.max_plan_attempts)
-    )
+    state.extra["epics"] = EpicService(service.app, epic_policy(service.config))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

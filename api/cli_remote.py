@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 from api.client import ClientError, StorylineClient
 from api.error_shapes import domain_status
 from api.schemas_epics import epic_id_refusal, epic_summaries, load_epic_view, plan_verdict
-from domain.epic_commands import EpicPolicy
 from domain.errors import DomainError
 from service.container import Service, open_service
 from service.epics import EpicService
+from service.policies import epic_policy
 
 
 @contextmanager
@@ -115,8 +115,7 @@ class LocalBackend:
     @property
     def epics(self) -> EpicService:
         if self._epics is None:
-            policy = EpicPolicy(max_plan_attempts=self.service.config.epic.max_plan_attempts)
-            self._epics = EpicService(self.service.app, policy)
+            self._epics = EpicService(self.service.app, epic_policy(self.service.config))
         return self._epics
 
     def create_epic(

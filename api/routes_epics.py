@@ -44,11 +44,11 @@ from api.schemas_epics import (
     load_epic_view,
     plan_verdict,
 )
-from domain.epic_commands import EpicPolicy
 from domain.ids import EPIC_ID_PATTERN
 from domain.story import Story
 from service.epics import EpicCommitted, EpicService
 from service.idempotency import IdempotencyMark
+from service.policies import epic_policy
 
 router = APIRouter(tags=["epics"])
 
@@ -74,10 +74,7 @@ def epics_of(state: ApiState) -> EpicService:
     hand gets one on first use)."""
     service = state.extra.get("epics")
     if service is None:
-        config = state.service.config.epic
-        service = EpicService(
-            state.service.app, EpicPolicy(max_plan_attempts=config.max_plan_attempts)
-        )
+        service = EpicService(state.service.app, epic_policy(state.service.config))
         state.extra["epics"] = service
     assert isinstance(service, EpicService)
     return service

@@ -122,6 +122,16 @@ class GatesPassedData(_Data):
     feature_branch: PathText
     commits_ahead: Count
     output: str = ""
+    review: bool = False
+    """Go to review before the merge queue (the story's flag or the project's ``[review]``)."""
+
+
+class SubmitReviewData(_Data):
+    attempt: Annotated[int, Field(ge=1, le=2**31)]
+    criteria: Annotated[list[Any], Field(max_length=100)]
+    """``{criterion, met, score, evidence}`` each; checked by ``domain.review``."""
+    summary: Annotated[str, Field(max_length=4000)] = ""
+    commit: Annotated[str, Field(min_length=4, max_length=64, pattern=r"^[0-9a-f]+$")] | None = None
 
 
 class GatesFailedData(_Data):
@@ -199,6 +209,8 @@ class Policy:
     """The configuration values that guards need (from ``storyline.toml``)."""
 
     max_retries: int = 3
+    min_score: float = 0.8
+    """``[review] min_score``: the score a review verdict needs (with every criterion met)."""
 
 
 def _tail(text: str) -> str:
@@ -249,12 +261,28 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
             feature_branch=d.feature_branch,
             commits_ahead=d.commits_ahead,
             output=_tail(d.output),
+            review=d.review,
         ),
     ),
     "gates_failed": _spec(
         GatesFailedData,
         lambda s, a, r, d, p, deps: s.fail_gates(
             actor=a, output=_tail(d.output), max_retries=p.max_retries
+        ),
+    ),
+    "submit_review": _spec(
+        SubmitReviewData,
+        lambda s, a, r, d, p, deps: s.submit_review(
+            actor=a,
+            attempt=d.attempt,
+            verdict={"criteria": d.criteria, "summary": d.summary},
+            commit=d.commit,
+        ),
+    ),
+    "conclude_review": _spec(
+        NoData,
+        lambda s, a, r, d, p, deps: s.conclude_review(
+            actor=a, min_score=p.min_score, max_retries=p.max_retries
         ),
     ),
     "start_merge": _spec(

@@ -110,6 +110,27 @@ class EpicConfig(_Strict):
     the whole goal as one session. Off by default, as in the seed: a whole extra session."""
     max_blame_probes: Annotated[int, Field(ge=0, le=50)] = 12
     """Leave-one-out probes at most per union failure (one per story of the round)."""
+    max_interviews: Annotated[int, Field(ge=0, le=10)] = 2
+    """Rounds of clarifying questions a planner may ask before it must submit a plan."""
+
+
+class ReviewConfig(_Strict):
+    """``[review]``: an evaluator judges work against its acceptance criteria.
+
+    For a story: after its gates pass and before the merge queue. For an epic: after its
+    union gates pass and before it lands, with evolutions (follow-up stories) while the
+    score is under ``min_score``. A story's or an epic's own ``review`` flag wins over
+    ``enabled``."""
+
+    enabled: bool = False
+    min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8
+    """The score a verdict needs (the mean of its criteria's scores), every criterion met."""
+    max_evolutions: Annotated[int, Field(ge=0, le=10)] = 2
+    """Rounds of follow-up stories an epic may take to reach ``min_score`` (0: evaluate
+    only). The best-scoring integration lands either way; the epic records the final score
+    and whether the maximum was reached."""
+    max_failed_runs: Annotated[int, Field(ge=1, le=20)] = 3
+    """Evaluator runs in a row that give no verdict before the story (or epic) is blocked."""
 
 
 class FixupCaps(_Strict):
@@ -117,7 +138,7 @@ class FixupCaps(_Strict):
     max_budget_usd: Annotated[float, Field(gt=0, le=10_000)] = 1.0
 
 
-AgentStage = Literal["coder", "mergemaster", "planner"]
+AgentStage = Literal["coder", "mergemaster", "planner", "evaluator"]
 AgentRuntime = Literal["claude-code", "cli", "openai", "codex"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -347,6 +368,7 @@ class StorylineConfig(_Strict):
     epics: dict[str, str] = Field(default_factory=dict)
     """Epic name -> context text prepended to the prompt of that epic's stories."""
     epic: EpicConfig = Field(default_factory=EpicConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
 
     @field_validator("base_branch")
     @classmethod

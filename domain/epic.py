@@ -26,6 +26,13 @@ from domain.epic_events import (
     EpicNoteAdded,
     EpicStage,
     EpicUnblocked,
+    EvaluationConcluded,
+    EvaluationSubmitted,
+    EvaluatorExited,
+    EvaluatorSpawnRequested,
+    EvaluatorStarted,
+    EvolutionDiscarded,
+    EvolutionStarted,
     IntegrationRebuilt,
     IntegrationStarted,
     PlanAccepted,
@@ -33,6 +40,8 @@ from domain.epic_events import (
     PlannerSpawnRequested,
     PlannerStarted,
     PlanRejected,
+    QuestionsAnswered,
+    QuestionsAsked,
     RunMode,
     StoriesFarmedOut,
     UnionGatesJudged,
@@ -41,9 +50,13 @@ from domain.epic_transitions import legal_epic_events_from
 from domain.errors import EpicIllegalTransition, InvalidCommand
 from domain.ids import validate_epic_id
 from domain.plan import Plan, plan_problems, single_session_reason
+from domain.review import judgements, parse_verdict, unmet, verdict_passes, verdict_score
 from domain.stages import AgentOutcome
 from domain.story import MAX_NAME, MAX_TEXT, _clean_text, check_reason, clean_criteria
 
+MAX_QUESTIONS = 10
+MAX_QUESTION = 2_000
+MAX_ANSWER = 10_000
 MAX_BUDGET_USD = 1_000_000.0
 MAX_OUTPUT = 20_000
 """Gate output kept per verdict or probe (its tail: where the decisive line is)."""
@@ -74,6 +87,8 @@ class Epic(BaseAggregate[str]):
         self.goal = ""
         self.acceptance_criteria: list[str] = []
         self.max_budget_usd: float | None = None
+        self.review: bool | None = None
+        """Evaluate before landing: as asked, or None for the project's ``[review]``."""
         self.created_at: datetime | None = None
         self.last_event = ""
         # Planning.
@@ -88,6 +103,28 @@ class Epic(BaseAggregate[str]):
         self.planner_tokens_in = 0
         self.planner_tokens_out = 0
         self.planner_cost_usd = 0.0
+        # The interview: questions instead of a plan, answered by a person.
+        self.asked_this_attempt = False
+        self.questions: list[str] | None = None
+        """The questions waiting for answers (``awaiting_answers``)."""
+        self.interview: list[dict[str, Any]] = []
+        # Evaluation and evolution.
+        self.plan_farmed = False
+        """The accepted plan (of this evolution) has been farmed out."""
+        self.evolution = 0
+        self.running_evaluator: dict[str, Any] | None = None
+        self.evaluator_attempts = 0
+        self.evaluator_failed_runs = 0
+        self.evaluator_aborts = 0
+        self.evaluator_tokens_in = 0
+        self.evaluator_tokens_out = 0
+        self.evaluator_cost_usd = 0.0
+        self.pending_evaluation: int | None = None
+        self.evaluations: list[dict[str, Any]] = []
+        self.evolutions: list[dict[str, Any]] = []
+        self.discarded: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.evaluation_final: dict[str, Any] | None = None
         # Rounds of stories.
         self.mode: RunMode | None = None
         self.round = 0
@@ -125,8 +162,11 @@ class Epic(BaseAggregate[str]):
         actor: str,
         max_budget_usd: float | None = None,
         reason: str | None = None,
+        review: bool | None = None,
     ) -> Epic:
         validate_epic_id(epic_id)
+        if review is not None and not isinstance(review, bool):
+            raise InvalidCommand("review is true, false or null (the project decides)")
         name = _clean_text(name, "name", max_len=MAX_NAME, allow_newlines=False)
         if not name.strip():
             raise InvalidCommand("name must not be empty")
@@ -144,6 +184,7 @@ class Epic(BaseAggregate[str]):
             goal=goal,
             acceptance_criteria=criteria,
             max_budget_usd=_budget(max_budget_usd),
+            review=review,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -244,7 +285,13 @@ class Epic(BaseAggregate[str]):
         **usage: Any,
     ) -> None:
         event = "planner_exited"
-        self._require_stage(event, EpicStage.PLANNING, EpicStage.BLOCKED, EpicStage.FAILED)
+        self._require_stage(
+            event,
+            EpicStage.PLANNING,
+            EpicStage.AWAITING_ANSWERS,
+            EpicStage.BLOCKED,
+            EpicStage.FAILED,
+        )
         self._require_planner(event, attempt)
         self._move(
             PlannerExited, actor=actor, reason=reason, attempt=attempt, outcome=outcome, **usage
@@ -301,7 +348,7 @@ class Epic(BaseAggregate[str]):
         self._require_stage(event, EpicStage.PLANNING, EpicStage.INTEGRATING)
         if not stories:
             raise self._refuse(event, "a round needs at least one story")
-        if self.stage is EpicStage.PLANNING and self.round > 0:
+        if self.stage is EpicStage.PLANNING and self.plan_farmed:
             raise self._refuse(event, "the epic was already farmed out")
         if self.running_planner is not None:
             # Its exit is refused outside planning, blocked and failed: it would never be
@@ -334,15 +381,26 @@ class Epic(BaseAggregate[str]):
             commit=commit,
         )
 
-    def judge_union(self, *, actor: str, commit: str, tree: str, passed: bool, output: str) -> None:
+    def judge_union(
+        self,
+        *,
+        actor: str,
+        commit: str,
+        tree: str,
+        passed: bool,
+        output: str,
+        evaluate: bool = False,
+    ) -> None:
+        """A passed union goes to landing, or first to evaluation when ``evaluate``."""
         event = "judge_union"
         self._require_stage(event, EpicStage.INTEGRATING)
         if self.union is not None:
             raise self._refuse(event, "this round's union is already judged")
+        after = EpicStage.EVALUATING if evaluate else EpicStage.MERGING
         self._move(
             UnionGatesJudged,
             actor=actor,
-            to_stage=EpicStage.MERGING if passed else EpicStage.INTEGRATING,
+            to_stage=after if passed else EpicStage.INTEGRATING,
             reason="the union gates passed" if passed else "the union gates failed",
             commit=commit,
             tree=tree,
@@ -413,6 +471,233 @@ class Epic(BaseAggregate[str]):
             old_tip=old_tip,
             new_tip=new_tip,
             kept=list(kept),
+        )
+
+    # ------------------------------------------------------------------ interview
+
+    def ask_questions(
+        self, *, actor: str, attempt: int, questions: list[str], max_rounds: int
+    ) -> None:
+        """The planner asks instead of planning; the epic waits for a person's answers."""
+        event = "ask_questions"
+        self._require_stage(event, EpicStage.PLANNING)
+        self._require_planner(event, attempt)
+        if self.plan is not None:
+            raise self._refuse(event, "a plan is already accepted")
+        if len(self.interview) >= max_rounds:
+            raise self._refuse(
+                event, f"{max_rounds} rounds of questions are used up: submit a plan"
+            )
+        if not isinstance(questions, list) or not 1 <= len(questions) <= MAX_QUESTIONS:
+            raise InvalidCommand(f"ask between 1 and {MAX_QUESTIONS} questions")
+        cleaned = [
+            _clean_text(q, f"questions[{i}]", max_len=MAX_QUESTION, allow_newlines=True).strip()
+            for i, q in enumerate(questions)
+        ]
+        if any(not q for q in cleaned):
+            raise InvalidCommand("a question must not be blank")
+        self._move(
+            QuestionsAsked,
+            actor=actor,
+            to_stage=EpicStage.AWAITING_ANSWERS,
+            reason=f"the planner asks {len(cleaned)} question(s) before planning",
+            attempt=attempt,
+            questions=cleaned,
+        )
+
+    def answer_questions(self, *, actor: str, answers: list[str], reason: str | None) -> None:
+        event = "answer_questions"
+        self._require_stage(event, EpicStage.AWAITING_ANSWERS)
+        asked = self.questions or []
+        if not isinstance(answers, list) or len(answers) != len(asked):
+            raise InvalidCommand(
+                f"answer each of the {len(asked)} question(s), in order "
+                f"(got {len(answers) if isinstance(answers, list) else 0})"
+            )
+        cleaned = [
+            _clean_text(a, f"answers[{i}]", max_len=MAX_ANSWER, allow_newlines=True).strip()
+            for i, a in enumerate(answers)
+        ]
+        if any(not a for a in cleaned):
+            raise InvalidCommand("an answer must not be blank")
+        self._move(
+            QuestionsAnswered,
+            actor=actor,
+            to_stage=EpicStage.PLANNING,
+            reason=reason or "answered: planning resumes",
+            answers=cleaned,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def request_evaluator_spawn(
+        self,
+        *,
+        actor: str,
+        agent: str,
+        runtime: str,
+        model: str | None = None,
+        argv: list[str] | None = None,
+        log_path: str | None = None,
+        reason: str | None = None,
+    ) -> int:
+        event = "spawn_evaluator"
+        self._require_stage(event, EpicStage.EVALUATING)
+        if self.running_evaluator is not None:
+            raise self._refuse(event, f"evaluator attempt {self.running_evaluator['attempt']} runs")
+        if self.pending_evaluation is not None:
+            raise self._refuse(event, "a verdict awaits its conclusion")
+        attempt = self.evaluator_attempts + 1
+        self._move(
+            EvaluatorSpawnRequested,
+            actor=actor,
+            reason=reason,
+            attempt=attempt,
+            agent=agent,
+            runtime=runtime,
+            model=model,
+            argv=list(argv or []),
+            log_path=log_path,
+        )
+        return attempt
+
+    def _require_evaluator(self, event: str, attempt: int) -> None:
+        running = self.running_evaluator
+        if running is None or running["attempt"] != attempt:
+            raise self._refuse(event, f"evaluator attempt {attempt} is not running")
+
+    def evaluator_started(
+        self, *, actor: str, attempt: int, pid: int, reason: str | None = None
+    ) -> None:
+        self._require_stage("evaluator_started", EpicStage.EVALUATING)
+        self._require_evaluator("evaluator_started", attempt)
+        self._move(EvaluatorStarted, actor=actor, reason=reason, attempt=attempt, pid=pid)
+
+    def evaluator_exited(
+        self,
+        *,
+        actor: str,
+        attempt: int,
+        outcome: AgentOutcome,
+        reason: str | None = None,
+        **usage: Any,
+    ) -> None:
+        event = "evaluator_exited"
+        self._require_stage(event, EpicStage.EVALUATING, EpicStage.BLOCKED, EpicStage.FAILED)
+        self._require_evaluator(event, attempt)
+        self._move(
+            EvaluatorExited, actor=actor, reason=reason, attempt=attempt, outcome=outcome, **usage
+        )
+
+    def submit_evaluation(self, *, actor: str, attempt: int, verdict: Any) -> None:
+        """The evaluator's verdict on the integration branch; one per attempt."""
+        event = "submit_evaluation"
+        self._require_stage(event, EpicStage.EVALUATING)
+        self._require_evaluator(event, attempt)
+        if self.pending_evaluation == attempt:
+            raise self._refuse(event, f"evaluator attempt {attempt} already gave its verdict")
+        if self.integration_commit is None:
+            raise self._refuse(event, "there is no integration to evaluate")
+        parsed = parse_verdict(verdict, self.acceptance_criteria)
+        judged = judgements(parsed, self.acceptance_criteria)
+        score = verdict_score(parsed)
+        met = sum(1 for j in judged if j["met"])
+        self._move(
+            EvaluationSubmitted,
+            actor=actor,
+            reason=f"evolution {self.evolution}: {met} of {len(judged)} criteria met, "
+            f"score {score:.2f}",
+            attempt=attempt,
+            evolution=self.evolution,
+            commit=self.integration_commit,
+            criteria=judged,
+            score=score,
+            summary=parsed.summary,
+        )
+
+    def conclude_evaluation(self, *, actor: str, min_score: float, max_evolutions: int) -> str:
+        """Land, evolve, or land the best after ``max_evolutions``; a worse evolution is
+        discarded first. Returns ``landing`` or ``evolving``."""
+        event = "conclude_evaluation"
+        self._require_stage(event, EpicStage.EVALUATING)
+        if self.running_evaluator is not None:
+            raise self._refuse(event, "the evaluator is still running")
+        if self.pending_evaluation is None:
+            raise self._refuse(event, "no verdict awaits a conclusion")
+        current = next(
+            e for e in reversed(self.evaluations) if e["attempt"] == self.pending_evaluation
+        )
+        earlier = [e for e in self.evaluations if e["evolution"] < current["evolution"]]
+        best = max(earlier, key=lambda e: e["score"], default=None)
+        # A later evolution wins a tie: it holds the earlier work and more.
+        if best is None or current["score"] >= best["score"]:
+            best = current
+        else:
+            self._move(
+                EvolutionDiscarded,
+                actor=actor,
+                reason=(
+                    f"evolution {current['evolution']} scored {current['score']:.2f}, worse "
+                    f"than evolution {best['evolution']}'s {best['score']:.2f}: keeping that"
+                ),
+                evolution=current["evolution"],
+                score=current["score"],
+                discarded_commit=current["commit"],
+                best_evolution=best["evolution"],
+                best_score=best["score"],
+                kept_commit=best["commit"],
+            )
+        if verdict_passes(current["criteria"], current["score"], min_score):
+            self._conclude(actor, True, current, max_reached=False, why="evaluation passed")
+            return "landing"
+        if self.evolution >= max_evolutions:
+            self._conclude(
+                actor,
+                False,
+                best,
+                max_reached=max_evolutions > 0,
+                why=(
+                    f"max_evolutions ({max_evolutions}) reached"
+                    if max_evolutions > 0
+                    else "evaluate only (max_evolutions is 0)"
+                ),
+            )
+            return "landing"
+        gaps = (
+            unmet(current["criteria"]) or sorted(current["criteria"], key=lambda j: j["score"])[:3]
+        )
+        self._move(
+            EvolutionStarted,
+            actor=actor,
+            to_stage=EpicStage.PLANNING,
+            reason=(
+                f"score {current['score']:.2f} under min_score {min_score:.2f}: evolution "
+                f"{self.evolution + 1} plans follow-up stories for {len(gaps)} gap(s)"
+            ),
+            evolution=self.evolution + 1,
+            from_commit=best["commit"],
+            score=current["score"],
+            best_score=best["score"],
+            gaps=gaps,
+        )
+        return "evolving"
+
+    def _conclude(
+        self, actor: str, passed: bool, chosen: dict[str, Any], *, max_reached: bool, why: str
+    ) -> None:
+        self._move(
+            EvaluationConcluded,
+            actor=actor,
+            to_stage=EpicStage.MERGING,
+            reason=(
+                f"{why}: landing evolution {chosen['evolution']} (score {chosen['score']:.2f})"
+            ),
+            passed=passed,
+            score=chosen["score"],
+            best_evolution=chosen["evolution"],
+            commit=chosen["commit"],
+            max_reached=max_reached,
+            evolutions=self.evolution,
         )
 
     # ------------------------------------------------------------------ the end

@@ -29,6 +29,12 @@ class EpicPolicy:
     """The configuration values the epic's guards need (``[epic]`` in storyline.toml)."""
 
     max_plan_attempts: int = 3
+    max_interviews: int = 2
+    """``[epic] max_interviews``: rounds of questions a planner may ask before planning."""
+    min_score: float = 0.8
+    """``[review] min_score``."""
+    max_evolutions: int = 2
+    """``[review] max_evolutions`` (0: evaluate only)."""
 
 
 class NoData(_Data):
@@ -64,6 +70,22 @@ class PlannerExitedData(_Data):
 class SubmitPlanData(_Data):
     plan: Any
     """Validated by the epic (``domain.plan``): a bad plan is a recorded rejection, not a 422."""
+
+
+class AskQuestionsData(_Data):
+    attempt: Annotated[int, Field(ge=1, le=2**31)]
+    questions: Annotated[list[Annotated[str, Field(max_length=2_000)]], Field(max_length=10)]
+
+
+class AnswerQuestionsData(_Data):
+    answers: Annotated[list[Annotated[str, Field(max_length=10_000)]], Field(max_length=10)]
+
+
+class SubmitEvaluationData(_Data):
+    attempt: Annotated[int, Field(ge=1, le=2**31)]
+    criteria: Annotated[list[Any], Field(max_length=100)]
+    """``{criterion, met, score, evidence}`` each; checked by ``domain.review``."""
+    summary: Annotated[str, Field(max_length=4000)] = ""
 
 
 class StartIntegrationData(_Data):
@@ -106,6 +128,11 @@ class LandingFailedData(_Data):
     conflicts: Annotated[list[PathText], Field(max_length=10_000)] = []
 
 
+class JudgeUnionEvaluateData(JudgeUnionData):
+    evaluate: bool = False
+    """Evaluate the integration before landing (the epic's flag or ``[review]``)."""
+
+
 class UnblockData(_Data):
     max_budget_usd: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] | None = None
 
@@ -135,8 +162,44 @@ EPIC_COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
         StartIntegrationData,
         lambda e, a, r, d, p: e.start_integration(actor=a, reason=r, commit=d.commit),
     ),
+    "ask_questions": (
+        AskQuestionsData,
+        lambda e, a, r, d, p: e.ask_questions(
+            actor=a, attempt=d.attempt, questions=d.questions, max_rounds=p.max_interviews
+        ),
+    ),
+    "answer_questions": (
+        AnswerQuestionsData,
+        lambda e, a, r, d, p: e.answer_questions(actor=a, answers=d.answers, reason=r),
+    ),
+    "spawn_evaluator": (
+        SpawnPlannerData,
+        lambda e, a, r, d, p: e.request_evaluator_spawn(actor=a, reason=r, **d.model_dump()),
+    ),
+    "evaluator_started": (
+        PlannerStartedData,
+        lambda e, a, r, d, p: e.evaluator_started(actor=a, reason=r, attempt=d.attempt, pid=d.pid),
+    ),
+    "evaluator_exited": (
+        PlannerExitedData,
+        lambda e, a, r, d, p: e.evaluator_exited(actor=a, reason=r, **d.model_dump()),
+    ),
+    "submit_evaluation": (
+        SubmitEvaluationData,
+        lambda e, a, r, d, p: e.submit_evaluation(
+            actor=a,
+            attempt=d.attempt,
+            verdict={"criteria": d.criteria, "summary": d.summary},
+        ),
+    ),
+    "conclude_evaluation": (
+        NoData,
+        lambda e, a, r, d, p: e.conclude_evaluation(
+            actor=a, min_score=p.min_score, max_evolutions=p.max_evolutions
+        ),
+    ),
     "judge_union": (
-        JudgeUnionData,
+        JudgeUnionEvaluateData,
         lambda e, a, r, d, p: e.judge_union(actor=a, **d.model_dump()),
     ),
     "record_probe": (

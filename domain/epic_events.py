@@ -30,6 +30,11 @@ class EpicStage(StrEnum):
     """The epic's stories go through the pipeline into the integration branch."""
     INTEGRATING = "integrating"
     """The union gates judge the integration branch; on a failure, blame probes run."""
+    EVALUATING = "evaluating"
+    """An evaluator scores the integrated result against the epic's acceptance criteria;
+    under the threshold the planner proposes follow-up stories (an evolution)."""
+    AWAITING_ANSWERS = "awaiting_answers"
+    """The planner asked clarifying questions; planning resumes when a person answers."""
     MERGING = "merging"
     """The integrated result lands on the base branch (merge gates, compare-and-swap)."""
     DONE = "done"
@@ -47,7 +52,14 @@ class RunMode(StrEnum):
 
 
 ACTIVE_EPIC_STAGES = frozenset(
-    {EpicStage.PLANNING, EpicStage.RUNNING, EpicStage.INTEGRATING, EpicStage.MERGING}
+    {
+        EpicStage.PLANNING,
+        EpicStage.AWAITING_ANSWERS,
+        EpicStage.RUNNING,
+        EpicStage.INTEGRATING,
+        EpicStage.EVALUATING,
+        EpicStage.MERGING,
+    }
 )
 
 
@@ -83,8 +95,12 @@ class EpicCreated(EpicEvent, CanInitAggregate[str]):
     goal: str
     acceptance_criteria: list[str]
     max_budget_usd: float | None = None
+    review: bool | None = None
+    """Evaluate the integrated result before landing; None: ``[review] enabled`` decides.
+    Added with a default: old events decode unchanged."""
 
     def apply_to(self, epic: Epic) -> None:
+        epic.review = self.review
         epic.name = self.name
         epic.goal = self.goal
         epic.acceptance_criteria = list(self.acceptance_criteria)
@@ -107,6 +123,7 @@ class PlannerSpawnRequested(EpicEvent):
         epic.running_planner = {"attempt": self.attempt, "agent": self.agent, "pid": None}
         epic.planner_attempts = max(epic.planner_attempts, self.attempt)
         epic.rejections_this_attempt = 0
+        epic.asked_this_attempt = False
 
 
 class PlannerStarted(EpicEvent):
@@ -135,6 +152,9 @@ class PlannerExited(EpicEvent):
         epic.planner_tokens_in += self.tokens_in
         epic.planner_tokens_out += self.tokens_out
         epic.planner_cost_usd += self.cost_usd
+        if epic.asked_this_attempt:
+            # Questions instead of a plan are an answer, not a failed attempt.
+            return
         if epic.plan is None and epic.rejections_this_attempt == 0:
             # A run that ended without submitting anything used up an attempt too.
             epic.failed_plan_attempts += 1
@@ -188,6 +208,7 @@ class StoriesFarmedOut(EpicEvent):
         epic.round_stories = list(self.stories)
         epic.kept_stories = list(self.kept)
         epic.stories = [*epic.stories, *self.stories]
+        epic.plan_farmed = True
         if epic.fork_point is None:
             epic.fork_point = self.fork_point
         epic.round_start_tip = self.integration_tip
@@ -334,6 +355,229 @@ class EpicNoteAdded(EpicEvent):
         epic.notes += 1
 
 
+class QuestionsAsked(EpicEvent):
+    """The planner answered the goal with clarifying questions instead of a plan."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicQuestionsAsked.v1"
+    attempt: int
+    questions: list[str]
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.asked_this_attempt = True
+        epic.questions = list(self.questions)
+        epic.interview = [
+            *epic.interview,
+            {
+                "round": len(epic.interview) + 1,
+                "attempt": self.attempt,
+                "questions": list(self.questions),
+                "asked_by": self.actor,
+                "asked_at": self.timestamp.isoformat(),
+                "answers": None,
+                "answered_by": None,
+            },
+        ]
+
+
+class QuestionsAnswered(EpicEvent):
+    """A person answered the planner's questions: planning resumes with them in the prompt."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicQuestionsAnswered.v1"
+    answers: list[str]
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.questions = None
+        if epic.interview:
+            last = {**epic.interview[-1], "answers": list(self.answers)}
+            last["answered_by"] = self.actor
+            last["answered_at"] = self.timestamp.isoformat()
+            epic.interview = [*epic.interview[:-1], last]
+
+
+class EvaluatorSpawnRequested(EpicEvent):
+    """A runner is about to start the epic's evaluator: one request = one attempt."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicEvaluatorSpawnRequested.v1"
+    attempt: int
+    agent: str
+    runtime: str
+    model: str | None = None
+    argv: list[str] = Field(default_factory=list)
+    log_path: str | None = None
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.running_evaluator = {"attempt": self.attempt, "agent": self.agent, "pid": None}
+        epic.evaluator_attempts = max(epic.evaluator_attempts, self.attempt)
+
+
+class EvaluatorStarted(EpicEvent):
+    TOPIC: ClassVar[str] = "storyline.EpicEvaluatorStarted.v1"
+    attempt: int
+    pid: int
+
+    def apply_to(self, epic: Epic) -> None:
+        if epic.running_evaluator is not None:
+            epic.running_evaluator = {**epic.running_evaluator, "pid": self.pid}
+
+
+_NOT_THE_AGENTS_FAULT = frozenset(
+    {AgentOutcome.ABORTED_BEFORE_SESSION, AgentOutcome.LOST, AgentOutcome.PROVIDER_UNAVAILABLE}
+)
+
+
+class EvaluatorExited(EpicEvent):
+    TOPIC: ClassVar[str] = "storyline.EpicEvaluatorExited.v1"
+    attempt: int
+    outcome: AgentOutcome
+    exit_code: int | None = None
+    session_id: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    log_path: str | None = None
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.running_evaluator = None
+        epic.evaluator_tokens_in += self.tokens_in
+        epic.evaluator_tokens_out += self.tokens_out
+        epic.evaluator_cost_usd += self.cost_usd
+        if epic.pending_evaluation == self.attempt:
+            return
+        if self.outcome in _NOT_THE_AGENTS_FAULT:
+            epic.evaluator_aborts += 1
+        else:
+            # It ran and gave no verdict: capped like any agent that fails.
+            epic.evaluator_failed_runs += 1
+
+
+class EvaluationSubmitted(EpicEvent):
+    """The evaluator's verdict on the integration branch at ``commit``."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicEvaluationSubmitted.v1"
+    attempt: int
+    evolution: int
+    commit: str
+    criteria: list[dict[str, Any]]
+    score: float
+    summary: str = ""
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.pending_evaluation = self.attempt
+        epic.evaluations = [
+            *epic.evaluations,
+            {
+                "attempt": self.attempt,
+                "evolution": self.evolution,
+                "commit": self.commit,
+                "score": self.score,
+                "all_met": all(c["met"] for c in self.criteria),
+                "criteria": [dict(c) for c in self.criteria],
+                "summary": self.summary,
+                "at": self.timestamp.isoformat(),
+            },
+        ]
+
+
+class EvolutionDiscarded(EpicEvent):
+    """This evolution scored worse than the best so far: the best integration is kept (the
+    runner moves the integration branch back to ``kept_commit``) and this one discarded."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicEvolutionDiscarded.v1"
+    evolution: int
+    score: float
+    discarded_commit: str
+    best_evolution: int
+    best_score: float
+    kept_commit: str
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.integration_commit = self.kept_commit
+        epic.discarded = [
+            *epic.discarded,
+            {
+                "evolution": self.evolution,
+                "score": self.score,
+                "commit": self.discarded_commit,
+                "kept_evolution": self.best_evolution,
+                "kept_commit": self.kept_commit,
+            },
+        ]
+
+
+class EvolutionStarted(EpicEvent):
+    """The evaluation fell short: the planner proposes follow-up stories for the gaps."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicEvolutionStarted.v1"
+    evolution: int
+    """The new evolution's number (the first integration is evolution 0)."""
+    from_commit: str
+    """The best integration so far: the follow-up stories build on it."""
+    score: float
+    best_score: float
+    gaps: list[dict[str, Any]]
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.best = _best_of(epic)
+        epic.evolution = self.evolution
+        epic.pending_evaluation = None
+        epic.evaluator_failed_runs = 0
+        epic.evaluator_aborts = 0
+        epic.plan = None
+        epic.plan_farmed = False
+        epic.single_session_reason = None
+        epic.failed_plan_attempts = 0
+        epic.last_plan_problems = []
+        epic.evolutions = [
+            *epic.evolutions,
+            {
+                "evolution": self.evolution,
+                "from_commit": self.from_commit,
+                "after_score": self.score,
+                "best_score": self.best_score,
+                "gaps": [dict(g) for g in self.gaps],
+                "at": self.timestamp.isoformat(),
+            },
+        ]
+
+
+class EvaluationConcluded(EpicEvent):
+    """The evaluation is final: the best integration lands (``passed`` or not)."""
+
+    TOPIC: ClassVar[str] = "storyline.EpicEvaluationConcluded.v1"
+    passed: bool
+    score: float
+    """The final score: the landing integration's."""
+    best_evolution: int
+    commit: str
+    max_reached: bool
+    """No evolution reached the threshold within ``max_evolutions`` (and one was allowed)."""
+    evolutions: int
+
+    def apply_to(self, epic: Epic) -> None:
+        epic.best = _best_of(epic)
+        epic.pending_evaluation = None
+        epic.integration_commit = self.commit
+        epic.evaluation_final = {
+            "passed": self.passed,
+            "score": self.score,
+            "best_evolution": self.best_evolution,
+            "commit": self.commit,
+            "max_reached": self.max_reached,
+            "evolutions": self.evolutions,
+        }
+
+
+def _best_of(epic: Epic) -> dict[str, Any] | None:
+    """The best-scored evaluation so far; a later one wins a tie (it holds more work)."""
+    best: dict[str, Any] | None = None
+    for evaluation in epic.evaluations:
+        if best is None or evaluation["score"] >= best["score"]:
+            best = evaluation
+    if best is None:
+        return None
+    return {k: best[k] for k in ("evolution", "score", "commit", "attempt")}
+
+
 EPIC_EVENT_CLASSES: tuple[type[EpicEvent], ...] = (
     EpicCreated,
     PlannerSpawnRequested,
@@ -353,6 +597,15 @@ EPIC_EVENT_CLASSES: tuple[type[EpicEvent], ...] = (
     EpicBlocked,
     EpicUnblocked,
     EpicNoteAdded,
+    QuestionsAsked,
+    QuestionsAnswered,
+    EvaluatorSpawnRequested,
+    EvaluatorStarted,
+    EvaluatorExited,
+    EvaluationSubmitted,
+    EvolutionDiscarded,
+    EvolutionStarted,
+    EvaluationConcluded,
 )
 
 EPIC_TOPICS = frozenset(cls.TOPIC for cls in EPIC_EVENT_CLASSES)

@@ -63,6 +63,9 @@ class StoryCreated(StoryEvent, CanInitAggregate[str]):
     target_branch: str | None = None
     """Where the story merges; None is the project's base branch (an epic's stories merge
     into the epic's integration branch). Added later with a default: old events decode."""
+    review: bool | None = None
+    """Whether an evaluator reviews the story before it merges; None: the project's
+    ``[review] enabled`` decides. Added with a default: old events decode unchanged."""
 
     def apply_to(self, story: Story) -> None:
         story.name = self.name
@@ -72,6 +75,7 @@ class StoryCreated(StoryEvent, CanInitAggregate[str]):
         story.epic = self.epic
         story.priority = self.priority
         story.target_branch = self.target_branch
+        story.review = self.review
 
 
 class CodingStarted(StoryEvent):
@@ -115,6 +119,8 @@ class AgentSpawnRequested(StoryEvent):
         }
         if self.role is AgentRole.CODER:
             story.coder_attempts = max(story.coder_attempts, self.attempt)
+        elif self.role is AgentRole.EVALUATOR:
+            story.evaluator_attempts = max(story.evaluator_attempts, self.attempt)
         else:
             story.mergemaster_attempts = max(story.mergemaster_attempts, self.attempt)
 
@@ -213,6 +219,10 @@ class AgentExited(StoryEvent):
                 story.failed_runs += 1
             elif self.outcome in (AgentOutcome.COMPLETED, AgentOutcome.PERMISSION_DENIED):
                 story.failed_runs = 0
+        elif self.role is AgentRole.EVALUATOR and self.outcome in _FAILED_RUN:
+            # An evaluator that ran but judged nothing (a crash in session, a cap, or no
+            # verdict: the runner records that as ``failed``) is capped like a coder.
+            story.evaluator_failed_runs += 1
         if (
             self.role is AgentRole.MERGEMASTER
             and story.stage is Stage.MERGE_FAILURE
@@ -264,9 +274,11 @@ class GatesPassed(StoryEvent):
         story.commits_ahead = self.commits_ahead
         story.fixup_pending = False
         story.merging = False
-        story.queued_at = self.timestamp
+        # Straight into the merge queue, or first to review (``to_stage`` says which).
+        story.queued_at = self.timestamp if self.to_stage is not Stage.REVIEW else None
         story.merge_failure_kind = None
         story.merge_failure_details = None
+        story.pending_review = None
 
 
 class GatesFailed(StoryEvent):
@@ -378,6 +390,7 @@ class StoryUnblocked(StoryEvent):
         story.abort_respawns = 0
         story.failed_runs = 0
         story.mergemaster_spawns = 0
+        story.evaluator_failed_runs = 0
         story.final = False
         if self.to_stage is Stage.MERGE:
             story.queued_at = self.timestamp
@@ -392,6 +405,7 @@ class StoryDemoted(StoryEvent):
         story.merging = False
         story.queued_at = None
         story.fixup_pending = False
+        story.pending_review = None
 
 
 class StoryArchived(StoryEvent):
@@ -500,6 +514,91 @@ class GateFlakyDetected(_NotAStep):
             story.flaky_gates = [*story.flaky_gates, self.gate]
 
 
+class ReviewSubmitted(StoryEvent):
+    """An evaluator's verdict on the story's branch: each criterion judged with evidence.
+
+    Not a move: the runner concludes the review once the evaluator's exit is recorded. One
+    verdict per evaluator attempt, so a runner that restarts finds the verdict it has and
+    concludes from it instead of asking again."""
+
+    TOPIC: ClassVar[str] = "storyline.ReviewSubmitted.v1"
+    attempt: int
+    criteria: list[dict[str, Any]]
+    """``{criterion, text, met, score, evidence}`` per acceptance criterion, in order."""
+    score: float
+    summary: str = ""
+    commit: str | None = None
+    """The feature branch's head the evaluator was shown."""
+
+    def apply_to(self, story: Story) -> None:
+        story.pending_review = self.attempt
+        story.reviews = [
+            *story.reviews,
+            {
+                "attempt": self.attempt,
+                "score": self.score,
+                "all_met": all(c["met"] for c in self.criteria),
+                "criteria": [dict(c) for c in self.criteria],
+                "summary": self.summary,
+                "commit": self.commit,
+                "at": self.timestamp.isoformat(),
+                "passed": None,
+            },
+        ]
+
+
+def _concluded(story: Story, attempt: int, passed: bool, min_score: float) -> None:
+    story.pending_review = None
+    story.evaluator_failed_runs = 0
+    story.reviews = [
+        {**r, "passed": passed, "min_score": min_score} if r["attempt"] == attempt else r
+        for r in story.reviews
+    ]
+
+
+class ReviewPassed(StoryEvent):
+    """Every criterion met and the score at or above ``min_score``: into the merge queue."""
+
+    TOPIC: ClassVar[str] = "storyline.ReviewPassed.v1"
+    attempt: int
+    score: float
+    min_score: float
+
+    def apply_to(self, story: Story) -> None:
+        _concluded(story, self.attempt, True, self.min_score)
+        story.queued_at = self.timestamp
+        story.last_review_failure = None
+
+
+class ReviewFailed(StoryEvent):
+    """The verdict fell short: back to coding with the gaps (a retry), or blocked."""
+
+    TOPIC: ClassVar[str] = "storyline.ReviewFailed.v1"
+    attempt: int
+    score: float
+    min_score: float
+    gaps: list[dict[str, Any]]
+    """The unmet criteria with the evaluator's evidence (or, when every criterion was met
+    but the score fell short, the criteria scored lowest)."""
+    summary: str = ""
+    retry_count: int
+    exhausted: bool = False
+
+    def apply_to(self, story: Story) -> None:
+        _concluded(story, self.attempt, False, self.min_score)
+        story.retry_count = self.retry_count
+        story.last_review_failure = {
+            "attempt": self.attempt,
+            "score": self.score,
+            "min_score": self.min_score,
+            "gaps": [dict(g) for g in self.gaps],
+            "summary": self.summary,
+        }
+        if self.exhausted:
+            story.blocked_from = Stage.CODING
+            story.blocked_reason = self.reason
+
+
 EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     StoryCreated,
     CodingStarted,
@@ -527,6 +626,9 @@ EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     DroppedHunkDeclared,
     GateVerdictRecorded,
     GateFlakyDetected,
+    ReviewSubmitted,
+    ReviewPassed,
+    ReviewFailed,
 )
 
 EVENTS_BY_NAME: dict[str, type[StoryEvent]] = {cls.__name__: cls for cls in EVENT_CLASSES}

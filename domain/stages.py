@@ -9,6 +9,8 @@ class Stage(StrEnum):
     BACKLOG = "backlog"
     CODING = "coding"
     GATES = "gates"
+    REVIEW = "review"
+    """An evaluator judges the work against the acceptance criteria (opt-in, ``[review]``)."""
     MERGE = "merge"
     MERGE_FAILURE = "merge_failure"
     BLOCKED = "blocked"
@@ -48,6 +50,8 @@ class AgentRole(StrEnum):
     MERGEMASTER = "mergemaster"
     PLANNER = "planner"
     """An epic's planner (its attempts are recorded on the epic, never on a story)."""
+    EVALUATOR = "evaluator"
+    """Reviews a story (or an epic's integration) against its acceptance criteria."""
 
 
 FINISHED_STAGES = frozenset({Stage.DONE, Stage.ARCHIVED})

@@ -41,6 +41,9 @@ from domain.events import (
     NoteAdded,
     ProviderBreakerClosed,
     ProviderBreakerOpened,
+    ReviewFailed,
+    ReviewPassed,
+    ReviewSubmitted,
     StoryArchived,
     StoryBlocked,
     StoryCreated,
@@ -51,6 +54,7 @@ from domain.events import (
     WorktreeReady,
 )
 from domain.ids import is_epic_id, validate_branch_name, validate_story_id
+from domain.review import judgements, parse_verdict, unmet, verdict_passes, verdict_score
 from domain.stages import (
     FINISHED_STAGES,
     MERGEMASTER_KINDS,
@@ -152,6 +156,8 @@ class Story(BaseAggregate[str]):
         self.target_branch: str | None = None
         """The branch this story merges into; None means the project's base branch."""
         self.priority = 0
+        self.review: bool | None = None
+        """Review before merging: True or False as the story asked, None as the project says."""
         self.last_event = ""
         # Counters and sub-states, all derived from events.
         self.retry_count = 0
@@ -166,6 +172,15 @@ class Story(BaseAggregate[str]):
         self.cost_usd = 0.0
         self.coder_attempts = 0
         self.mergemaster_attempts = 0
+        self.evaluator_attempts = 0
+        self.evaluator_failed_runs = 0
+        """Evaluator runs in a row that ended without a verdict (crash, cap, none given)."""
+        self.reviews: list[dict[str, Any]] = []
+        """Every verdict, oldest first, with whether it passed once concluded."""
+        self.pending_review: int | None = None
+        """The evaluator attempt whose verdict is recorded but not yet concluded."""
+        self.last_review_failure: dict[str, Any] | None = None
+        """The last verdict that sent the story back: its gaps go into the coder's prompt."""
         self.running_agent: dict[str, Any] | None = None
         self.last_coder_outcome: AgentOutcome | None = None
         self.last_agent_error: str | None = None
@@ -213,6 +228,7 @@ class Story(BaseAggregate[str]):
         priority: int = 0,
         reason: str | None = None,
         target_branch: str | None = None,
+        review: bool | None = None,
     ) -> Story:
         validate_story_id(story_id)
         if is_epic_id(story_id):
@@ -236,6 +252,8 @@ class Story(BaseAggregate[str]):
             raise InvalidCommand("depends_on lists a story twice")
         if epic is not None:
             epic = _clean_text(epic, "epic", max_len=MAX_NAME, allow_newlines=False)
+        if review is not None and not isinstance(review, bool):
+            raise InvalidField(("review",), "review is true, false or null (the project decides)")
         if not -1_000_000 <= priority <= 1_000_000:
             raise InvalidCommand("priority must be between -1000000 and 1000000")
         reason = check_reason(reason)
@@ -252,6 +270,7 @@ class Story(BaseAggregate[str]):
             epic=epic,
             priority=priority,
             target_branch=target_branch,
+            review=review,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -334,6 +353,13 @@ class Story(BaseAggregate[str]):
         if role is AgentRole.CODER:
             self._require_stage(event, Stage.CODING)
             attempt = self.coder_attempts + 1
+        elif role is AgentRole.EVALUATOR:
+            self._require_stage(event, Stage.REVIEW)
+            if self.pending_review is not None:
+                raise self._refuse(
+                    event, f"the verdict of evaluator attempt {self.pending_review} awaits"
+                )
+            attempt = self.evaluator_attempts + 1
         else:
             self._require_stage(event, Stage.MERGE_FAILURE)
             if self.merge_failure_kind not in MERGEMASTER_KINDS:
@@ -440,8 +466,16 @@ class Story(BaseAggregate[str]):
         )
 
     def pass_gates(
-        self, *, actor: str, feature_branch: str, commits_ahead: int, output: str = ""
+        self,
+        *,
+        actor: str,
+        feature_branch: str,
+        commits_ahead: int,
+        output: str = "",
+        review: bool = False,
     ) -> None:
+        """Into the merge queue, or to review first when ``review`` (the runner decides from
+        the story's own flag and the project's ``[review]``)."""
         event = "gates_passed"
         self._require_stage(event, Stage.GATES)
         if commits_ahead < 1:
@@ -449,7 +483,7 @@ class Story(BaseAggregate[str]):
         self._move(
             GatesPassed,
             actor=actor,
-            to_stage=Stage.MERGE,
+            to_stage=Stage.REVIEW if review else Stage.MERGE,
             feature_branch=feature_branch,
             commits_ahead=commits_ahead,
             output=output,
@@ -481,6 +515,89 @@ class Story(BaseAggregate[str]):
                 output=output,
                 retry_count=retry_count,
             )
+
+    # ------------------------------------------------------------------ review
+
+    def submit_review(
+        self, *, actor: str, attempt: int, verdict: Any, commit: str | None = None
+    ) -> None:
+        """Record evaluator ``attempt``'s verdict; one per attempt, while it runs."""
+        event = "submit_review"
+        self._require_stage(event, Stage.REVIEW)
+        running = self.running_agent
+        if running is None or running["role"] != AgentRole.EVALUATOR.value:
+            raise self._refuse(event, "no evaluator is running")
+        if running["attempt"] != attempt:
+            raise self._refuse(event, f"evaluator attempt {running['attempt']} is running")
+        if self.pending_review == attempt:
+            raise self._refuse(event, f"evaluator attempt {attempt} already gave its verdict")
+        parsed = parse_verdict(verdict, self.acceptance_criteria)
+        judged = judgements(parsed, self.acceptance_criteria)
+        score = verdict_score(parsed)
+        met = sum(1 for j in judged if j["met"])
+        self._move(
+            ReviewSubmitted,
+            actor=actor,
+            reason=f"{met} of {len(judged)} criteria met, score {score:.2f}",
+            attempt=attempt,
+            criteria=judged,
+            score=score,
+            summary=parsed.summary,
+            commit=commit,
+        )
+
+    def conclude_review(self, *, actor: str, min_score: float, max_retries: int) -> bool:
+        """Pass the pending verdict into the merge queue or send the story back; True if
+        it passed. Once the evaluator's exit is recorded (its verdict is final then)."""
+        event = "conclude_review"
+        self._require_stage(event, Stage.REVIEW)
+        if self.running_agent is not None:
+            raise self._refuse(event, "the evaluator is still running")
+        if self.pending_review is None:
+            raise self._refuse(event, "no verdict awaits a conclusion")
+        if not 0.0 <= min_score <= 1.0:
+            raise InvalidCommand("min_score is between 0 and 1")
+        verdict = next(r for r in self.reviews if r["attempt"] == self.pending_review)
+        judged, score = verdict["criteria"], float(verdict["score"])
+        if verdict_passes(judged, score, min_score):
+            self._move(
+                ReviewPassed,
+                actor=actor,
+                to_stage=Stage.MERGE,
+                reason=f"review passed: score {score:.2f} (min_score {min_score:.2f})",
+                attempt=self.pending_review,
+                score=score,
+                min_score=min_score,
+            )
+            return True
+        gaps = unmet(judged) or sorted(judged, key=lambda j: j["score"])[:3]
+        listed = "; ".join(f"#{g['criterion']} {g['text'][:120]}" for g in gaps)
+        retry_count = self.retry_count + 1
+        exhausted = retry_count > max_retries
+        if exhausted:
+            reason = (
+                f"retries exhausted: review failed {retry_count} times (max_retries is "
+                f"{max_retries}); unmet: {listed}"
+            )
+        else:
+            reason = (
+                f"review failed (retry {retry_count} of {max_retries}), score {score:.2f}: "
+                f"unmet: {listed}"
+            )
+        self._move(
+            ReviewFailed,
+            actor=actor,
+            to_stage=Stage.BLOCKED if exhausted else Stage.CODING,
+            reason=check_reason(reason[:MAX_REASON]),
+            attempt=self.pending_review,
+            score=score,
+            min_score=min_score,
+            gaps=gaps,
+            summary=verdict.get("summary", ""),
+            retry_count=retry_count,
+            exhausted=exhausted,
+        )
+        return False
 
     # ------------------------------------------------------------------ merge
 
@@ -559,7 +676,13 @@ class Story(BaseAggregate[str]):
 
     def block(self, *, actor: str, reason: str | None) -> None:
         self._require_stage(
-            "block", Stage.BACKLOG, Stage.CODING, Stage.GATES, Stage.MERGE, Stage.MERGE_FAILURE
+            "block",
+            Stage.BACKLOG,
+            Stage.CODING,
+            Stage.GATES,
+            Stage.REVIEW,
+            Stage.MERGE,
+            Stage.MERGE_FAILURE,
         )
         reason = _require_reason(reason, "blocking a story")
         self._move(
@@ -577,7 +700,9 @@ class Story(BaseAggregate[str]):
         self._move(StoryUnblocked, actor=actor, to_stage=target, reason=reason)
 
     def demote(self, *, actor: str, reason: str | None = None) -> None:
-        self._require_stage("demote", Stage.CODING, Stage.GATES, Stage.MERGE, Stage.BLOCKED)
+        self._require_stage(
+            "demote", Stage.CODING, Stage.GATES, Stage.REVIEW, Stage.MERGE, Stage.BLOCKED
+        )
         self._move(StoryDemoted, actor=actor, to_stage=Stage.BACKLOG, reason=reason)
 
     def archive(self, *, actor: str, reason: str | None = None) -> None:
@@ -703,6 +828,7 @@ class Story(BaseAggregate[str]):
             "depends_on": list(self.depends_on),
             "epic": self.epic,
             "priority": self.priority,
+            "review": self.review,
             "retry_count": self.retry_count,
             "abort_respawns": self.abort_respawns,
             "mergemaster_spawns": self.mergemaster_spawns,
@@ -714,6 +840,13 @@ class Story(BaseAggregate[str]):
             "cost_usd": round(self.cost_usd, 6),
             "coder_attempts": self.coder_attempts,
             "mergemaster_attempts": self.mergemaster_attempts,
+            "evaluator_attempts": self.evaluator_attempts,
+            "evaluator_failed_runs": self.evaluator_failed_runs,
+            "reviews": [{**r, "criteria": [dict(c) for c in r["criteria"]]} for r in self.reviews],
+            "pending_review": self.pending_review,
+            "last_review_failure": dict(self.last_review_failure)
+            if self.last_review_failure
+            else None,
             "running_agent": dict(self.running_agent) if self.running_agent else None,
             "last_coder_outcome": self.last_coder_outcome.value
             if self.last_coder_outcome

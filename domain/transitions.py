@@ -9,19 +9,33 @@ from __future__ import annotations
 
 from domain.stages import Stage
 
-_ACTIVE = (Stage.BACKLOG, Stage.CODING, Stage.GATES, Stage.MERGE, Stage.MERGE_FAILURE)
+_ACTIVE = (
+    Stage.BACKLOG,
+    Stage.CODING,
+    Stage.GATES,
+    Stage.REVIEW,
+    Stage.MERGE,
+    Stage.MERGE_FAILURE,
+)
+_AGENTS = (Stage.CODING, Stage.REVIEW, Stage.MERGE_FAILURE)
+"""Stages an agent works in: a coder, an evaluator, a mergemaster."""
 
 TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     # name: (event class, stages it may be sent from)
     "start_coding": ("CodingStarted", (Stage.BACKLOG,)),
     "worktree_ready": ("WorktreeReady", (Stage.CODING,)),
-    "spawn_agent": ("AgentSpawnRequested", (Stage.CODING, Stage.MERGE_FAILURE)),
-    "agent_started": ("AgentStarted", (Stage.CODING, Stage.MERGE_FAILURE)),
-    "agent_exited": ("AgentExited", (Stage.CODING, Stage.MERGE_FAILURE)),
+    "spawn_agent": ("AgentSpawnRequested", _AGENTS),
+    "agent_started": ("AgentStarted", _AGENTS),
+    "agent_exited": ("AgentExited", _AGENTS),
     "uncommitted_changes_found": ("UncommittedChangesFound", (Stage.CODING,)),
     "start_gates": ("GatesStarted", (Stage.CODING,)),
     "gates_passed": ("GatesPassed", (Stage.GATES,)),
     "gates_failed": ("GatesFailed", (Stage.GATES,)),
+    # An evaluator's verdict is recorded (not a move); the runner then concludes the review:
+    # into the merge queue, or back to coding with the unmet criteria (blocked when the
+    # retries are used up).
+    "submit_review": ("ReviewSubmitted", (Stage.REVIEW,)),
+    "conclude_review": ("ReviewPassed or ReviewFailed", (Stage.REVIEW,)),
     "start_merge": ("MergeStarted", (Stage.MERGE,)),
     "merge_succeeded": ("MergeSucceeded", (Stage.MERGE,)),
     "merge_failed": ("MergeFailed", (Stage.MERGE,)),
@@ -31,7 +45,10 @@ TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     "merge_gave_up": ("MergemasterAttempted", (Stage.MERGE_FAILURE,)),
     "block": ("StoryBlocked", _ACTIVE),
     "unblock": ("StoryUnblocked", (Stage.BLOCKED,)),
-    "demote": ("StoryDemoted", (Stage.CODING, Stage.GATES, Stage.MERGE, Stage.BLOCKED)),
+    "demote": (
+        "StoryDemoted",
+        (Stage.CODING, Stage.GATES, Stage.REVIEW, Stage.MERGE, Stage.BLOCKED),
+    ),
     "archive": ("StoryArchived", (Stage.DONE, Stage.BACKLOG, Stage.BLOCKED)),
     # Not a move: a note (its text is the reason) may be added to a story in any stage.
     "add_note": ("NoteAdded", tuple(Stage)),

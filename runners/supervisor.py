@@ -15,7 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from domain.epic_commands import EpicPolicy
 from domain.errors import DomainError, StoryNotFound
 from domain.ids import is_epic_id
 from domain.stages import AgentRole, Stage
@@ -31,6 +30,7 @@ from runners.planner import PlannerLauncher
 from service.agent_tokens import AgentTokens
 from service.container import Service
 from service.epics import EpicService
+from service.policies import epic_policy
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,7 @@ class Supervisor:
         self.gate_judge = GateJudge(self.app, self.verdicts)
         self.coder.gate_judge = self.gate_judge
         self.merger.gate_judge = self.gate_judge
-        self.epics = EpicService(
-            self.app, EpicPolicy(max_plan_attempts=self.config.epic.max_plan_attempts)
-        )
+        self.epics = EpicService(self.app, epic_policy(self.config))
         self.planner = PlannerLauncher(
             self.epics,
             self.config,

@@ -280,6 +280,7 @@ class StorylineApplication(Application[str]):
         reason: str | None = None,
         idempotency: IdempotencyMark | None = None,
         target_branch: str | None = None,
+        review: bool | None = None,
     ) -> Committed:
         """Create a story; without ``story_id`` the next free number is allocated.
 
@@ -304,6 +305,7 @@ class StorylineApplication(Application[str]):
                 actor=actor,
                 reason=reason,
                 target_branch=target_branch,
+                review=review,
             )
             try:
                 recordings = self.save(story, **_marked(idempotency))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from domain.commands import Policy
 from domain.config import StorylineConfig
 from service import migrations
 from service.application import StorylineApplication
 from service.config_file import load_config
+from service.policies import story_policy
 from service.settings import Database, SettingsError, project_dir, resolve_database
 
 
@@ -67,5 +67,5 @@ def open_service(
     db = resolve_database(root, database_url)
     cfg = config if config is not None else load_config(root)
     ensure_schema(db)
-    app = StorylineApplication(db, policy=Policy(max_retries=cfg.max_retries), pool_size=pool_size)
+    app = StorylineApplication(db, policy=story_policy(cfg), pool_size=pool_size)
     return Service(project=root, db=db, config=cfg, app=app)

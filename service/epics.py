@@ -74,6 +74,7 @@ class EpicService:
         max_budget_usd: float | None = None,
         reason: str | None = None,
         idempotency: IdempotencyMark | None = None,
+        review: bool | None = None,
     ) -> EpicCommitted:
         for _ in range(20):
             epic = Epic.create(
@@ -84,6 +85,7 @@ class EpicService:
                 actor=actor,
                 max_budget_usd=max_budget_usd,
                 reason=reason,
+                review=review,
             )
             try:
                 recordings = self.app.save(epic, **_marked(idempotency))

@@ -331,7 +331,13 @@ def test_people_block_unblock_and_fail_with_reasons(serve: Serve) -> None:
         "waiting for the API design",
         "planning",
     )
-    assert body["legal_events"] == ["planner_exited", "fail", "unblock", "add_note"]
+    assert body["legal_events"] == [
+        "planner_exited",
+        "evaluator_exited",
+        "fail",
+        "unblock",
+        "add_note",
+    ]
 
     details = assert_error(move(bob, eid, "block", reason="again"), 409, "illegal_transition")
     assert details["epic_id"] == eid and details["stage"] == "blocked"

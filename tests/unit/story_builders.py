@@ -52,6 +52,11 @@ def story_in(stage: Stage, *, conflict: bool = True) -> Story:
     story.start_gates(actor="runner:gates", commits_ahead=1)
     if stage is Stage.GATES:
         return story
+    if stage is Stage.REVIEW:
+        story.pass_gates(
+            actor="runner:gates", feature_branch="feature/story-s1", commits_ahead=1, review=True
+        )
+        return story
     story.pass_gates(actor="runner:gates", feature_branch="feature/story-s1", commits_ahead=1)
     if stage is Stage.MERGE:
         return story
@@ -70,3 +75,23 @@ def story_in(stage: Stage, *, conflict: bool = True) -> Story:
     story.archive(actor=ACTOR)
     assert stage is Stage.ARCHIVED
     return story
+
+
+def run_evaluator(
+    story: Story,
+    verdict: dict[str, object] | None,
+    outcome: AgentOutcome = AgentOutcome.COMPLETED,
+) -> int:
+    """One evaluator attempt in review: spawned, started, its verdict (if any), its exit."""
+    attempt = story.request_agent_spawn(
+        actor="runner:review", role=AgentRole.EVALUATOR, agent="evaluator", runtime="cli"
+    )
+    story.agent_started(actor="runner:review", role=AgentRole.EVALUATOR, attempt=attempt, pid=4343)
+    if verdict is not None:
+        story.submit_review(
+            actor=f"agent:evaluator-{story.id}-{attempt}", attempt=attempt, verdict=verdict
+        )
+    story.agent_exited(
+        actor="runner:review", role=AgentRole.EVALUATOR, attempt=attempt, outcome=outcome
+    )
+    return attempt

@@ -49,6 +49,10 @@ DATA: dict[str, dict[str, Any]] = {
         "passed": False,
         "output": "FAILED",
     },
+    "submit_review": {
+        "attempt": 1,
+        "criteria": [{"criterion": 0, "met": True, "score": 0.9, "evidence": "test_rate_limit"}],
+    },
     "flaky_gate_detected": {
         "phase": "merge_gates",
         "gate": "python check.py",
@@ -92,14 +96,17 @@ ROWS = [
     (Stage.MERGE_FAILURE, "merge_resolved", Stage.MERGE),
     (Stage.MERGE_FAILURE, "merge_gave_up", Stage.MERGE_FAILURE),
     (Stage.MERGE_FAILURE, "spawn_agent", Stage.MERGE_FAILURE),
+    (Stage.REVIEW, "spawn_agent", Stage.REVIEW),
     (Stage.BACKLOG, "block", Stage.BLOCKED),
     (Stage.CODING, "block", Stage.BLOCKED),
     (Stage.GATES, "block", Stage.BLOCKED),
+    (Stage.REVIEW, "block", Stage.BLOCKED),
     (Stage.MERGE, "block", Stage.BLOCKED),
     (Stage.MERGE_FAILURE, "block", Stage.BLOCKED),
     (Stage.BLOCKED, "unblock", Stage.CODING),
     (Stage.CODING, "demote", Stage.BACKLOG),
     (Stage.GATES, "demote", Stage.BACKLOG),
+    (Stage.REVIEW, "demote", Stage.BACKLOG),
     (Stage.MERGE, "demote", Stage.BACKLOG),
     (Stage.BLOCKED, "demote", Stage.BACKLOG),
     (Stage.DONE, "archive", Stage.ARCHIVED),
@@ -121,6 +128,8 @@ def test_legal_row(stage: Stage, event: str, target: Stage) -> None:
     version = story.version
     if event == "spawn_agent" and stage is Stage.MERGE_FAILURE:
         send(story, event, data={"role": "mergemaster", "agent": "mm", "runtime": "cli"})
+    elif event == "spawn_agent" and stage is Stage.REVIEW:
+        send(story, event, data={"role": "evaluator", "agent": "ev", "runtime": "cli"})
     else:
         send(story, event)
     assert story.stage is target
@@ -142,6 +151,9 @@ def test_every_named_event_has_a_row() -> None:
         # not steps, legal in coding: tests/unit/test_breaker_events.py
         "provider_breaker_opened",
         "provider_breaker_closed",
+        # the review's verdict and conclusion: tests/unit/test_review_transitions.py
+        "submit_review",
+        "conclude_review",
     }
     assert covered == set(EVENT_NAMES)
 
