@@ -39,12 +39,15 @@ from projections.names import PROJECTION_NAMES
 from projections.state import (
     ALL_STAGES,
     QueueState,
+    ReviewKey,
+    ReviewMetric,
     RunState,
     StageMetric,
     StoryMetric,
     StoryState,
     apply_metric_event,
     apply_queue_event,
+    apply_review_metric,
     apply_run_event,
     apply_story_event,
     run_key,
@@ -436,10 +439,11 @@ class _StoryMetrics(KeyedProjection[str, StoryMetric]):
 
 
 class MetricsProjection(Projection):
-    """Per story: current stage, since when, cost; per stage: closed time and entries."""
+    """Per story: current stage, since when, cost; per stage: closed time and entries; per
+    review result and score bucket: concluded reviews and their scores' sum."""
 
     name = "metrics"
-    table_names = ("story_metrics", "stage_metrics")
+    table_names = ("story_metrics", "stage_metrics", "review_metrics")
     buffered = True
 
     def __init__(self, tables: Mapping[str, Table], writer: BulkWriter) -> None:
@@ -447,6 +451,9 @@ class MetricsProjection(Projection):
         self.stories = _StoryMetrics(self.tables, writer)
         self._stages_loaded = False
         self._stages_stored: set[str] = set()
+        self.reviews: dict[ReviewKey, ReviewMetric] = {}
+        self._reviews_changed: set[ReviewKey] = set()
+        self._reviews_stored: set[ReviewKey] = set()
 
     def reset(self, *, empty: bool) -> None:
         self.stories.reset(empty=empty)
@@ -454,18 +461,28 @@ class MetricsProjection(Projection):
         self.stories.changed = set()
         self._stages_loaded = empty
         self._stages_stored = set()
+        self.reviews = {}
+        self._reviews_changed = set()
+        self._reviews_stored = set()
 
     @property
     def pending(self) -> int:
-        return self.stories.pending + len(self.stories.changed)
+        return self.stories.pending + len(self.stories.changed) + len(self._reviews_changed)
 
     def apply(self, conn: Connection, batch: Batch) -> None:
         if not self._stages_loaded:
             rows = conn.execute(select(self.tables["stage_metrics"]))
             self.stories.stages = {row.stage: StageMetric.from_row(row) for row in rows}
             self._stages_stored = set(self.stories.stages)
+            # A few rows at most (results times buckets): loaded with the stage totals.
+            found = conn.execute(select(self.tables["review_metrics"]))
+            self.reviews = {(r.result, r.bucket): ReviewMetric.from_row(r) for r in found}
+            self._reviews_stored = set(self.reviews)
             self._stages_loaded = True
         self.stories.apply(conn, batch)
+        reviews, changed = self.reviews, self._reviews_changed
+        for event in batch.story_events:
+            apply_review_metric(event, reviews, changed)
 
     def flush(self, conn: Connection) -> None:
         self.stories.flush(conn)
@@ -478,6 +495,13 @@ class MetricsProjection(Projection):
             self.writer.upsert(conn, self.tables["stage_metrics"], rows, stored)
             self._stages_stored.update(ordered)
             self.stories.changed = set()
+        if self._reviews_changed:
+            keys = sorted(self._reviews_changed)
+            rows = [self.reviews[k].as_row() for k in keys]
+            stored_keys = [k for k in keys if k in self._reviews_stored]
+            self.writer.upsert(conn, self.tables["review_metrics"], rows, stored_keys)
+            self._reviews_stored.update(keys)
+            self._reviews_changed = set()
 
 
 PROJECTIONS: dict[str, type[Projection]] = {

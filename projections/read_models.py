@@ -25,7 +25,15 @@ from projections.definitions import PROJECTION_NAMES, select_names
 from projections.engine import create_projection_engine
 from projections.log import EventReader
 from projections.runner import PROGRESS
-from projections.state import ALL_STAGES, TERMINAL_STAGES, RunState, StoryState, apply_story_event
+from projections.state import (
+    ALL_STAGES,
+    REVIEW_BUCKETS,
+    REVIEW_RESULTS,
+    TERMINAL_STAGES,
+    RunState,
+    StoryState,
+    apply_story_event,
+)
 from service.events_log import aggregate_of, is_story_originator
 from service.settings import Database
 
@@ -112,6 +120,10 @@ def board_json(state: StoryState, queue_position: int | None) -> dict[str, Any]:
         "queue_position": queue_position,
         "queued_at_position": state.queued_position,
         "queued_at": _iso(state.queued_at),
+        "evaluator_attempts": state.evaluator_attempts,
+        "pending_review": state.pending_review,
+        "review_score": state.review_score,
+        "review_passed": state.review_passed,
     }
 
 
@@ -170,6 +182,28 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 
 def _board_order_key(row: Mapping[str, Any]) -> tuple[int, str]:
     return (-row["priority"], row["id"])
+
+
+def review_figures(rows: Sequence[Any]) -> dict[str, Any]:
+    """Concluded reviews from the ``review_metrics`` rows: counts per result, the pass
+    rate (None before any review), and the score histogram (per bucket's upper bound, not
+    cumulative; ``review_score_sum`` is exact, from integer ten-thousandths)."""
+    results = {result: 0 for result in REVIEW_RESULTS.values()}
+    buckets = {f"{k / 10:.1f}": 0 for k in range(1, REVIEW_BUCKETS + 1)}
+    score_e4 = 0
+    for row in rows:
+        results[row.result] = results.get(row.result, 0) + int(row.reviews)
+        label = f"{int(row.bucket) / 10:.1f}"
+        buckets[label] = buckets.get(label, 0) + int(row.reviews)
+        score_e4 += int(row.score_e4_total)
+    total = sum(results.values())
+    return {
+        "reviews_total": results,
+        "review_pass_rate": round(results.get("passed", 0) / total, 6) if total else None,
+        "review_score_buckets": buckets,
+        "review_score_sum": score_e4 / 10_000,
+        "review_score_count": total,
+    }
 
 
 class ReadModels:
@@ -384,6 +418,7 @@ class ReadModels:
                     )
                 )
             )
+            reviews = list(conn.execute(select(t.review_metrics)))
             head = self.reader.head(conn)
         stages = list(ALL_STAGES) + sorted((set(per_stage) | set(closed)) - set(ALL_STAGES))
         entries = {s: int(closed[s].entries) if s in closed else 0 for s in stages}
@@ -402,6 +437,7 @@ class ReadModels:
             "cost_usd_total": round(math.fsum(r.cost_usd for r in costs), 6),
             "tokens_in_total": sum(r.tokens_in for r in costs),
             "tokens_out_total": sum(r.tokens_out for r in costs),
+            **review_figures(reviews),
         }
 
     @staticmethod
@@ -536,6 +572,25 @@ def render_prometheus(metrics: Mapping[str, Any], statuses: Sequence[ProjectionS
         "Events an operator had the projection leave out (storyline projections skip).",
         [(f'{{projection="{_label(s.name)}"}}', s.skipped) for s in statuses],
     )
+    reviews = metrics.get("reviews_total")
+    if reviews is not None:
+        family(
+            "storyline_reviews_total",
+            "counter",
+            "Concluded story reviews by result (passed: to the merge queue; failed: back to "
+            "coding or blocked).",
+            [(f'{{result="{_label(r)}"}}', n) for r, n in reviews.items()],
+        )
+        name = "storyline_review_score"
+        lines.append(f"# HELP {name} Scores of concluded story reviews (0 to 1).")
+        lines.append(f"# TYPE {name} histogram")
+        cumulative = 0
+        for bound, n in metrics["review_score_buckets"].items():
+            cumulative += n
+            lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {metrics["review_score_count"]}')
+        lines.append(f"{name}_sum {_number(float(metrics['review_score_sum']))}")
+        lines.append(f"{name}_count {metrics['review_score_count']}")
     family(
         "storyline_events_total",
         "counter",

@@ -23,20 +23,22 @@ ALL_STAGES = (
     "backlog",
     "coding",
     "gates",
+    "review",
     "merge",
     "merge_failure",
     "blocked",
     "done",
     "archived",
 )
-_QUEUE_ENTRIES = frozenset({"GatesPassed", "MergeRequeued", "StoryUnblocked"})
+_QUEUE_ENTRIES = frozenset({"GatesPassed", "ReviewPassed", "MergeRequeued", "StoryUnblocked"})
 _ONE_MICRO = timedelta(microseconds=1)
 
 
 def queue_entry(event: LoggedEvent, current: int | None) -> int | None:
     """The merge-queue key of a story after ``event``: the position that queued it, or None.
 
-    A story joins on GatesPassed, MergeRequeued or StoryUnblocked back to ``merge``, and
+    A story joins on GatesPassed (without review), ReviewPassed, MergeRequeued or
+    StoryUnblocked back to ``merge``, and
     leaves on MergeStarted or whenever it is no longer in ``merge``.
     """
     if event.to_stage != MERGE:
@@ -92,6 +94,14 @@ class StoryState:
     merge_commit: str | None = None
     queued_position: int | None = None
     queued_at: datetime | None = None
+    # Review (migration 0009 added these columns at the end, so COPY keeps its order).
+    evaluator_attempts: int = 0
+    pending_review: int | None = None
+    """The evaluator attempt whose verdict is recorded but not concluded yet."""
+    review_score: float | None = None
+    """The score of the latest verdict (submitted or concluded); None before any."""
+    review_passed: bool | None = None
+    """Whether the latest verdict passed; None before any and while it awaits its conclusion."""
 
     def as_row(self) -> tuple[Any, ...]:
         return _story_row(self)
@@ -124,6 +134,8 @@ class StoryState:
             "cost_usd": round(self.cost_usd, 6),
             "coder_attempts": self.coder_attempts,
             "mergemaster_attempts": self.mergemaster_attempts,
+            "evaluator_attempts": self.evaluator_attempts,
+            "pending_review": self.pending_review,
             "running_agent": dict(self.running_agent) if self.running_agent else None,
             "last_coder_outcome": self.last_coder_outcome,
             "worktree_path": self.worktree_path,
@@ -172,6 +184,8 @@ def _spawn_requested(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     }
     if role == "coder":
         s.coder_attempts = max(s.coder_attempts, attempt)
+    elif role == "evaluator":
+        s.evaluator_attempts = max(s.evaluator_attempts, attempt)
     else:
         s.mergemaster_attempts = max(s.mergemaster_attempts, attempt)
 
@@ -190,8 +204,9 @@ def _agent_exited(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     outcome = d["outcome"]
     if role == "coder":
         s.last_coder_outcome = outcome
-    # As in the domain: a provider outage is capped like a crash before a session.
-    if outcome in ("aborted_before_session", "provider_unavailable"):
+    # As in the domain: a provider outage (or a runner lost under the agent) is capped like
+    # a crash before a session.
+    if outcome in ("aborted_before_session", "lost", "provider_unavailable"):
         s.abort_respawns += 1
     else:
         s.abort_respawns = 0
@@ -209,9 +224,32 @@ def _gates_passed(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     s.fixup_pending = False
     s.merging = False
     s.merge_failure_kind = None
+    s.pending_review = None
 
 
 def _gates_failed(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
+    s.retry_count = d["retry_count"]
+    if d.get("exhausted"):
+        s.blocked_from = "coding"
+        s.blocked_reason = e.reason
+
+
+def _review_submitted(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
+    s.pending_review = d["attempt"]
+    s.review_score = d["score"]
+    s.review_passed = None
+
+
+def _review_passed(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
+    s.pending_review = None
+    s.review_score = d["score"]
+    s.review_passed = True
+
+
+def _review_failed(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
+    s.pending_review = None
+    s.review_score = d["score"]
+    s.review_passed = False
     s.retry_count = d["retry_count"]
     if d.get("exhausted"):
         s.blocked_from = "coding"
@@ -272,6 +310,7 @@ def _demoted(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     s.blocked_reason = None
     s.merging = False
     s.fixup_pending = False
+    s.pending_review = None
 
 
 _STORY_HANDLERS: dict[str, Callable[[StoryState, LoggedEvent, dict[str, Any]], None]] = {
@@ -283,6 +322,9 @@ _STORY_HANDLERS: dict[str, Callable[[StoryState, LoggedEvent, dict[str, Any]], N
     "UncommittedChangesFound": _uncommitted,
     "GatesPassed": _gates_passed,
     "GatesFailed": _gates_failed,
+    "ReviewSubmitted": _review_submitted,
+    "ReviewPassed": _review_passed,
+    "ReviewFailed": _review_failed,
     "MergeStarted": _merge_started,
     "MergeSucceeded": _merge_succeeded,
     "MergeFailed": _merge_failed,
@@ -551,3 +593,54 @@ def _stage(stages: dict[str, StageMetric], name: str) -> StageMetric:
     if metric is None:
         metric = stages[name] = StageMetric(name)
     return metric
+
+
+# --------------------------------------------------------------------------- review metrics
+
+REVIEW_RESULTS = {"ReviewPassed": "passed", "ReviewFailed": "failed"}
+"""The events that conclude a review, by the result they count under."""
+REVIEW_BUCKETS = 10
+"""Score buckets of a tenth each: bucket k holds scores in ((k-1)/10, k/10], 0 in bucket 1."""
+ReviewKey = tuple[str, int]
+
+
+@dataclass(slots=True)
+class ReviewMetric:
+    """Concluded reviews of one result in one score bucket. Field order is the
+    ``review_metrics`` table's column order."""
+
+    result: str
+    bucket: int
+    reviews: int = 0
+    score_e4_total: int = 0
+    """The scores' sum in ten-thousandths (a verdict's score has four decimals), an integer
+    so the sum is exact and the same whatever order a replay adds it in."""
+
+    def as_row(self) -> tuple[Any, ...]:
+        return (self.result, self.bucket, self.reviews, self.score_e4_total)
+
+    @classmethod
+    def from_row(cls, row: Any) -> ReviewMetric:
+        return cls(row.result, row.bucket, row.reviews, row.score_e4_total)
+
+
+def review_bucket(score_e4: int) -> int:
+    """The bucket (1 to 10) of a score given in ten-thousandths."""
+    return min(max(-(-score_e4 // 1000), 1), REVIEW_BUCKETS)
+
+
+def apply_review_metric(
+    event: LoggedEvent, reviews: dict[ReviewKey, ReviewMetric], changed: set[ReviewKey]
+) -> None:
+    """Count a concluded review (ReviewPassed or ReviewFailed); other events change nothing."""
+    result = REVIEW_RESULTS.get(event.type)
+    if result is None:
+        return
+    score_e4 = round(float(event.data["score"]) * 10_000)
+    key = (result, review_bucket(score_e4))
+    metric = reviews.get(key)
+    if metric is None:
+        metric = reviews[key] = ReviewMetric(*key)
+    metric.reviews += 1
+    metric.score_e4_total += score_e4
+    changed.add(key)

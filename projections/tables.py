@@ -130,6 +130,11 @@ board = Table(
     Column("merge_commit", Text, nullable=True),
     Column("queued_position", BigInteger, nullable=True),
     Column("queued_at", UtcDateTime, nullable=True),
+    # Review (migration 0009 appends them, so the table's column order stays the tuples').
+    Column("evaluator_attempts", Integer, nullable=False),
+    Column("pending_review", Integer, nullable=True),
+    Column("review_score", Double, nullable=True),
+    Column("review_passed", Boolean, nullable=True),
     Index("ix_board_queued_position", "queued_position"),
 )
 
@@ -218,6 +223,17 @@ stage_metrics = Table(
     Column("entries", BigInteger, nullable=False),
 )
 
+# Concluded reviews per result (passed, failed) and score bucket (1 to 10, a tenth each):
+# the pass rate and the score histogram of /metrics without reading the log (migration 0009).
+review_metrics = Table(
+    "review_metrics",
+    metadata,
+    Column("result", String(16), primary_key=True),
+    Column("bucket", Integer, primary_key=True, autoincrement=False),
+    Column("reviews", BigInteger, nullable=False),
+    Column("score_e4_total", BigInteger, nullable=False),
+)
+
 PROJECTION_TABLES: tuple[Table, ...] = (
     projection_positions,
     projection_skips,
@@ -227,5 +243,7 @@ PROJECTION_TABLES: tuple[Table, ...] = (
     merge_queue,
     story_metrics,
     stage_metrics,
+    review_metrics,
 )
-"""Every table of the projections (migration 0002 creates them, 0008 the skips)."""
+"""Every table of the projections (migration 0002 creates them, 0008 the skips, 0009 the
+review metrics and the board's review columns)."""

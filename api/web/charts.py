@@ -140,8 +140,34 @@ def metrics_page(read_models: Any) -> dict[str, Any]:
     dwell = bar_chart("dwell", "Average time in each stage", "seconds", dwell_points)
     return {
         "metrics": metrics,
-        "charts": [throughput, dwell, gate_failures, spend],
+        "charts": [throughput, dwell, gate_failures, spend, review_scores(metrics)],
         "window": len(history),
+        "reviews": review_summary(metrics),
+    }
+
+
+def review_scores(metrics: dict[str, Any]) -> Chart:
+    """Concluded reviews per score bucket (from the metrics projection, every review ever,
+    not only the per-day window); empty until a review is concluded."""
+    buckets = metrics.get("review_score_buckets") or {}
+    if not any(buckets.values()):
+        return bar_chart("review-scores", "Concluded reviews by score", "reviews", [])
+    points = [(f"≤{bound}", float(n), str(n)) for bound, n in buckets.items()]
+    return bar_chart("review-scores", "Concluded reviews by score", "reviews", points)
+
+
+def review_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    results = metrics.get("reviews_total") or {}
+    passed, failed = int(results.get("passed", 0)), int(results.get("failed", 0))
+    rate = metrics.get("review_pass_rate")
+    count = int(metrics.get("review_score_count") or 0)
+    mean = float(metrics.get("review_score_sum") or 0.0) / count if count else None
+    return {
+        "passed": passed,
+        "failed": failed,
+        "total": passed + failed,
+        "pass_rate": f"{rate:.0%}" if rate is not None else None,
+        "mean_score": f"{mean:.2f}" if mean is not None else None,
     }
 
 
@@ -153,4 +179,4 @@ def _short_duration(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-__all__ = ["Bar", "Chart", "bar_chart", "metrics_page"]
+__all__ = ["Bar", "Chart", "bar_chart", "metrics_page", "review_scores", "review_summary"]

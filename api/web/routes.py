@@ -21,8 +21,8 @@ from api.params import Digits, StoryIdPath
 from api.routes_common import forbidden, principal, state_of
 from api.routes_epics import EpicIdPath, check_epic_id, epics_of
 from api.routes_projections import quarantined_gates, with_merge_trust
-from api.schemas_epics import epic_summaries, load_epic_view
-from api.web import board_data, charts, story_data
+from api.schemas_epics import epic_summaries
+from api.web import board_data, charts, epic_data, story_data
 from api.web.board_data import DEFAULT_LIMIT, BoardFilter
 from api.web.render import html, no_content
 from domain.ids import validate_story_id
@@ -326,8 +326,8 @@ async def epic_fragment(
     _reader(caller, f"epic {epic_id!r}", epic_id)
     check_epic_id(epic_id)
     epics = epics_of(state_of(request))
-    view = await run_in_threadpool(lambda: load_epic_view(epics, epic_id))
-    return html("epic.html", epic=view)
+    view, review = await run_in_threadpool(epic_data.epic_page, epics, epic_id)
+    return html("epic.html", epic=view, review=review)
 
 
 @router.get("/ui/fragments/metrics")

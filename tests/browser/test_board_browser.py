@@ -25,8 +25,18 @@ from tests.browser.conftest import (
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["backlog", "coding", "gates", "merge", "merge_failure", "blocked", "done", "archived"]
-PIPELINE = ["backlog", "coding", "gates", "merge", "done"]
+STAGES = [
+    "backlog",
+    "coding",
+    "gates",
+    "review",
+    "merge",
+    "merge_failure",
+    "blocked",
+    "done",
+    "archived",
+]
+PIPELINE = ["backlog", "coding", "gates", "review", "merge", "done"]
 
 
 def expect(target: Any) -> Any:

@@ -240,7 +240,17 @@ def test_history_runs_metrics_and_status_agree_with_the_log(
     assert f"storyline_events_total {head}\n" in text
     coding = metrics["stories_per_stage"]["coding"]
     assert f'storyline_stories{{stage="coding"}} {coding}\n' in text
-    assert text.count("# TYPE ") == 8
+    assert text.count("# TYPE ") == 10
+
+    # Reviews counted by the metrics projection are the log's concluded reviews.
+    concluded = {"passed": 0, "failed": 0}
+    for event in everything:
+        if event["type"] in ("ReviewPassed", "ReviewFailed"):
+            concluded["passed" if event["type"] == "ReviewPassed" else "failed"] += 1
+    assert metrics["reviews_total"] == concluded
+    assert metrics["review_score_count"] == sum(concluded.values())
+    for result, n in concluded.items():
+        assert f'storyline_reviews_total{{result="{result}"}} {n}\n' in text
 
 
 def stage_seconds(events: list[dict[str, object]], now: datetime) -> dict[str, float]:

@@ -19,12 +19,14 @@ from projections.state import (
     SHARED_SNAPSHOT_KEYS,
     STORY_FIELDS,
     QueueState,
+    ReviewMetric,
     RunState,
     StageMetric,
     StoryMetric,
     StoryState,
     apply_metric_event,
     apply_queue_event,
+    apply_review_metric,
     apply_run_event,
     apply_story_event,
     run_key,
@@ -71,6 +73,8 @@ def test_folded_state_equals_the_aggregate_after_every_command(seed: int) -> Non
     story_metrics: dict[str, StoryMetric] = {}
     stage_metrics: dict[str, StageMetric] = {}
     changed: set[str] = set()
+    reviews: dict[tuple[str, int], ReviewMetric] = {}
+    reviews_changed: set[tuple[str, int]] = set()
     aggregates: dict[str, Story] = {}
     position = 0
     seen_types: Counter[str] = Counter()
@@ -87,6 +91,7 @@ def test_folded_state_equals_the_aggregate_after_every_command(seed: int) -> Non
             story_metrics[sid] = apply_metric_event(
                 story_metrics.get(sid), event, stage_metrics, changed
             )
+            apply_review_metric(event, reviews, reviews_changed)
         aggregates[story.id] = story
         assert states[story.id].shared() == shared_of(story)
 
@@ -98,10 +103,23 @@ def test_folded_state_equals_the_aggregate_after_every_command(seed: int) -> Non
         assert round(story_metrics[sid].cost_usd, 6) == round(story.cost_usd, 6)
         assert story_metrics[sid].tokens_in == story.tokens_in
         story_runs = [r for r in runs.values() if r.story_id == sid]
-        assert len(story_runs) == story.coder_attempts + story.mergemaster_attempts
+        attempts = story.coder_attempts + story.mergemaster_attempts + story.evaluator_attempts
+        assert len(story_runs) == attempts
+        evaluator_runs = [r for r in story_runs if r.role == "evaluator"]
+        assert len(evaluator_runs) == story.evaluator_attempts
         assert sum(r.tokens_out for r in story_runs) == story.tokens_out
         open_runs = [r for r in story_runs if r.ended_at is None]
         assert len(open_runs) == (1 if story.running_agent else 0)
+
+    # The review metrics count every concluded verdict of the aggregates, by result.
+    concluded = [
+        r for story in aggregates.values() for r in story.reviews if r["passed"] is not None
+    ]
+    for result, passed in (("passed", True), ("failed", False)):
+        mine = [r for r in concluded if r["passed"] is passed]
+        counted = [m for (res, _), m in reviews.items() if res == result]
+        assert sum(m.reviews for m in counted) == len(mine)
+        assert sum(m.score_e4_total for m in counted) == sum(round(r["score"] * 1e4) for r in mine)
 
     # Every story entered backlog once; entries per stage are the stage changes folded.
     assert stage_metrics["backlog"].entries >= len(aggregates)

@@ -28,7 +28,17 @@ from tests.api.conftest import (
 
 HOSTILE = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
-STAGES = ["backlog", "coding", "gates", "merge", "merge_failure", "blocked", "done", "archived"]
+STAGES = [
+    "backlog",
+    "coding",
+    "gates",
+    "review",
+    "merge",
+    "merge_failure",
+    "blocked",
+    "done",
+    "archived",
+]
 
 # --------------------------------------------------------------------------- a small DOM
 
@@ -720,7 +730,7 @@ def test_runs_epics_and_metrics_fragments(serve: Serve) -> None:
 
     metrics = fragment(reader, "/ui/fragments/metrics")
     charts = {svg.attrs["data-chart"] for svg in metrics.all("svg", data_chart=True)}
-    assert charts == {"throughput", "dwell", "gate-failures", "cost"}
+    assert charts == {"throughput", "dwell", "gate-failures", "cost", "review-scores"}
     gates = metrics.one("svg", data_chart="gate-failures")
     assert [t.text for t in gates.all("title")] != []
     assert any("100% of 1" in t.text for t in gates.all("title"))
