@@ -46,9 +46,12 @@ OPERATOR_EVENTS = frozenset(
 )
 """Transitions that override the pipeline: admin only."""
 
-AGENT_EVENTS = frozenset({"merge_resolved", "merge_gave_up", "add_note", "declare_dropped_hunk"})
+AGENT_EVENTS = frozenset(
+    {"merge_resolved", "merge_gave_up", "add_note", "declare_dropped_hunk", "submit_review"}
+)
 """The verdicts a mergemaster reports about its own story (with the hunks it dropped on
-purpose), and notes on it."""
+purpose), an evaluator's review verdict (only from an evaluator's token; the story refuses it
+from any but its running evaluator attempt), and notes on it."""
 
 _ACTOR = re.compile(r"[a-z]+:[A-Za-z0-9_.@-]+")
 _RANKS = {"read": 1, "write": 2, "admin": 3}
@@ -232,6 +235,8 @@ def may_create(principal: Principal) -> bool:
 
 def may_transition(principal: Principal, story_id: str, event: str) -> bool:
     if principal.role == "agent":
+        if event == "submit_review" and not principal.actor.startswith("agent:evaluator-"):
+            return False  # a coder or mergemaster does not judge its own story
         return story_id == principal.story_id and event in AGENT_EVENTS
     if event in OPERATOR_EVENTS:
         return principal.at_least("admin")

@@ -88,11 +88,99 @@ your changes there; storyline runs the quality gates on your commits when you ex
 
 Gate output: {gates} It returns the tail of the last gate run (failing tests, linter
 errors) and, after a failed merge, what the merge gates printed.
+{_review_gaps(story)}
 
 Notes: add_note(text) records a note on the story's audit trail (shown in its history with
 you as the actor). Use it for what a reviewer should know: a decision, a workaround, a
 test you could not make pass. get_story and story_history show the story and what happened
 so far."""
+
+
+def _review_gaps(story: dict[str, Any]) -> str:
+    """The verdict that sent the story back from review, for its coder (empty if none)."""
+    failure = story.get("last_review_failure")
+    if not failure or not int(story.get("retry_count") or 0):
+        return ""
+    lines = [
+        "",
+        f"Review: an evaluator sent your work back (score {float(failure.get('score', 0)):.2f}, "
+        f"needed {float(failure.get('min_score', 0)):.2f} with every criterion met). Fix these:",
+    ]
+    for gap in failure.get("gaps") or []:
+        lines.append(
+            f"- criterion {gap.get('criterion')}: {gap.get('text', '')} (score "
+            f"{float(gap.get('score', 0)):.2f})\n  evidence: {gap.get('evidence', '')}"
+        )
+    if failure.get("summary"):
+        lines.append(f"The evaluator's summary: {failure['summary']}")
+    return "\n".join(lines) + "\n"
+
+
+def _numbered(criteria: list[Any]) -> str:
+    return "\n".join(f"{i}. {c}" for i, c in enumerate(criteria)) or "(none)"
+
+
+def evaluator_prompt(story: dict[str, Any]) -> str:
+    sid = story.get("id", "?")
+    base = story.get("target_branch") or "the base branch"
+    criteria = list(story.get("acceptance_criteria") or [])
+    return f"""You are the evaluator for story {sid} ("{story.get("name", "")}").
+
+Where you are: your working directory is the story's worktree at the commit its coder
+delivered; its quality gates passed. You judge, you do not code: anything you change there
+is thrown away when you exit.
+
+The story:
+{story.get("description") or "(no description)"}
+
+Acceptance criteria, numbered from 0 (the verdict names each by its number):
+{_numbered(criteria)}
+
+What to do:
+1. Read the change: `git diff {base}...HEAD` (with `--stat` for an overview) and the code
+   it touches. Run the tests or commands you need.
+2. For every criterion decide met or unmet, a score from 0 to 1, and the evidence: a file
+   and line, a test name, or a command and its output. A coder acts on unmet ones, so make
+   the evidence precise.
+3. Call submit_review exactly once with criteria (one entry per criterion above:
+   criterion, met, score, evidence) and a one-paragraph summary. Every criterion must be
+   judged once; a malformed verdict is refused with the reason, fix it and call again.
+The story merges only when every criterion is met and the mean score reaches the project's
+minimum; otherwise it goes back to its coder with your unmet criteria. Exiting without a
+verdict counts as a failed attempt. get_story and story_history show the story; add_note
+records anything a person should read."""
+
+
+def _interview(epic: dict[str, Any]) -> str:
+    rounds = [r for r in epic.get("interview") or [] if r.get("answers")]
+    if not rounds:
+        return ""
+    lines = ["Questions asked before and the answers (plan with them):"]
+    for r in rounds:
+        answers = list(r.get("answers") or [])
+        for i, question in enumerate(r.get("questions") or []):
+            answer = answers[i] if i < len(answers) else "(no answer)"
+            lines += [f"- Q: {question}", f"  A: {answer}"]
+    return "\n".join(lines) + "\n\n"
+
+
+def _evolution(epic: dict[str, Any]) -> str:
+    evolutions = epic.get("evolutions") or []
+    if not evolutions:
+        return ""
+    last = evolutions[-1]
+    lines = [
+        f"This is evolution {last.get('evolution')}: the integrated work was evaluated at "
+        f"score {float(last.get('after_score') or 0.0):.2f} (best so far "
+        f"{float(last.get('best_score') or 0.0):.2f}), short of the goal. Propose follow-up "
+        "subtasks for these gaps only; they build on the best integration so far:",
+    ]
+    for gap in last.get("gaps") or []:
+        lines.append(
+            f"- criterion {gap.get('criterion')}: {gap.get('text', '')} (score "
+            f"{float(gap.get('score') or 0.0):.2f}); evidence: {gap.get('evidence', '')}"
+        )
+    return "\n".join(lines) + "\n\n"
 
 
 def planner_prompt(epic: dict[str, Any]) -> str:

@@ -31,10 +31,16 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from api.client import TOKEN_ENV, URL_ENV, ClientError, StorylineClient
-from api.mcp_prompts import coder_prompt, mergemaster_prompt, planner_prompt
+from api.mcp_prompts import (
+    coder_prompt,
+    evaluator_prompt,
+    mergemaster_prompt,
+    planner_prompt,
+)
 from domain.errors import DomainError
 from domain.ids import is_epic_id, validate_story_id
 from domain.plan import MAX_FOOTPRINT, MAX_SUBTASKS
+from domain.review import MAX_SUMMARY, CriterionJudgement
 
 STORY_ENV = "STORYLINE_STORY_ID"
 SERVER_NAME = "storyline"
@@ -123,14 +129,26 @@ def _refusal(exc: ClientError) -> ToolError:
     return ToolError(text)
 
 
+def _story_attempt() -> int | None:
+    value = os.environ.get("STORYLINE_ATTEMPT", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
 class StoryTools:
     """The tools' behaviour, one story, one HTTP client (kept apart from the MCP wiring)."""
 
-    def __init__(self, settings: McpSettings, client: StorylineClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: McpSettings,
+        client: StorylineClient | None = None,
+        attempt: int | None = None,
+    ) -> None:
         self.settings = settings
         token = settings.token.get_secret_value() if settings.token else ""
         # An empty token (not None) keeps the client from reading $STORYLINE_TOKEN itself.
         self.client = client or StorylineClient(settings.url, token=token, retries=2)
+        self.attempt = attempt if attempt is not None else _story_attempt()
+        """The agent's own attempt ($STORYLINE_ATTEMPT, set by the runner for each spawn)."""
 
     def own_story(self, story_id: str | None) -> str:
         if story_id is None or story_id == self.settings.story_id:
@@ -203,6 +221,43 @@ class StoryTools:
         answer = await self._send("declare_dropped_hunk", reason, data)
         return {**answer, "declared": data}
 
+    async def submit_review(
+        self, criteria: list[CriterionJudgement], summary: str = ""
+    ) -> dict[str, Any]:
+        """The evaluator's verdict for its own attempt. Without $STORYLINE_ATTEMPT (a CLI
+        that does not pass its environment on to the MCP server) it is the running
+        evaluator's attempt: any other attempt's token is revoked by then, and the story
+        refuses a verdict from anyone but its running evaluator anyway."""
+        sid = self.settings.story_id
+        attempt = self.attempt
+        if attempt is None:
+            story = await self._call(lambda: self.client.get_story(sid))
+            running = story.get("running_agent") or {}
+            if running.get("role") != "evaluator":
+                raise ToolError(
+                    f"illegal_transition: story {sid} has no evaluator running, so there is "
+                    "no attempt to give a verdict for"
+                )
+            attempt = int(running["attempt"])
+        data = {
+            "attempt": attempt,
+            "criteria": [c.model_dump(mode="json") for c in criteria],
+            "summary": summary,
+        }
+        answer = await self._send("submit_review", f"verdict of evaluator attempt {attempt}", data)
+        story = await self._call(lambda: self.client.get_story(sid))
+        verdict: dict[str, Any] = next(
+            (r for r in story.get("reviews") or [] if r.get("attempt") == attempt), {}
+        )
+        return {
+            **answer,
+            "attempt": attempt,
+            "recorded": True,
+            "score": verdict.get("score"),
+            "all_met": verdict.get("all_met"),
+            "next": "Exit now: storyline concludes the review once you have exited.",
+        }
+
     async def story_for_prompt(self) -> dict[str, Any]:
         try:
             return await self.get_story()
@@ -216,8 +271,8 @@ def build_server(tools: StoryTools) -> MCPServer:
         SERVER_NAME,
         instructions=(
             f"Tools for storyline story {tools.settings.story_id}: read the story, its history "
-            "and gate output, add notes, and (mergemaster) declare hunks dropped on purpose and "
-            "report the merge verdict."
+            "and gate output, add notes, (mergemaster) declare hunks dropped on purpose and "
+            "report the merge verdict, (evaluator) submit the review verdict."
         ),
         log_level="WARNING",
     )
@@ -274,6 +329,22 @@ def build_server(tools: StoryTools) -> MCPServer:
         reason: Text,
     ) -> dict[str, Any]:
         return await tools.declare_dropped_hunk(file, side, hunk, reason)
+
+    @server.tool(
+        description="Evaluator verdict, once per attempt: judge every acceptance criterion of "
+        "the story by its number (from 0): met or not, a score from 0 to 1, and the evidence "
+        "(file and line, test name, or command output); plus a one-paragraph summary. A "
+        "malformed or incomplete verdict is refused with the reason and nothing is recorded."
+    )
+    async def submit_review(
+        criteria: Annotated[list[CriterionJudgement], Field(min_length=1, max_length=100)],
+        summary: Annotated[str, Field(max_length=MAX_SUMMARY)] = "",
+    ) -> dict[str, Any]:
+        return await tools.submit_review(criteria, summary)
+
+    @server.prompt(description="How an evaluator judges this story and submits its verdict.")
+    async def evaluator() -> str:
+        return evaluator_prompt(await tools.story_for_prompt())
 
     @server.prompt(description="How a mergemaster resolves this story's conflict and reports.")
     async def mergemaster() -> str:

@@ -42,6 +42,7 @@ _SPAWN_AFTER = {
     "GatesFailed",
     "FixupRequested",
     "StoryUnblocked",
+    "ReviewFailed",
 }
 
 
@@ -412,10 +413,16 @@ class CoderReactions:
                     "feature_branch": feature_branch(story.id),
                     "commits_ahead": status.commits_ahead,
                     "output": run.output,
+                    "review": self._reviewed(story),
                 },
             )
         except (VersionConflict, IllegalTransition):
             logger.info("story %s moved while its gates ran; verdict dropped", story.id)
+
+    def _reviewed(self, story: Story) -> bool:
+        """Whether an evaluator reviews the story before it merges: its own flag, else the
+        project's ``[review] enabled``."""
+        return story.review if story.review is not None else self.config.review.enabled
 
     def _gates_failed(self, story: Story, output: str) -> None:
         try:

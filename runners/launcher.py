@@ -34,11 +34,18 @@ from runners.agents import (
     runtime_for,
 )
 from runners.agents.mcp_config import write_mcp_config
+from runners.agents.spawn_spec import ReviewFailure
 from runners.handles import Handles, exit_reason
 from service.agent_tokens import AgentTokens
 from service.application import StorylineApplication
 
 logger = logging.getLogger(__name__)
+
+
+NO_VERDICT = "the evaluator exited without submitting a verdict"
+_VERDICT_EXPECTED = frozenset({AgentOutcome.COMPLETED.value, AgentOutcome.PERMISSION_DENIED.value})
+"""Outcomes of an evaluator that ran to its end: without a verdict they are a failed run
+(counted toward ``[review] max_failed_runs``), not a success."""
 
 
 class AgentConfigError(Exception):
@@ -64,6 +71,9 @@ class LaunchRequest:
     purpose: str
     conflict_details: str | None = None
     uncommitted_paths: tuple[str, ...] = ()
+    review_diff: str | None = None
+    """For an evaluator: the diff it judges (see ``runners.reviewer``)."""
+    review_commit: str | None = None
 
 
 class AgentLauncher:
@@ -145,7 +155,12 @@ class AgentLauncher:
         if token:
             env["STORYLINE_TOKEN"] = token
         coder = req.role is AgentRole.CODER
+        evaluator = req.role is AgentRole.EVALUATOR
         inject = coder and (story.retry_count > 0 or story.fixup_pending)
+        review_failure = self._review_failure(story) if coder else None
+        if review_failure is not None and story.last_gate_output is not None:
+            # Gates that failed before the review are old news: the gates passed since.
+            inject = inject and self._gates_failed_since_review(story)
         mcp = None
         if self.api_url and req.agent.runtime in ("claude-code", "codex"):
             mcp = write_mcp_config(
@@ -168,7 +183,9 @@ class AgentLauncher:
             gate_failure=story.last_gate_output if inject else None,
             fixup_pending=coder and story.fixup_pending,
             fixup_caps=self.config.fixup,
-            resume_session_id=story.sessions.get(req.role.value),
+            # An evaluator always starts cold: a resumed one would judge from memories of
+            # an earlier commit and an earlier diff.
+            resume_session_id=None if evaluator else story.sessions.get(req.role.value),
             conflict_details=req.conflict_details,
             env=env,
             overall_timeout_secs=req.agent.max_run_secs,
@@ -181,7 +198,27 @@ class AgentLauncher:
                 for argv in [*self.config.gates.commands, *self.config.merge_gates.commands]
             ),
             mcp_config=mcp,
+            review_failure=review_failure,
+            review_diff=req.review_diff if evaluator else None,
+            review_commit=req.review_commit if evaluator else None,
         )
+
+    @staticmethod
+    def _review_failure(story: Story) -> ReviewFailure | None:
+        """The verdict that sent the story back, while the story is still being redone for
+        it (``last_review_failure`` is cleared when a later review passes)."""
+        if story.last_review_failure is None or story.retry_count == 0:
+            return None
+        return ReviewFailure.from_story(story.last_review_failure)
+
+    def _gates_failed_since_review(self, story: Story) -> bool:
+        """Whether the story's last gate failure came after its last review failure."""
+        for event in reversed(self.app.history(story.id)):
+            if event.type == "GatesFailed":
+                return True
+            if event.type == "ReviewFailed":
+                return False
+        return True
 
     def launch(self, req: LaunchRequest, *, limit: int) -> bool:
         """Record and start one attempt if fewer than ``limit`` agents of its role run.
@@ -202,9 +239,10 @@ class AgentLauncher:
     def _launch(self, req: LaunchRequest) -> bool:
         story = req.story
         role = req.role
-        attempt = (
-            story.coder_attempts if role is AgentRole.CODER else story.mergemaster_attempts
-        ) + 1
+        attempt = {
+            AgentRole.CODER: story.coder_attempts,
+            AgentRole.EVALUATOR: story.evaluator_attempts,
+        }.get(role, story.mergemaster_attempts) + 1
         token = self.tokens.issue(story.id, attempt, role) if self.tokens else None
         try:
             spec = self.spec_for(req, attempt, token)
@@ -340,16 +378,27 @@ class AgentLauncher:
                 "api_error_status": result.api_error_status,
                 "api_retries": result.api_retries,
             }
-        return self.handles.record_exit(
-            lambda: self.app.transition(
+
+        def record() -> object:
+            said, sent = reason, data
+            # Read at record time (and again on a retry): the verdict may have been
+            # committed an instant before the exit.
+            if (
+                role is AgentRole.EVALUATOR
+                and sent["outcome"] in _VERDICT_EXPECTED
+                and self.app.get_story(story_id).pending_review != attempt
+            ):
+                said = NO_VERDICT + (f" ({reason})" if reason else "")
+                sent = {**data, "outcome": AgentOutcome.FAILED.value}
+            return self.app.transition(
                 story_id,
                 "agent_exited",
                 actor=f"runner:{role.value}",
-                reason=exit_reason(reason),
-                data=data,
-            ),
-            f"the exit of {story_id} attempt {attempt}",
-        )
+                reason=exit_reason(said),
+                data=sent,
+            )
+
+        return self.handles.record_exit(record, f"the exit of {story_id} attempt {attempt}")
 
     # ------------------------------------------------------------------ stop
 

@@ -77,6 +77,11 @@ to replace that turn's default usage (100 in, 20 out, $0.001).
     An epic's planner (``$STORYLINE_STORY_ID`` is ``epic-<n>``): ``POST
     $STORYLINE_URL/epics/<id>/transitions`` with ``{"event": "submit_plan", "data": {"plan":
     ...}}``. A refused plan is an answer (HTTP 200), not a failure.
+``{"submit_review": {"criteria": [{"criterion": 0, "met": true, "score": 1, "evidence": ""}],
+"summary": "..."}}``
+    An evaluator's verdict: ``POST .../stories/$STORYLINE_STORY_ID/transitions`` with event
+    ``submit_review`` and ``data`` the verdict plus ``attempt`` (``$STORYLINE_ATTEMPT``). A
+    refused verdict (HTTP 4xx) exits 4 unless ``allow_failure``.
 ``{"resolve_conflicts": "ours" | "theirs" | "union"}``
     Rewrite every conflicted file, dropping the conflict markers (keeping our side, their
     side, or both in that order) and ``git add`` it.
@@ -151,6 +156,7 @@ _ACTIONS = {
     "spawn_child_sleep",
     "crash_before_session",
     "submit_plan",
+    "submit_review",
     "kill_self",
     "exit",
     "fail_result",
@@ -502,6 +508,21 @@ class Agent:
 
     def do_submit_plan(self, plan: Any, action: dict[str, Any]) -> str:
         return self.do_api({"event": "submit_plan", "data": {"plan": plan}}, action)
+
+    def do_submit_review(self, verdict: Any, action: dict[str, Any]) -> str:
+        """An evaluator's verdict on its story, for its own attempt ($STORYLINE_ATTEMPT)."""
+        if not isinstance(verdict, dict):
+            raise ActionError("submit_review takes an object: {criteria, summary}")
+        data = {"attempt": int(os.environ.get("STORYLINE_ATTEMPT", "1")), **verdict}
+        call = {"event": "submit_review", "data": data}
+        for _ in range(3):
+            try:
+                return self.do_api(call, action)
+            except ActionError as exc:
+                # The runner may record the agent's start between our read and our write.
+                if "version_conflict" not in str(exc):
+                    raise
+        return self.do_api(call, action)
 
     def do_resolve_conflicts(self, mode: str, action: dict[str, Any]) -> str:
         if mode not in ("ours", "theirs", "union"):

@@ -27,6 +27,7 @@ from runners.launcher import AgentLauncher
 from runners.lease import Lease
 from runners.merger import MergeReactions
 from runners.planner import PlannerLauncher
+from runners.reviewer import ReviewReactions
 from service.agent_tokens import AgentTokens
 from service.container import Service
 from service.epics import EpicService
@@ -38,6 +39,7 @@ ACTIVE_STAGES = (
     Stage.BACKLOG.value,
     Stage.CODING.value,
     Stage.GATES.value,
+    Stage.REVIEW.value,
     Stage.MERGE.value,
     Stage.MERGE_FAILURE.value,
 )
@@ -123,6 +125,9 @@ class Supervisor:
             self.index,
             self.launcher,
             on_slot_freed=lambda: self.slot_freed(Stage.MERGE.value),
+        )
+        self.reviewer = ReviewReactions(
+            self.app, self.config, service.project, self.launcher, self.coder.worktrees
         )
         self.gate_judge = GateJudge(self.app, self.verdicts)
         self.coder.gate_judge = self.gate_judge
@@ -335,6 +340,8 @@ class Supervisor:
                 self.coder.run_gates(story)
                 return True
             return False
+        if stage is Stage.REVIEW:
+            return self.reviewer.step(story)
         if stage in (Stage.MERGE, Stage.MERGE_FAILURE):
             return self.merger.step(story)
         # blocked, done, archived: nothing may keep running for it.
@@ -433,9 +440,10 @@ class Supervisor:
         # A freed slot may let another story go: look at every story waiting for one.
         if role is AgentRole.MERGEMASTER:
             self.merger.note_mergemaster_exit(story_id)
-        waiting = (
-            (Stage.CODING.value,)
-            if role is AgentRole.CODER
-            else (Stage.MERGE_FAILURE.value, Stage.MERGE.value)
-        )
+        waiting = {
+            AgentRole.CODER: (Stage.CODING.value,),
+            # An evaluator's exit: its story concludes or respawns, and a freed evaluator
+            # slot lets another story in review start its evaluator.
+            AgentRole.EVALUATOR: (Stage.REVIEW.value,),
+        }.get(role, (Stage.MERGE_FAILURE.value, Stage.MERGE.value))
         self.look_at({story_id} | {s.story_id for s in self.index.in_stage(*waiting)})

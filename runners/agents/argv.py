@@ -56,6 +56,30 @@ PLANNER_INSTRUCTIONS = (
     "`Authorization: Bearer $STORYLINE_TOKEN`."
 )
 
+EVALUATOR_PROMPT = (
+    "You are the evaluator of story {{story_id}}. Your working directory {{worktree_path}} "
+    "is the story's worktree at the commit its coder delivered, whose quality gates passed. "
+    "You do not write code: you judge whether the work does what each acceptance criterion "
+    "below says, with evidence. Anything you change in the worktree is thrown away when you "
+    "exit."
+)
+EVALUATOR_INSTRUCTIONS = (
+    "# How to report\n\n"
+    "Read the diff and the code it touches; run the tests or commands you need. Then submit "
+    "your verdict exactly once with the storyline MCP tool `submit_review`: `criteria`, one "
+    'entry per acceptance criterion above, each `{"criterion": <its number above, from 0>, '
+    '"met": true|false, "score": <0 to 1>, "evidence": "<file and line, test name, or '
+    'command and its output>"}`, and a one-paragraph `summary`. Judge every criterion, each '
+    "once. The story merges only when every criterion is met and the mean score reaches the "
+    "project's minimum; otherwise it goes back to its coder with your unmet criteria and "
+    "evidence, so make the evidence something a coder can act on. Without the MCP tools, POST "
+    '`{"event": "submit_review", "data": {"attempt": $STORYLINE_ATTEMPT, "criteria": [...], '
+    '"summary": "..."}}` to $STORYLINE_URL/stories/$STORYLINE_STORY_ID/transitions with the '
+    "header `Authorization: Bearer $STORYLINE_TOKEN`. Exiting without a verdict counts as a "
+    "failed attempt."
+)
+REVIEW_FAILURE_HEADER = "# Review sent your work back"
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 
 
@@ -116,9 +140,47 @@ def _story_block(spec: SpawnSpec) -> str:
     if story.description.strip():
         parts.append(story.description.strip())
     if story.acceptance_criteria:
-        criteria = "\n".join(f"- {c}" for c in story.acceptance_criteria)
+        if spec.role == "evaluator":
+            # Numbered from 0: the verdict names each criterion by this number.
+            criteria = "\n".join(f"{i}. {c}" for i, c in enumerate(story.acceptance_criteria))
+        else:
+            criteria = "\n".join(f"- {c}" for c in story.acceptance_criteria)
         parts.append(f"## Acceptance criteria\n{criteria}")
     return "\n\n".join(parts)
+
+
+def _review_diff_block(spec: SpawnSpec) -> str:
+    commit = f" (commit {spec.review_commit})" if spec.review_commit else ""
+    diff = spec.review_diff if spec.review_diff is not None else ""
+    return (
+        f"# The change to judge{commit}\n\n"
+        f"`git diff {spec.base_branch}...HEAD` in your working directory:\n\n"
+        f"```diff\n{diff.strip() or '(empty diff)'}\n```"
+    )
+
+
+def review_failure_section(spec: SpawnSpec) -> str | None:
+    """The unmet criteria and the evaluator's evidence, for the coder's next run."""
+    failure = spec.review_failure
+    if failure is None:
+        return None
+    lines = [
+        REVIEW_FAILURE_HEADER,
+        "",
+        f"An evaluator reviewed your committed work against the acceptance criteria and sent "
+        f"it back (score {failure.score:.2f}, the project needs {failure.min_score:.2f} with "
+        "every criterion met). Your gates passed; what is missing is below. Fix it, keep the "
+        "gates green, and commit.",
+        "",
+    ]
+    for gap in failure.gaps:
+        lines.append(f"- Criterion {gap.criterion}: {gap.text}")
+        lines.append(f"  Score: {gap.score:.2f}")
+        evidence = tail_bytes(gap.evidence, 1_500).strip().replace("\n", "\n    ")
+        lines.append(f"  Evidence: {evidence}")
+    if failure.summary.strip():
+        lines += ["", f"The evaluator's summary: {tail_bytes(failure.summary, 1_500).strip()}"]
+    return "\n".join(lines)
 
 
 HUNKS_LOST_PURPOSE = "hunks_lost"
@@ -221,15 +283,23 @@ def build_prompt(spec: SpawnSpec) -> str:
         )
     opening = spec.agent.prompt
     if opening is None:
-        opening = {"mergemaster": MERGEMASTER_PROMPT, "planner": PLANNER_PROMPT}.get(
-            spec.role, CODER_PROMPT
-        )
+        opening = {
+            "mergemaster": MERGEMASTER_PROMPT,
+            "planner": PLANNER_PROMPT,
+            "evaluator": EVALUATOR_PROMPT,
+        }.get(spec.role, CODER_PROMPT)
     rendered = render_template(opening, template_values(spec)).strip()
     if rendered:
         parts.append(rendered)
     parts.append(_story_block(spec))
     if spec.role == "planner":
         parts.append(PLANNER_INSTRUCTIONS)
+    if spec.role == "evaluator":
+        parts.append(_review_diff_block(spec))
+        parts.append(EVALUATOR_INSTRUCTIONS)
+    review = review_failure_section(spec)
+    if review:
+        parts.append(review)
     if spec.role == "mergemaster" or spec.conflict_details:
         parts.append(_conflict_block(spec))
     if spec.purpose == "commit_leftovers":
@@ -261,6 +331,10 @@ def build_resume_prompt(spec: SpawnSpec) -> str:
             f"```\n{tail_bytes(spec.gate_failure)}\n```\n"
             "Fix the cause and commit."
         )
+    review = review_failure_section(spec)
+    if review:
+        # The resumed session saw the criteria, not the evaluator's verdict on its work.
+        parts.append(review)
     if spec.role == "mergemaster" and spec.conflict_details:
         parts.append(_conflict_block(spec))
     return "\n\n".join(parts)

@@ -12,12 +12,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from domain.config import AgentConfig, FixupCaps
 from domain.ids import validate_story_id
 
-AgentRole = Literal["coder", "mergemaster", "planner"]
+AgentRole = Literal["coder", "mergemaster", "planner", "evaluator"]
 Outcome = Literal[
     "completed",
     "aborted_before_session",
@@ -77,6 +77,48 @@ class StoryText:
 
 
 @dataclass(frozen=True)
+class ReviewGap:
+    """One criterion a review found unmet (or scored lowest), as the coder is told it."""
+
+    criterion: int
+    text: str
+    score: float
+    evidence: str
+
+
+@dataclass(frozen=True)
+class ReviewFailure:
+    """The review verdict that sent a story back to coding (``story.last_review_failure``)."""
+
+    attempt: int
+    score: float
+    min_score: float
+    gaps: tuple[ReviewGap, ...]
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gaps", tuple(self.gaps))
+
+    @classmethod
+    def from_story(cls, failure: Mapping[str, Any]) -> ReviewFailure:
+        return cls(
+            attempt=int(failure.get("attempt", 0)),
+            score=float(failure.get("score", 0.0)),
+            min_score=float(failure.get("min_score", 0.0)),
+            gaps=tuple(
+                ReviewGap(
+                    criterion=int(g.get("criterion", 0)),
+                    text=str(g.get("text", "")),
+                    score=float(g.get("score", 0.0)),
+                    evidence=str(g.get("evidence", "")),
+                )
+                for g in failure.get("gaps") or []
+            ),
+            summary=str(failure.get("summary") or ""),
+        )
+
+
+@dataclass(frozen=True)
 class SpawnSpec:
     """One agent attempt, fully resolved. Building it does no I/O."""
 
@@ -113,13 +155,21 @@ class SpawnSpec:
     """The project's gate commands (argv), which the agent may run under its allowlist."""
     mcp_config: Path | None = None
     """The attempt's ``storyline mcp`` registration (``runners.agents.mcp_config``)."""
+    review_failure: ReviewFailure | None = None
+    """For a coder sent back by review: the verdict's unmet criteria and evidence."""
+    review_diff: str | None = None
+    """For an evaluator: the branch's diff against its target (already cut to size)."""
+    review_commit: str | None = None
+    """For an evaluator: the commit it judges (the feature branch's head at the spawn)."""
 
     def __post_init__(self) -> None:
         validate_story_id(self.story_id)
         if self.attempt < 0:
             raise ValueError(f"attempt must be >= 0, got {self.attempt}")
-        if self.role not in ("coder", "mergemaster", "planner"):
-            raise ValueError(f"role must be 'coder', 'mergemaster' or 'planner', got {self.role!r}")
+        if self.role not in ("coder", "mergemaster", "planner", "evaluator"):
+            raise ValueError(
+                f"role must be 'coder', 'mergemaster', 'planner' or 'evaluator', got {self.role!r}"
+            )
         for name, value in (
             ("inactivity_timeout_secs", self.inactivity_timeout_secs),
             ("overall_timeout_secs", self.overall_timeout_secs),
