@@ -1,5 +1,5 @@
 """What the ``storyline mcp`` prompts tell an agent, per role (pure text from a story snapshot,
-or for the planner from its epic).
+or for the planner and the epic's evaluator from its epic).
 
 The mergemaster works somewhere unusual (a detached HEAD in a merge workspace, not its
 story's branch) and must report a verdict; the coder mostly needs to know where its gate
@@ -194,6 +194,7 @@ def planner_prompt(epic: dict[str, Any]) -> str:
         if problems
         else ""
     )
+    before = _interview(epic) + _evolution(epic) + last
     return f"""You are the planner for epic {eid} ("{epic.get("name", "")}").
 
 Goal:
@@ -202,7 +203,7 @@ Goal:
 Acceptance criteria of the whole goal:
 {criteria}
 
-{last}Your job is a plan, not code: do not edit files. Read the repository to see where the
+{before}Your job is a plan, not code: do not edit files. Read the repository to see where the
 work goes, then call submit_plan once with:
 - subtasks: each becomes a story that a coder does alone on its own branch, then merges
   into the epic's integration branch. Give each a unique name, a description the coder can
@@ -220,7 +221,44 @@ work goes, then call submit_plan once with:
 After every story merges, the union of their work is checked as a whole against the goal's
 acceptance criteria, so the subtasks together must cover all of them.
 
+When the goal is too vague to plan (you would have to guess what is wanted), call
+ask_questions(questions) instead of submit_plan, and exit: a person answers, and the next
+planner attempt gets every question and answer. Ask only what changes the plan; the
+rounds of questions are few.
+
 submit_plan answers accepted true or false. When false, its problems say what to change;
 fix them and submit again (each refusal counts toward a small number of attempts). Use
 get_epic to re-read the goal and the last problems, and add_note for anything a person
 should know about the plan."""
+
+
+def epic_evaluator_prompt(epic: dict[str, Any]) -> str:
+    """The epic's evaluator: judge the integrated result, criterion by criterion."""
+    eid = epic.get("id", "?")
+    criteria = (
+        "\n".join(f"{i}. {c}" for i, c in enumerate(epic.get("acceptance_criteria") or []))
+        or "(none: call get_epic)"
+    )
+    commit = epic.get("integration_commit") or "(see get_epic)"
+    fork = epic.get("fork_point") or "the fork point"
+    return f"""You are the evaluator of epic {eid} ("{epic.get("name", "")}"), evolution \
+{epic.get("evolution", 0)}.
+
+Goal:
+{epic.get("goal", "(call get_epic)")}
+
+Your working directory is a detached checkout of the epic's integration commit {commit}:
+the work of all its stories together, whose union gates passed. You do not write code
+(anything you change is thrown away): you judge whether that result does what each
+acceptance criterion says. `git diff {fork} HEAD` shows everything the epic changed.
+
+Acceptance criteria, numbered from 0:
+{criteria}
+
+Read the change and the code around it; run the tests or commands you need. Then call
+submit_evaluation once: `criteria` with one entry per criterion above,
+{{"criterion": <number>, "met": true|false, "score": <0 to 1>, "evidence": "<file and line,
+test name, or command and its output>"}}, and a one-paragraph `summary`. Judge every
+criterion, each once. Under the project's threshold the planner proposes follow-up stories
+from your unmet criteria and evidence, so make the evidence something a planner can act on.
+Exiting without a verdict counts as a failed run."""

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from api.client import TOKEN_ENV, URL_ENV, ClientError, StorylineClient
 from api.mcp_prompts import (
     coder_prompt,
+    epic_evaluator_prompt,
     evaluator_prompt,
     mergemaster_prompt,
     planner_prompt,
@@ -401,17 +402,71 @@ class PlanArg(BaseModel):
     rationale: Annotated[str, Field(max_length=10_000)] = ""
 
 
-class EpicTools:
-    """The planner's tools: one epic, one HTTP client (kept apart from the MCP wiring)."""
+ATTEMPT_ENV = "STORYLINE_ATTEMPT"
 
-    def __init__(self, settings: McpSettings, client: StorylineClient | None = None) -> None:
+
+class CriterionArg(BaseModel):
+    """One criterion's judgement as the evaluator writes it (``domain.review`` checks the
+    rest: every criterion judged once, by an index that exists)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    criterion: Annotated[
+        int, Field(ge=0, le=99, description="The criterion's number in the epic's list, from 0.")
+    ]
+    met: bool
+    score: Annotated[float, Field(ge=0.0, le=1.0, description="0 (absent) to 1 (fully met).")]
+    evidence: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=4_000,
+            description="What it rests on: a file and line, a test name, a command and its output.",
+        ),
+    ]
+
+
+QuestionArg = Annotated[str, Field(min_length=1, max_length=2_000)]
+
+
+class EpicTools:
+    """The tools of an epic's agents (its planner, its evaluator): one epic, one HTTP client
+    (kept apart from the MCP wiring). The attempt the questions or the verdict belong to is
+    the agent's own (``$STORYLINE_ATTEMPT``, set by the runner): the epic refuses any other."""
+
+    def __init__(
+        self,
+        settings: McpSettings,
+        client: StorylineClient | None = None,
+        *,
+        attempt: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         token = settings.token.get_secret_value() if settings.token else ""
         self.client = client or StorylineClient(settings.url, token=token, retries=2)
+        self._attempt = attempt
+        self._env = env
 
     @property
     def epic_id(self) -> str:
         return self.settings.story_id
+
+    @property
+    def attempt(self) -> int:
+        if self._attempt is not None:
+            return self._attempt
+        raw = (os.environ if self._env is None else self._env).get(ATTEMPT_ENV, "")
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ToolError(
+                f"bad_request: {ATTEMPT_ENV} is not set to an attempt number ({raw!r}); the "
+                "runner sets it for each agent attempt"
+            )
+        return value
 
     async def _call(self, fn: Callable[[], T]) -> T:
         try:
@@ -436,6 +491,13 @@ class EpicTools:
                     "planner_attempts": epic["planner"]["attempts"],
                     "failed_plan_attempts": epic["planner"]["failed_attempts"],
                     "single_session_reason": epic.get("single_session_reason"),
+                    "questions": epic.get("questions"),
+                    "interview": epic.get("interview") or [],
+                    "evolution": epic.get("evolution", 0),
+                    "evolutions": epic.get("evolutions") or [],
+                    "evaluations": epic.get("evaluations") or [],
+                    "integration_commit": epic.get("integration_commit"),
+                    "fork_point": epic.get("fork_point"),
                 },
                 10_000,
             )
@@ -456,6 +518,50 @@ class EpicTools:
             "single_session_reason": epic.get("single_session_reason"),
         }
 
+    async def ask_questions(self, questions: list[str]) -> dict[str, Any]:
+        data = {"attempt": self.attempt, "questions": list(questions)}
+        epic = await self._call(
+            lambda: self.client.epic_transition(self.epic_id, "ask_questions", data=data)
+        )
+        return {
+            "epic_id": epic["id"],
+            "stage": epic["stage"],
+            "version": epic["version"],
+            "questions": epic.get("questions") or list(questions),
+            "next": "Exit now: a person answers, then a new planner attempt gets the answers "
+            "in its prompt.",
+        }
+
+    async def submit_evaluation(
+        self, criteria: list[CriterionArg], summary: str = ""
+    ) -> dict[str, Any]:
+        data = {
+            "attempt": self.attempt,
+            "criteria": [c.model_dump(mode="json") for c in criteria],
+            "summary": summary,
+        }
+        epic = await self._call(
+            lambda: self.client.epic_transition(self.epic_id, "submit_evaluation", data=data)
+        )
+        recorded = next(
+            (
+                e
+                for e in reversed(epic.get("evaluations") or [])
+                if e.get("attempt") == data["attempt"]
+            ),
+            None,
+        )
+        answer: dict[str, Any] = {
+            "epic_id": epic["id"],
+            "stage": epic["stage"],
+            "version": epic["version"],
+            "recorded": True,
+        }
+        if recorded is not None:
+            answer["score"] = recorded.get("score")
+            answer["all_met"] = recorded.get("all_met")
+        return answer
+
     async def add_note(self, text: str) -> dict[str, Any]:
         epic = await self._call(
             lambda: self.client.epic_transition(self.epic_id, "add_note", reason=text)
@@ -475,12 +581,15 @@ class EpicTools:
 
 
 def build_planner_server(tools: EpicTools) -> MCPServer:
+    """The server of an epic's agents: the planner's tools and the evaluator's (each is
+    refused by the epic unless the attempt named is the running one of that kind)."""
     server: MCPServer = MCPServer(
         SERVER_NAME,
         instructions=(
-            f"Tools for the planner of storyline epic {tools.epic_id}: read the goal and its "
-            "acceptance criteria, submit a plan (subtasks with dependencies and footprints), "
-            "add notes."
+            f"Tools for the agents of storyline epic {tools.epic_id}. The planner: read the "
+            "goal and its acceptance criteria, submit a plan (subtasks with dependencies and "
+            "footprints) or ask clarifying questions instead. The evaluator: submit the "
+            "verdict on the integrated result. Both: add notes."
         ),
         log_level="WARNING",
     )
@@ -500,6 +609,30 @@ def build_planner_server(tools: EpicTools) -> MCPServer:
     async def submit_plan(plan: PlanArg) -> dict[str, Any]:
         return await tools.submit_plan(plan)
 
+    @server.tool(
+        description="Planner: instead of a plan, ask the person who owns the goal clarifying "
+        "questions (1 to 10) when the goal is too vague to plan. The epic waits for the "
+        "answers; then exit: the next planner attempt gets every question and answer in its "
+        "prompt. Only a few rounds are allowed."
+    )
+    async def ask_questions(
+        questions: Annotated[list[QuestionArg], Field(min_length=1, max_length=10)],
+    ) -> dict[str, Any]:
+        return await tools.ask_questions(questions)
+
+    @server.tool(
+        description="Evaluator: submit your verdict on the epic's integrated result, once: "
+        "`criteria` has one entry per acceptance criterion of the epic (its number from 0), "
+        "each met or not, a score from 0 to 1 and the evidence; `summary` in one paragraph. "
+        "Under the threshold, the planner plans follow-up stories from your unmet criteria "
+        "and evidence."
+    )
+    async def submit_evaluation(
+        criteria: Annotated[list[CriterionArg], Field(min_length=1, max_length=100)],
+        summary: Annotated[str, Field(max_length=4_000)] = "",
+    ) -> dict[str, Any]:
+        return await tools.submit_evaluation(criteria, summary)
+
     @server.tool(description="Add a note to the epic's audit trail (you are its actor).")
     async def add_note(text: Text) -> dict[str, Any]:
         return await tools.add_note(text)
@@ -507,6 +640,10 @@ def build_planner_server(tools: EpicTools) -> MCPServer:
     @server.prompt(description="How to plan this epic: subtasks, dependencies, footprints.")
     async def planner() -> str:
         return planner_prompt(await tools.epic_for_prompt())
+
+    @server.prompt(description="How to evaluate this epic's integrated result and report.")
+    async def epic_evaluator() -> str:
+        return epic_evaluator_prompt(await tools.epic_for_prompt())
 
     return server
 

@@ -334,8 +334,14 @@ class EpicGit(WorkspaceSet):
     def landing_path(self, epic_id: str) -> Path:
         return self._landing(epic_id).path_for(LANDING)
 
-    def squash_for_landing(self, epic_id: str, fork_point: str, message: str) -> SquashResult:
+    def squash_for_landing(
+        self, epic_id: str, fork_point: str, message: str, *, tip: str | None = None
+    ) -> SquashResult:
         """The epic's changes since ``fork_point`` as one commit on the current base tip.
+
+        ``tip``: the integration commit to land (default: the branch's tip); it must be on
+        the integration branch. An evaluated epic lands its best integration, which need
+        not be the tip.
 
         Outcomes as for a story's squash merge: "merged" (``commit_sha`` on ``base_sha``,
         not yet on the base; run the merge gates in :meth:`landing_path`, then
@@ -344,7 +350,14 @@ class EpicGit(WorkspaceSet):
         """
         if not message.strip():
             raise ValueError("a squash commit needs a non-empty message")
-        tip = self._require_tip(epic_id)
+        branch_tip = self._require_tip(epic_id)
+        if tip is None:
+            tip = branch_tip
+        else:
+            tip = self._commit(tip, "tip")
+            self._require_ancestor(
+                tip, branch_tip, f"{tip} is not on {integration_branch(epic_id)}"
+            )
         fork_point = self._commit(fork_point, "fork_point")
         branch = integration_branch(epic_id)
         self._require_ancestor(fork_point, tip, f"{fork_point} is not on {branch}")

@@ -14,6 +14,16 @@ be repeated safely. So a runner killed anywhere resumes without doing a step twi
   that reached the base before the runner died is found (``EpicGit.landed_commit``) and
   recorded instead of squashed again.
 
+Evaluation and evolution (issue 15): a passed union goes to ``evaluating`` when the epic (or
+``[review] enabled``) asks for it. An evaluator agent scores the integration commit against
+the epic's criteria; its verdict is recorded by the agent itself, and the runner concludes it
+once the evaluator's exit is recorded (so a restarted runner concludes a verdict it finds
+pending and never asks for a second one). Under the threshold the planner plans follow-up
+stories for the gaps (an evolution, stories ``<epic>.e<n>.<k>``); a worse evolution is
+discarded and the integration branch moved back to the kept commit before anything builds on
+it or lands (checked on every step, so a runner killed in between fixes it on restart).
+While the planner's questions wait for a person (``awaiting_answers``) nothing runs.
+
 The seed's rules (car-multi ``run_foreman``): never give up without trying a whole-goal
 session when the plan does not decompose; after a union failure, blame the round's stories
 by leave-one-out and, when a proper subset is implicated, keep the clean work and replan
@@ -46,6 +56,9 @@ ACTOR = "runner:epic"
 CAS_ATTEMPTS = 5
 MAX_LAYOUT_ENTRIES = 400
 MAX_BRIEF_OUTPUT = 4_000
+MAX_EVALUATION_DIFF = 60_000
+"""Characters of the integration's diff put in the evaluator's prompt (the rest: a note)."""
+MAX_EVIDENCE_SHOWN = 1_500
 
 
 def _tail(text: str, limit: int = MAX_BRIEF_OUTPUT) -> str:
@@ -84,12 +97,27 @@ class EpicReactions:
             return self._integrating(epic)
         if stage is EpicStage.MERGING:
             return self._merging(epic)
+        if stage is EpicStage.EVALUATING:
+            return self._evaluating(epic)
+        if stage is EpicStage.AWAITING_ANSWERS:
+            # A person answers; only the planner that asked may still be finishing.
+            if epic.running_planner is not None and self.planner.running(epic.id) is None:
+                self.planner.reap_orphan(epic)
+                return True
+            return False
         # blocked, failed, done: nothing runs for it any more.
+        evaluator = self.planner.evaluator
         if self.planner.running(epic.id) is not None:
             self.planner.stop(epic.id, f"the epic is {stage.value}")
             return False
+        if evaluator.running(epic.id) is not None:
+            evaluator.stop(epic.id, f"the epic is {stage.value}")
+            return False
         if epic.running_planner is not None:
             self.planner.reap_orphan(epic)
+            return True
+        if epic.running_evaluator is not None:
+            evaluator.reap_orphan(epic)
             return True
         if stage in (EpicStage.DONE, EpicStage.FAILED):
             self._cleanup(epic)
@@ -119,11 +147,20 @@ class EpicReactions:
             return False  # the planner is at work; its exit or its plan wakes us
         if self._over_budget(epic):
             return True
+        if epic.evolution > 0 and not epic.plan_farmed:
+            # An evolution builds on the best integration: after a discarded one the branch
+            # goes back to it before the planner looks or any story branches from it.
+            self._restore_integration(epic, epic.evolutions[-1]["from_commit"])
         if epic.plan is not None:
             plan = Plan.model_validate(epic.plan)
-            if epic.single_session_reason is not None:
+            # An evolution's one follow-up story is that story, not the whole goal again.
+            one_follow_up = epic.evolution > 0 and len(plan.subtasks) == 1
+            if epic.single_session_reason is not None and not one_follow_up:
                 return self._single_session(
-                    epic, RunMode.SINGLE_SESSION, epic.single_session_reason
+                    epic,
+                    RunMode.SINGLE_SESSION,
+                    epic.single_session_reason,
+                    self._evolution_brief(epic),
                 )
             return self._farm_out_plan(epic, plan)
         limit = self.config.epic.max_plan_attempts
@@ -133,11 +170,15 @@ class EpicReactions:
                 epic,
                 RunMode.SINGLE_SESSION,
                 f"no usable plan after {limit} attempts ({problems})",
+                self._evolution_brief(epic),
             )
         agent = self.config.agent_for("planner")
         if agent is None:
             return self._single_session(
-                epic, RunMode.SINGLE_SESSION, "no planner agent is configured (stage = planner)"
+                epic,
+                RunMode.SINGLE_SESSION,
+                "no planner agent is configured (stage = planner)",
+                self._evolution_brief(epic),
             )
         cwd = self._plan_checkout(epic)
         try:
@@ -147,6 +188,9 @@ class EpicReactions:
             return True
 
     def _plan_checkout(self, epic: Epic) -> Path:
+        if epic.evolution > 0 and epic.integration_commit is not None:
+            # Follow-up stories build on the integration: the planner reads that.
+            return self.git.checkout_scratch(epic.id, "plan", epic.integration_commit)
         tip = run_git(
             ["rev-parse", "--verify", f"refs/heads/{self.config.base_branch}^{{commit}}"],
             self.project,
@@ -160,6 +204,21 @@ class EpicReactions:
         parts = [epic.goal.strip(), "## Repository layout", "\n".join(files) or "(empty)"]
         if more > 0:
             parts[-1] += f"\n... and {more} more files"
+        interview = self._interview_brief(epic)
+        if interview:
+            parts.append(interview)
+        evolution = self._evolution_brief(epic)
+        if evolution:
+            parts.append(evolution)
+        if len(epic.interview) < self.epics.policy.max_interviews:
+            parts.append(
+                "## When the goal is too vague to plan\n"
+                "Instead of a plan you may ask the person who owns the goal clarifying "
+                "questions (the storyline MCP tool `ask_questions`, or POST "
+                '`{"event": "ask_questions", "data": {"attempt": $STORYLINE_ATTEMPT, '
+                '"questions": [...]}}` to $STORYLINE_URL/epics/$STORYLINE_STORY_ID/transitions)'
+                ", then exit: the next planner gets the answers."
+            )
         if epic.last_plan_problems:
             problems = "\n".join(f"- {p}" for p in epic.last_plan_problems[:30])
             parts += [
@@ -168,20 +227,73 @@ class EpicReactions:
             ]
         return "\n\n".join(parts)
 
+    def _interview_brief(self, epic: Epic) -> str:
+        """Every question the planners asked so far, with the person's answers."""
+        rounds = [r for r in epic.interview if r.get("answers")]
+        if not rounds:
+            return ""
+        lines = [
+            "## Your questions and the answers",
+            "You (or an earlier planner attempt) asked before planning; a person answered. "
+            "Plan with these answers.",
+        ]
+        for r in rounds:
+            for i, question in enumerate(r["questions"]):
+                answer = r["answers"][i] if i < len(r["answers"]) else "(no answer)"
+                lines += [f"Q{r['round']}.{i + 1}: {question}", f"A{r['round']}.{i + 1}: {answer}"]
+        return "\n".join(lines)
+
+    def _evolution_brief(self, epic: Epic) -> str:
+        """For an evolution's planner: the evaluation that fell short and its gaps."""
+        if epic.evolution == 0 or not epic.evolutions:
+            return ""
+        evolution = epic.evolutions[-1]
+        min_score = self.epics.policy.min_score
+        lines = [
+            f"## Evolution {evolution['evolution']}: the evaluation fell short",
+            f"The integrated work of this epic was evaluated against its acceptance criteria: "
+            f"score {evolution['after_score']:.2f} (best so far {evolution['best_score']:.2f}, "
+            f"needed {min_score:.2f} with every criterion met). The best integration so far "
+            f"({str(evolution['from_commit'])[:12]}) stays on the epic's branch.",
+            "Propose follow-up stories for the gaps below only: they build on that "
+            "integration, so do not redo what is already there.",
+            "### Unmet criteria and the evaluator's evidence",
+        ]
+        for gap in evolution["gaps"]:
+            evidence = _tail(str(gap.get("evidence", "")), MAX_EVIDENCE_SHOWN).strip()
+            met = "met" if gap.get("met") else "unmet"
+            lines += [
+                f"- Criterion {gap.get('criterion')}: {gap.get('text', '')} "
+                f"({met}, score {float(gap.get('score', 0.0)):.2f})",
+                f"  Evidence: {evidence}",
+            ]
+        summary = next(
+            (e.get("summary") for e in reversed(epic.evaluations) if e.get("summary")), None
+        )
+        if summary:
+            lines.append(f"The evaluator's summary: {_tail(str(summary), MAX_EVIDENCE_SHOWN)}")
+        return "\n".join(lines)
+
     def _farm_out_plan(self, epic: Epic, plan: Plan) -> bool:
         number = {s.name: i + 1 for i, s in enumerate(plan.subtasks)}
+        # An evolution's stories are numbered in their own space: <epic>.e<n>.<k>.
+        prefix = f"{epic.id}.e{epic.evolution}" if epic.evolution > 0 else epic.id
         stories = [
             NewStory(
-                story_id=f"{epic.id}.{number[s.name]}",
+                story_id=f"{prefix}.{number[s.name]}",
                 name=s.name,
                 description=self._subtask_description(epic, s.description, s.footprint),
                 acceptance_criteria=list(s.acceptance_criteria),
-                depends_on=[f"{epic.id}.{number[d]}" for d in s.depends_on],
+                depends_on=[f"{prefix}.{number[d]}" for d in s.depends_on],
             )
             for s in plan.subtasks
         ]
+        what = f"evolution {epic.evolution}: " if epic.evolution > 0 else ""
         return self._farm_out(
-            epic, RunMode.PARALLEL, stories, f"{len(stories)} subtasks farmed out in parallel"
+            epic,
+            RunMode.PARALLEL,
+            stories,
+            f"{what}{len(stories)} subtasks farmed out in parallel",
         )
 
     def _subtask_description(self, epic: Epic, description: str, footprint: list[str]) -> str:
@@ -189,17 +301,23 @@ class EpicReactions:
             description.strip(),
             f"Part of epic {epic.id} ({epic.name}). Its goal:\n{epic.goal}",
         ]
+        if epic.evolution > 0:
+            parts.append(
+                f"A follow-up of evolution {epic.evolution}: the epic's integrated work so far "
+                "is on your branch already; add what the evaluation found missing."
+            )
         if footprint:
             parts.append("Expected to touch: " + ", ".join(footprint))
         return "\n\n".join(parts)
 
     def _single_session(self, epic: Epic, mode: RunMode, why: str, extra: str = "") -> bool:
-        number = sum(1 for s in epic.stories if s.startswith(f"{epic.id}.s")) + 1
+        prefix = f"{epic.id}.e{epic.evolution}.s" if epic.evolution > 0 else f"{epic.id}.s"
+        number = sum(1 for s in epic.stories if s.startswith(prefix)) + 1
         description = epic.goal.strip()
         if extra:
             description += "\n\n" + extra
         story = NewStory(
-            story_id=f"{epic.id}.s{number}",
+            story_id=f"{prefix}{number}",
             name=epic.name,
             description=description,
             acceptance_criteria=list(epic.acceptance_criteria),
@@ -314,8 +432,18 @@ class EpicReactions:
         return self._record(
             epic,
             "judge_union",
-            data={"commit": commit, "tree": tree, "passed": passed, "output": output},
+            data={
+                "commit": commit,
+                "tree": tree,
+                "passed": passed,
+                "output": output,
+                "evaluate": self._evaluates(epic),
+            },
         )
+
+    def _evaluates(self, epic: Epic) -> bool:
+        """The epic's own ``review`` flag, or the project's ``[review] enabled``."""
+        return epic.review if epic.review is not None else self.config.review.enabled
 
     def _story_commits(self, epic: Epic, stories: list[Story]) -> dict[str, str]:
         """Each done story of the round -> its squash commit on the integration branch."""
@@ -416,7 +544,10 @@ class EpicReactions:
         tip = self.git.integration_tip(epic.id)
         assert tip is not None and epic.round_start_tip is not None
         judged = epic.union["commit"] if epic.union else tip
-        onto = epic.round_start_tip if keep else (epic.fork_point or epic.round_start_tip)
+        # An evolution's round starts again from its own start (the best integration so
+        # far), never from the fork point: that would drop the work the evaluation kept.
+        whole = epic.fork_point if epic.evolution == 0 else None
+        onto = epic.round_start_tip if keep else (whole or epic.round_start_tip)
         if tip != judged:
             # Moved since the verdict: nothing merges into the branch while the epic
             # integrates, so this runner moved it before it died. Record that.
@@ -501,6 +632,102 @@ class EpicReactions:
         except DomainError:
             return []
 
+    # ------------------------------------------------------------------ evaluating
+
+    def _evaluating(self, epic: Epic) -> bool:
+        evaluator = self.planner.evaluator
+        if epic.running_evaluator is not None:
+            if evaluator.running(epic.id) is None:
+                evaluator.reap_orphan(epic)
+                return True
+            return False  # the evaluator is at work; its verdict or its exit wakes us
+        if epic.pending_evaluation is not None:
+            # The verdict is in and its evaluator gone: conclude it. Once concluded there is
+            # no pending verdict, so a restarted runner never concludes (or asks) twice.
+            return self._record(
+                epic,
+                "conclude_evaluation",
+                reason=f"conclude evaluator attempt {epic.pending_evaluation}'s verdict",
+            )
+        review = self.config.review
+        if epic.evaluator_failed_runs >= review.max_failed_runs:
+            return self._record(
+                epic,
+                "block",
+                reason=f"the evaluator ran {epic.evaluator_failed_runs} times without a verdict "
+                f"(max_failed_runs {review.max_failed_runs}); look at its logs, then unblock",
+            )
+        if epic.evaluator_aborts >= self.config.abort_respawn_cap:
+            return self._record(
+                epic,
+                "block",
+                reason=f"the evaluator could not run {epic.evaluator_aborts} times in a row "
+                f"(abort_respawn_cap {self.config.abort_respawn_cap}): stopping to avoid a "
+                "respawn loop",
+            )
+        if self._over_budget(epic):
+            return True
+        agent = self.config.agent_for("evaluator")
+        if agent is None:
+            return self._record(
+                epic,
+                "block",
+                reason="the epic is to be evaluated but no evaluator agent is configured "
+                "(an [[agent]] with stage = evaluator); configure one and unblock",
+            )
+        commit = epic.integration_commit
+        if commit is None:
+            return self._record(epic, "block", reason="there is no integration to evaluate")
+        cwd = self.git.checkout_scratch(epic.id, "evaluate", commit)
+        try:
+            return evaluator.launch(epic, agent, cwd, self._evaluator_brief(epic, commit))
+        except AgentConfigError as exc:
+            self._record(epic, "block", reason=f"the evaluator cannot start: {exc}")
+            return True
+
+    def _evaluator_brief(self, epic: Epic, commit: str) -> str:
+        fork = epic.fork_point or commit
+        criteria = "\n".join(f"{i}. {c}" for i, c in enumerate(epic.acceptance_criteria))
+        parts = [
+            epic.goal.strip(),
+            f"## What you evaluate (evolution {epic.evolution})\n"
+            f"Commit {commit} of the epic's integration branch epic/{epic.id}, checked out "
+            f"(detached) in your working directory. Its union gates passed. It forked from "
+            f"{self.config.base_branch} at {fork}.",
+            "## The epic's acceptance criteria (judge each, by its number from 0)\n" + criteria,
+        ]
+        if epic.evaluations:
+            earlier = "\n".join(
+                f"- evolution {e['evolution']}: score {float(e['score']):.2f}"
+                for e in epic.evaluations
+            )
+            parts.append("## Earlier evaluations of this epic\n" + earlier)
+        diff = run_git(["diff", "--stat", "--patch", fork, commit], self.project, check=False)
+        text = diff.stdout
+        if len(text) > MAX_EVALUATION_DIFF:
+            cut = len(text) - MAX_EVALUATION_DIFF
+            text = (
+                text[:MAX_EVALUATION_DIFF]
+                + f"\n[... the diff is cut here: {cut} more characters; run `git diff {fork} "
+                "HEAD` in your working directory to read it all]"
+            )
+        parts.append(
+            f"## The integration's diff from the fork point (`git diff {fork[:12]} HEAD`)\n"
+            f"```diff\n{text.strip() or '(empty diff)'}\n```"
+        )
+        return "\n\n".join(parts)
+
+    def _restore_integration(self, epic: Epic, keep: str) -> None:
+        """Move the integration branch back to ``keep`` (the best integration) if it is
+        elsewhere. Idempotent: once the branch is there nothing happens, so a runner killed
+        between the discard and the move does it on the next step."""
+        tip = self.git.integration_tip(epic.id)
+        if tip is None or tip == keep:
+            return
+        if not self.git.reset_integration(epic.id, tip, keep):
+            raise GitError(f"epic/{epic.id} moved while it was restored to {keep}")
+        logger.info("epic %s: integration branch back from %s to %s", epic.id, tip, keep)
+
     # ------------------------------------------------------------------ merging
 
     def _merging(self, epic: Epic) -> bool:
@@ -508,11 +735,24 @@ class EpicReactions:
         if landed is not None:
             return self._landed(epic, landed)
         assert epic.fork_point is not None
+        chosen: str | None = None
+        if epic.evaluation_final is not None:
+            # The evaluation chose what lands (the best integration): the branch goes back
+            # to it if a discarded evolution is still on it, and exactly its tree lands.
+            chosen = str(epic.evaluation_final["commit"])
+            self._restore_integration(epic, chosen)
         message = (
             f"{epic.name} (epic {epic.id})\n\nSquash-merged by storyline from "
-            f"epic/{epic.id}: stories {', '.join(epic.kept_stories + epic.round_stories)}."
+            f"epic/{epic.id}: stories {', '.join(self._landing_stories(epic))}."
         )
-        result = self.git.squash_for_landing(epic.id, epic.fork_point, message)
+        if epic.evaluation_final is not None:
+            final = epic.evaluation_final
+            message += (
+                f"\nEvaluation: score {float(final['score']):.2f} (evolution "
+                f"{final['best_evolution']} of {final['evolutions']}"
+                f"{', max_evolutions reached' if final['max_reached'] else ''})."
+            )
+        result = self.git.squash_for_landing(epic.id, epic.fork_point, message, tip=chosen)
         for _ in range(CAS_ATTEMPTS):
             if result.outcome == "conflict":
                 return self._record(
@@ -556,6 +796,14 @@ class EpicReactions:
             reason=f"{self.config.base_branch} kept moving while the epic landed",
             data={"kind": "other", "details": ""},
         )
+
+    def _landing_stories(self, epic: Epic) -> list[str]:
+        if epic.evolution == 0 and not epic.discarded:
+            return epic.kept_stories + epic.round_stories
+        # Every story whose work is in the landing integration: not those of a discarded
+        # evolution (their work was taken off the branch).
+        gone = {f"{epic.id}.e{d['evolution']}." for d in epic.discarded}
+        return [s for s in epic.stories if not any(s.startswith(g) for g in gone)]
 
     def _landed(self, epic: Epic, commit: str) -> bool:
         return self._record(

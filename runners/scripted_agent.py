@@ -82,6 +82,13 @@ to replace that turn's default usage (100 in, 20 out, $0.001).
     An evaluator's verdict: ``POST .../stories/$STORYLINE_STORY_ID/transitions`` with event
     ``submit_review`` and ``data`` the verdict plus ``attempt`` (``$STORYLINE_ATTEMPT``). A
     refused verdict (HTTP 4xx) exits 4 unless ``allow_failure``.
+``{"submit_evaluation": {"criteria": [...], "summary": "..."}}``
+    An epic's evaluator: ``POST .../epics/<id>/transitions`` event ``submit_evaluation`` with
+    ``{"attempt": $STORYLINE_ATTEMPT, "criteria": ..., "summary": ...}``. A refused verdict
+    (HTTP 4xx) exits 4 unless ``"allow_failure": true``.
+``{"ask_questions": ["question", ...]}``
+    An epic's planner asks instead of planning: event ``ask_questions`` with
+    ``{"attempt": $STORYLINE_ATTEMPT, "questions": [...]}``; a refusal exits 4 as above.
 ``{"resolve_conflicts": "ours" | "theirs" | "union"}``
     Rewrite every conflicted file, dropping the conflict markers (keeping our side, their
     side, or both in that order) and ``git add`` it.
@@ -157,6 +164,8 @@ _ACTIONS = {
     "crash_before_session",
     "submit_plan",
     "submit_review",
+    "submit_evaluation",
+    "ask_questions",
     "kill_self",
     "exit",
     "fail_result",
@@ -509,6 +518,16 @@ class Agent:
     def do_submit_plan(self, plan: Any, action: dict[str, Any]) -> str:
         return self.do_api({"event": "submit_plan", "data": {"plan": plan}}, action)
 
+    def do_submit_evaluation(self, verdict: Any, action: dict[str, Any]) -> str:
+        if not isinstance(verdict, dict):
+            raise ActionError("submit_evaluation takes {criteria, summary}", EXIT_USAGE)
+        data = {"attempt": _attempt(), **verdict}
+        return self.do_api({"event": "submit_evaluation", "data": data}, action)
+
+    def do_ask_questions(self, questions: Any, action: dict[str, Any]) -> str:
+        data = {"attempt": _attempt(), "questions": questions}
+        return self.do_api({"event": "ask_questions", "data": data}, action)
+
     def do_submit_review(self, verdict: Any, action: dict[str, Any]) -> str:
         """An evaluator's verdict on its story, for its own attempt ($STORYLINE_ATTEMPT)."""
         if not isinstance(verdict, dict):
@@ -639,6 +658,15 @@ def _api_transition(call: dict[str, Any]) -> tuple[int, str]:
     # A plan does not depend on the epic's version (the runner records the planner's start
     # concurrently), so it is sent without one.
     return request("POST", f"{url}/transitions", payload)
+
+
+def _attempt() -> int:
+    """This attempt's number (``$STORYLINE_ATTEMPT``): an epic's agent names it in what it
+    submits, and the epic refuses any attempt but the running one."""
+    try:
+        return int(os.environ.get("STORYLINE_ATTEMPT", "1"))
+    except ValueError:
+        return 1
 
 
 def _kill_self(name: str) -> NoReturn:

@@ -359,7 +359,11 @@ class Supervisor:
     def _step_epic(self, epic_id: str) -> bool:
         epic = self.epics.get(epic_id)
         progressed = self.epic_runner.step(epic)
-        settled = epic.stage.value in ("done", "failed") and epic.running_planner is None
+        settled = (
+            epic.stage.value in ("done", "failed")
+            and epic.running_planner is None
+            and epic.running_evaluator is None
+        )
         if not progressed and settled:
             self._settled_epics.add(epic_id)
         return progressed

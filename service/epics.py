@@ -54,6 +54,8 @@ class Ledger:
     cost_usd: float
     planner_cost_usd: float
     stories_cost_usd: float
+    evaluator_cost_usd: float = 0.0
+    """The epic's evaluator runs (its stories' own evaluators are in ``stories_cost_usd``)."""
 
 
 class EpicService:
@@ -256,12 +258,15 @@ class EpicService:
     def ledger(self, epic: Epic, stories: Sequence[Story] | None = None) -> Ledger:
         stories = self.stories(epic) if stories is None else stories
         spent = sum(s.cost_usd for s in stories)
+        own_in = epic.planner_tokens_in + epic.evaluator_tokens_in
+        own_out = epic.planner_tokens_out + epic.evaluator_tokens_out
         return Ledger(
-            tokens_in=epic.planner_tokens_in + sum(s.tokens_in for s in stories),
-            tokens_out=epic.planner_tokens_out + sum(s.tokens_out for s in stories),
-            cost_usd=epic.planner_cost_usd + spent,
+            tokens_in=own_in + sum(s.tokens_in for s in stories),
+            tokens_out=own_out + sum(s.tokens_out for s in stories),
+            cost_usd=epic.planner_cost_usd + epic.evaluator_cost_usd + spent,
             planner_cost_usd=epic.planner_cost_usd,
             stories_cost_usd=spent,
+            evaluator_cost_usd=epic.evaluator_cost_usd,
         )
 
     def _events_of(self, epic_id: str) -> Iterator[tuple[LoggedEvent, EpicEvent]]:

@@ -273,9 +273,48 @@ def _previous_cap_block(spec: SpawnSpec) -> str | None:
     return None
 
 
+EPIC_EVALUATION_PURPOSE = "evaluate_epic"
+"""An epic's evaluator (role ``evaluator``, ``story_id`` the epic's): its own prompt."""
+EPIC_EVALUATOR_PROMPT = (
+    "You are the evaluator of epic {{story_id}}. Your working directory {{worktree_path}} is "
+    "a detached checkout of the epic's integration commit: the work of all its stories "
+    "together, whose union gates passed. You do not write code: you judge whether that "
+    "result does what each of the epic's acceptance criteria says, with evidence. Anything "
+    "you change in the working directory is thrown away."
+)
+EPIC_EVALUATOR_INSTRUCTIONS = (
+    "# How to report\n\n"
+    "Read the diff and the code it touches; run the tests or commands you need. Then submit "
+    "your verdict exactly once with the storyline MCP tool `submit_evaluation`: `criteria`, "
+    'one entry per acceptance criterion above, each `{"criterion": <its number, from 0>, '
+    '"met": true|false, "score": <0 to 1>, "evidence": "<file and line, test name, or '
+    'command and its output>"}`, and a one-paragraph `summary`. Judge every criterion, each '
+    "once. Under the project's threshold the epic's planner proposes follow-up stories from "
+    "your unmet criteria and evidence. Without the MCP tools, POST "
+    '`{"event": "submit_evaluation", "data": {"attempt": $STORYLINE_ATTEMPT, "criteria": '
+    '[...], "summary": "..."}}` to $STORYLINE_URL/epics/$STORYLINE_STORY_ID/transitions with '
+    "the header `Authorization: Bearer $STORYLINE_TOKEN`. Exiting without a verdict counts "
+    "as a failed run."
+)
+
+
+def _epic_evaluator_prompt(spec: SpawnSpec) -> str:
+    # The brief (the story text's description) holds the goal, the numbered criteria and
+    # the integration's diff, assembled by the epic runner.
+    opening = spec.agent.prompt if spec.agent.prompt is not None else EPIC_EVALUATOR_PROMPT
+    parts = [render_template(opening, template_values(spec)).strip()]
+    parts.append(f"# Epic {spec.story_id}: {spec.story.name}\n\n{spec.story.description.strip()}")
+    parts.append(EPIC_EVALUATOR_INSTRUCTIONS)
+    if spec.project_prompt and spec.project_prompt.strip():
+        parts.append(spec.project_prompt.strip())
+    return "\n\n".join(p for p in parts if p)
+
+
 def build_prompt(spec: SpawnSpec) -> str:
     """The full cold-start prompt: epic context, agent prompt, story, conflicts, project file."""
     parts: list[str] = []
+    if spec.purpose == EPIC_EVALUATION_PURPOSE:
+        return _epic_evaluator_prompt(spec)
     if spec.epic_context and spec.epic_context.strip():
         parts.append(
             "# Epic context\n\nThis story belongs to an epic. Respect its context:\n\n"

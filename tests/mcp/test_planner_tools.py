@@ -12,7 +12,7 @@ import anyio
 from domain.stages import AgentRole
 from tests.mcp.conftest import Server, agent_env, call, mcp_session
 
-PLANNER_TOOLS = {"get_epic", "submit_plan", "add_note"}
+PLANNER_TOOLS = {"get_epic", "submit_plan", "ask_questions", "submit_evaluation", "add_note"}
 GOAL = "Read a file and print it prettily."
 
 
