@@ -296,3 +296,42 @@ def test_a_runner_killed_after_an_evolutions_verdict_concludes_it_once(
         assert epic.evaluation_final["best_evolution"] == 1
     assert len(calls(tmp_path, "evaluator")) == 2
     assert "c.txt" in files_on(repo, "main")
+
+
+def test_an_evaluator_without_a_verdict_blocks_the_epic_after_max_failed_runs(
+    tmp_path: Path, database: Database
+) -> None:
+    repo = epic_repo(tmp_path / "repo")
+    evaluator = {"*": [{"say": "looked around, judged nothing"}]}
+    config = with_evaluator(
+        tmp_path,
+        epic_config(tmp_path, coders(), {"*": [{"submit_plan": ROUND0}]}),
+        evaluator,
+        max_failed_runs=2,
+    )
+    base = git(repo, "rev-parse", "main")
+    with running_pipeline(repo, database, config, with_api=True) as p:
+        epics = epics_of(p)
+        eid = add_epic(epics, acceptance_criteria=CRITERIA, review=True)
+        epic = wait_epic_stage(epics, eid, EpicStage.BLOCKED, EpicStage.DONE)
+        assert epic.stage is EpicStage.BLOCKED and epic.blocked_from is EpicStage.EVALUATING
+        assert epic.blocked_reason is not None
+        assert "2 times without a verdict" in epic.blocked_reason
+        assert epic.evaluator_failed_runs == 2 and epic.evaluations == []
+    assert len(calls(tmp_path, "evaluator")) == 2
+    assert git(repo, "rev-parse", "main") == base  # nothing landed unevaluated
+
+
+def test_an_epic_to_evaluate_without_an_evaluator_agent_is_blocked(
+    tmp_path: Path, database: Database
+) -> None:
+    repo = epic_repo(tmp_path / "repo")
+    config = epic_config(tmp_path, coders(), {"*": [{"submit_plan": ROUND0}]})
+    with running_pipeline(repo, database, config, with_api=True) as p:
+        epics = epics_of(p)
+        eid = add_epic(epics, acceptance_criteria=CRITERIA, review=True)
+        epic = wait_epic_stage(epics, eid, EpicStage.BLOCKED, EpicStage.DONE)
+        assert epic.stage is EpicStage.BLOCKED and epic.blocked_from is EpicStage.EVALUATING
+        assert epic.blocked_reason is not None
+        assert "no evaluator agent is configured" in epic.blocked_reason
+        assert epic.evaluator_attempts == 0
