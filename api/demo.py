@@ -37,6 +37,7 @@ EXPECTED_FINAL = {
     "banner-en": "done",
     "banner-fr": "done",
     "divide": "blocked",
+    "mean": "done",
 }
 STAGE_STYLE = {
     "done": "green",
@@ -44,6 +45,7 @@ STAGE_STYLE = {
     "merge_failure": "red",
     "coding": "cyan",
     "gates": "yellow",
+    "review": "blue",
     "merge": "magenta",
     "backlog": "white",
 }
@@ -127,6 +129,7 @@ def create_stories(client: StorylineClient) -> None:
             description=story.description,
             acceptance_criteria=story.criteria,
             depends_on=story.depends_on,
+            review=story.review,
         )
     for story in STORIES:
         if not story.depends_on:  # dependants start by themselves when ready
@@ -229,6 +232,26 @@ def audit_trail(client: StorylineClient, story_id: str) -> Table:
     return table
 
 
+def review_table(client: StorylineClient, story_id: str) -> Table:
+    """Each review verdict of ``story_id``: per criterion met or not, its score, its evidence."""
+    table = Table(title=f"reviews of story {story_id!r}", title_justify="left")
+    for column in ("attempt", "verdict", "criterion", "met", "score", "evidence"):
+        table.add_column(column, overflow="fold")
+    for review in client.story_reviews(story_id)["reviews"]:
+        passed = review.get("passed")
+        verdict = "passed" if passed else ("sent back" if passed is False else "pending")
+        for i, judged in enumerate(review["criteria"]):
+            table.add_row(
+                str(review["attempt"]) if i == 0 else "",
+                f"{verdict}, score {review['score']:.2f}" if i == 0 else "",
+                str(judged["text"]),
+                Text("yes", style="green") if judged["met"] else Text("no", style="red"),
+                f"{judged['score']:.2f}",
+                str(judged["evidence"]),
+            )
+    return table
+
+
 def replay_check(project: Path, database_url: str | None) -> bool:
     """Rebuild every projection from the log into scratch tables and compare."""
     from projections import ProjectionRunner
@@ -298,6 +321,7 @@ def run_demo(
             final = watch(client, console, timeout)
             console.print()
             console.print(audit_trail(client, "subtract"))
+            console.print(review_table(client, "mean"))
             # The second part starts once the stories settled: its landing on main then
             # cannot race the stories' merges, and each part reads on its own.
             try:

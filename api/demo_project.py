@@ -1,5 +1,5 @@
 """The demo's throwaway project: a small Python package with a real test suite as the gate,
-a scripted agent script for six stories and one epic, and a ``storyline.toml`` that uses it.
+a scripted agent script for seven stories and one epic, and a ``storyline.toml`` that uses it.
 
 The epic's union gate is ``checks/operators.py``: an integration check the stories' own
 gates do not run, so two stories can each pass theirs and still clash when put together.
@@ -96,6 +96,8 @@ class DemoStory:
     depends_on: list[str]
     expect: str
     """What the demo shows this story doing (printed with the final board)."""
+    review: bool | None = None
+    """Reviewed by the evaluator before merging (the project leaves review off)."""
 
 
 STORIES = [
@@ -147,7 +149,20 @@ STORIES = [
         [],
         "never passes its gates and is blocked",
     ),
+    DemoStory(
+        "mean",
+        "Mean",
+        "calc.mean(a, b) returns the arithmetic mean of a and b.",
+        ["mean(2, 4) == 3", "mean(1, 2) == 1.5 (the mean is not rounded)"],
+        [],
+        "passes its gates, but review finds a criterion unmet; the retry gets the "
+        "evaluator's evidence and passes review",
+        review=True,
+    ),
 ]
+
+MEAN_EVIDENCE = "calc/mean.py divides with //: mean(1, 2) returns 1, not 1.5"
+"""What the evaluator finds in the first attempt, which is right for the tests it wrote."""
 
 
 def coder_script() -> dict[str, Any]:
@@ -175,6 +190,17 @@ def coder_script() -> dict[str, Any]:
             {"commit": "French banner"},
         ],
         "divide": {"*": _implement("divide", "a // b + 1", DIV, "add divide()")},
+        "mean": {
+            "1": _implement("mean", "(a + b) // 2", [(2, 4, 3)], "add mean()"),
+            "2": [
+                # The evaluator's evidence, injected by the review that sent the story back.
+                {"expect_in_prompt": MEAN_EVIDENCE},
+                {"say": "review says the mean is rounded down; dividing with /"},
+                {"write": "calc/mean.py", "content": _module("mean", "(a + b) / 2")},
+                {"write": "tests/test_mean.py", "content": _test("mean", [(2, 4, 3), (1, 2, 1.5)])},
+                {"commit": "mean(): no rounding"},
+            ],
+        },
         **epic_coder_script(),
         "*": [{"say": "nothing scripted for this story"}],
     }
@@ -270,6 +296,42 @@ def epic_coder_script() -> dict[str, Any]:
     }
 
 
+def _judged(criterion: int, met: bool, score: float, evidence: str) -> dict[str, Any]:
+    return {"criterion": criterion, "met": met, "score": score, "evidence": evidence}
+
+
+def evaluator_script() -> dict[str, Any]:
+    """What the scripted evaluator finds, per story and review attempt."""
+    return {
+        "mean": {
+            "1": [
+                {"say": "reading the diff against main and checking each criterion"},
+                {
+                    "submit_review": {
+                        "criteria": [
+                            _judged(0, True, 1.0, "tests/test_mean.py test_0: mean(2, 4) == 3"),
+                            _judged(1, False, 0.1, MEAN_EVIDENCE),
+                        ],
+                        "summary": "right for even sums only",
+                    }
+                },
+            ],
+            "2": [
+                {
+                    "submit_review": {
+                        "criteria": [
+                            _judged(0, True, 1.0, "tests/test_mean.py test_0"),
+                            _judged(1, True, 0.95, "tests/test_mean.py test_1: 1.5"),
+                        ],
+                        "summary": "both criteria met, with tests",
+                    }
+                }
+            ],
+        },
+        "*": [{"say": "nothing scripted for this review"}],
+    }
+
+
 def mergemaster_script() -> dict[str, Any]:
     return {
         "*": [
@@ -327,7 +389,11 @@ def config_text(project: Path) -> str:
         + _agent("coder", project / ".storyline" / "demo" / "coder.json")
         + _agent("mergemaster", project / ".storyline" / "demo" / "mergemaster.json")
         + _agent("planner", project / ".storyline" / "demo" / "planner.json")
-        + "[epic]\n"
+        + _agent("evaluator", project / ".storyline" / "demo" / "evaluator.json")
+        + "[review]\n"
+        "# Off for the project: only the story that asks for review (mean) is reviewed.\n"
+        "enabled = false\n"
+        "min_score = 0.8\n" + "[epic]\n"
         "# The union gate: judges the integration branch once every story of the epic merged.\n"
         f"union_gates = {{ commands = [{union}], timeout_secs = 60 }}\n"
     )
@@ -358,6 +424,9 @@ def create_project(project: Path) -> Path:
         json.dumps(mergemaster_script(), indent=1), encoding="utf-8"
     )
     (scripts / "planner.json").write_text(json.dumps(planner_script(), indent=1), encoding="utf-8")
+    (scripts / "evaluator.json").write_text(
+        json.dumps(evaluator_script(), indent=1), encoding="utf-8"
+    )
     (project / "storyline.toml").write_text(config_text(project), encoding="utf-8")
     exclude = project / ".git" / "info" / "exclude"
     exclude.write_text(exclude.read_text() + "\n/.storyline/\n/storyline.toml\n")

@@ -56,6 +56,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
         "banner-en": "done",
         "banner-fr": "done",
         "divide": "blocked",
+        "mean": "done",
         # The epic's stories: the plan's three, then the regional replan's one.
         "epic-1.1": "done",
         "epic-1.2": "done",
@@ -74,7 +75,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
     # The epic lands last, as one squash commit; its stories never merged into main.
     assert subjects[0] == "Operator symbols (epic epic-1)"
     merged = sorted(s.rsplit("(story ", 1)[1].rstrip(")") for s in subjects[1:-1])
-    assert merged == ["add", "banner-en", "banner-fr", "multiply", "subtract"]
+    assert merged == ["add", "banner-en", "banner-fr", "mean", "multiply", "subtract"]
     assert (project / "calc" / "subtract.py").read_text().strip().endswith("return a - b")
 
     history = json.loads(
@@ -104,7 +105,43 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, database: Database) -> Non
     assert "retries exhausted" in divide["blocked_reason"]
     assert list((project / ".storyline" / "logs" / "subtract").glob("coder-*.log"))
 
+    check_review(project, run.stdout, env)
     check_epic(project, run.stdout, env)
+
+
+def check_review(project: Path, stdout: str, env: dict[str, str]) -> None:
+    """The reviewed story: sent back once with an unmet criterion, then passing."""
+    assert "reviews of story 'mean'" in stdout
+    history = json.loads(
+        storyline("story", "history", "mean", "--json", "--project", str(project), env=env).stdout
+    )
+    steps = [
+        (e["type"], e["to_stage"])
+        for e in history
+        if e["type"] in ("GatesPassed", "ReviewFailed", "ReviewPassed", "MergeSucceeded")
+    ]
+    assert steps == [
+        ("GatesPassed", "review"),
+        ("ReviewFailed", "coding"),
+        ("GatesPassed", "review"),
+        ("ReviewPassed", "merge"),
+        ("MergeSucceeded", "done"),
+    ]
+    failed = next(e for e in history if e["type"] == "ReviewFailed")
+    assert "unmet: #1 mean(1, 2) == 1.5" in failed["reason"]
+    submitted = [e for e in history if e["type"] == "ReviewSubmitted"]
+    assert [e["actor"] for e in submitted] == [
+        "agent:evaluator-mean-1",
+        "agent:evaluator-mean-2",
+    ]
+    # The second coder was told what the evaluator found (its script expects it, too).
+    coders = [
+        e for e in history if e["type"] == "AgentSpawnRequested" and e["data"]["role"] == "coder"
+    ]
+    assert len(coders) == 2
+    assert any("mean(1, 2) returns 1, not 1.5" in a for a in coders[1]["data"]["argv"])
+    assert not any("mean(1, 2) returns 1, not 1.5" in a for a in coders[0]["data"]["argv"])
+    assert (project / "calc" / "mean.py").read_text().strip().endswith("return (a + b) / 2")
 
 
 def check_epic(project: Path, stdout: str, env: dict[str, str]) -> None:
