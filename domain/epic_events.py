@@ -344,6 +344,9 @@ class EpicUnblocked(EpicEvent):
     def apply_to(self, epic: Epic) -> None:
         epic.blocked_from = None
         epic.blocked_reason = None
+        # A person's unblock gives the evaluator a fresh run of tries (as a story's does).
+        epic.evaluator_failed_runs = 0
+        epic.evaluator_aborts = 0
         if self.max_budget_usd is not None:
             epic.max_budget_usd = self.max_budget_usd
 

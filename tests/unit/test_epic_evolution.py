@@ -293,6 +293,11 @@ def test_evaluator_runs_without_a_verdict_are_counted() -> None:
         send(epic, "evaluator_exited", {"attempt": attempt, "outcome": outcome}, policy=p)
     assert epic.evaluator_failed_runs == 2 and epic.evaluator_aborts == 1
     assert epic.evaluator_attempts == 3
+    # Blocked for them, a person's unblock gives the evaluator fresh tries.
+    send(epic, "block", reason="the evaluator keeps failing", policy=p)
+    send(epic, "unblock", reason="fixed its config", policy=p)
+    assert epic.stage is EpicStage.EVALUATING
+    assert epic.evaluator_failed_runs == 0 and epic.evaluator_aborts == 0
 
 
 # ---------------------------------------------------------------------- the interview
