@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from api.cli_common import (
@@ -162,7 +163,83 @@ def show_story(snapshot: dict[str, Any]) -> None:
         f"${snapshot['cost_usd']:.4f}",
         markup=False,
     )
+    review = snapshot.get("review")
+    reviews = snapshot.get("reviews") or []
+    if review is not None or reviews or snapshot.get("evaluator_attempts"):
+        flag = {True: "on", False: "off", None: "as the project says"}[review]
+        last = reviews[-1] if reviews else None
+        out.print(
+            f"  review: {flag}, {snapshot.get('evaluator_attempts', 0)} evaluator attempts, "
+            f"{len(reviews)} verdicts"
+            + (f", last score {last['score']:.2f} ({_review_result(last)})" if last else ""),
+            markup=False,
+        )
+    failure = snapshot.get("last_review_failure")
+    if failure:
+        unmet = ", ".join(f"#{g['criterion']} {g['text']}" for g in failure["gaps"])
+        out.print(f"  review gaps (attempt {failure['attempt']}): {unmet}", markup=False)
     out.print(f"  legal events: {', '.join(snapshot['legal_events']) or 'none'}", markup=False)
+
+
+def _review_result(review: dict[str, Any]) -> str:
+    if review.get("passed") is None:
+        return "pending"
+    return "passed" if review["passed"] else "failed"
+
+
+def show_reviews(body: dict[str, Any]) -> None:
+    """``storyline story reviews``: one row a verdict, then each criterion's judgement."""
+    flag = {True: "on", False: "off", None: "as the project says"}[body.get("review")]
+    out.print(
+        f"[bold]{escape(str(body['story_id']))}[/bold]  stage: {body['stage']}  review: {flag}"
+    )
+    reviews = body["reviews"]
+    if not reviews:
+        out.print("  no review verdicts yet", markup=False)
+    else:
+        table = Table("attempt", "score", "min", "all met", "result", "commit", "at")
+        for r in reviews:
+            minimum = r.get("min_score")
+            table.add_row(
+                str(r["attempt"]),
+                f"{r['score']:.2f}",
+                f"{minimum:.2f}" if minimum is not None else "-",
+                "yes" if r["all_met"] else "no",
+                _review_result(r),
+                escape((r.get("commit") or "-")[:12]),
+                str(r["at"])[:19].replace("T", " "),
+            )
+        out.print(table)
+        for r in reviews:
+            out.print(f"attempt {r['attempt']}:", markup=False)
+            for c in r["criteria"]:
+                mark = "met  " if c["met"] else "UNMET"
+                out.print(f"  {mark} #{c['criterion']} {c['score']:.2f}  {c['text']}", markup=False)
+                out.print(f"        evidence: {c['evidence']}", markup=False)
+            if r.get("summary"):
+                out.print(f"  summary: {r['summary']}", markup=False)
+    if body.get("pending_review") is not None:
+        out.print(
+            f"verdict of attempt {body['pending_review']} awaits its conclusion", markup=False
+        )
+    failure = body.get("last_review_failure")
+    if failure:
+        out.print(
+            f"last failure: attempt {failure['attempt']}, score {failure['score']:.2f} "
+            f"(min {failure['min_score']:.2f}); gaps: "
+            + ", ".join(f"#{g['criterion']}" for g in failure["gaps"]),
+            markup=False,
+        )
+
+
+ReviewOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--review/--no-review",
+        help="Review against the acceptance criteria after the gates (default: the "
+        "project's [review] enabled).",
+    ),
+]
 
 
 @story_app.command("add")
@@ -181,6 +258,7 @@ def story_add(
     story_id: Annotated[
         str | None, typer.Option("--id", help="Story id (default: next number).")
     ] = None,
+    review: ReviewOpt = None,
     actor: ActorOpt = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -198,6 +276,7 @@ def story_add(
             depends_on=list(depends_on or []),
             epic=epic,
             priority=priority,
+            review=review,
         )
     if as_json:
         print_json(snapshot)
@@ -317,6 +396,24 @@ def story_history(
         print_json(events)
         return
     out.print(history_table(events))
+
+
+@story_app.command("reviews")
+def story_reviews(
+    story_id: Annotated[str, typer.Argument(metavar="ID")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The story's review verdicts, oldest first: each criterion met or not, with evidence."""
+    with backend(url, token, project, database_url, None) as b:
+        body = b.story_reviews(story_id)
+    if as_json:
+        print_json(body)
+    else:
+        show_reviews(body)
 
 
 # --------------------------------------------------------------------------- services

@@ -48,6 +48,8 @@ def _style(stage: str) -> str:
         "planning": "cyan",
         "running": "cyan",
         "integrating": "yellow",
+        "evaluating": "yellow",
+        "awaiting_answers": "bold yellow",
         "merging": "magenta",
     }.get(stage, "white")
 
@@ -72,6 +74,7 @@ def show_epic(view: dict[str, Any]) -> None:
     )
     for problem in view.get("plan_problems") or []:
         _line("plan problem", problem)
+    show_interview(view)
     if view.get("single_session_reason"):
         _line("single session", view["single_session_reason"])
     plan = view.get("plan") or {}
@@ -94,6 +97,7 @@ def show_epic(view: dict[str, Any]) -> None:
         _line("blame probe", f"without {', '.join(probe['excluded'])}: {probe['result']}")
     if view.get("implicated") is not None:
         _line("implicated", ", ".join(view["implicated"]) or "none")
+    show_evaluations(view, view.get("evaluation_final"))
     if view.get("merge_commit"):
         _line("merge commit", view["merge_commit"])
     if view.get("blocked_reason"):
@@ -104,11 +108,80 @@ def show_epic(view: dict[str, Any]) -> None:
     cap = ledger.get("max_budget_usd")
     _line(
         "cost",
-        f"${ledger['cost_usd']:.4f} (planner ${ledger['planner_cost_usd']:.4f})"
+        f"${ledger['cost_usd']:.4f} (planner ${ledger['planner_cost_usd']:.4f}"
+        + (
+            f", evaluator ${ledger['evaluator_cost_usd']:.4f}"
+            if ledger.get("evaluator_cost_usd")
+            else ""
+        )
+        + ")"
         + (f" of ${cap:.2f}" if cap is not None else "")
         + f", {ledger['tokens_in']}+{ledger['tokens_out']} tokens",
     )
     _line("legal events", ", ".join(view["legal_events"]) or "none")
+
+
+def show_interview(view: dict[str, Any]) -> None:
+    """The planner's questions: those waiting first (what a person must do next), then every
+    round with its answers."""
+    waiting = view.get("questions")
+    if waiting:
+        out.print(
+            f"  [bold yellow]waiting for answers[/] ({len(waiting)} question(s); "
+            f'reply with: storyline epic answer {escape(view["id"])} "answer 1" ...):'
+        )
+        for index, question in enumerate(waiting, 1):
+            _line(f"question {index}", question)
+    for entry in view.get("interview") or []:
+        if entry.get("answers") is None:
+            continue
+        for index, (question, answer) in enumerate(
+            zip(entry["questions"], entry["answers"], strict=False), 1
+        ):
+            _line(f"interview {entry['round']}.{index} Q", question)
+            _line(f"interview {entry['round']}.{index} A", answer)
+
+
+def show_evaluations(body: dict[str, Any], final: dict[str, Any] | None) -> None:
+    """Evaluations, evolutions, discarded evolutions and the final verdict (the epic view and
+    ``GET /epics/{id}/evaluations`` share these keys)."""
+    for e in body.get("evaluations") or []:
+        unmet = [f"#{c['criterion']}" for c in e["criteria"] if not c["met"]]
+        _line(
+            f"evaluation {e['attempt']}",
+            f"evolution {e['evolution']}, score {e['score']:.2f} at {e['commit'][:12]}"
+            + (f", unmet {' '.join(unmet)}" if unmet else ", all criteria met"),
+        )
+    for e in body.get("evolutions") or []:
+        gaps = ", ".join(f"#{g['criterion']} {g['text']}" for g in e["gaps"])
+        _line(
+            f"evolution {e['evolution']}",
+            f"after score {e['after_score']:.2f} (best {e['best_score']:.2f}), "
+            f"from {e['from_commit'][:12]}; gaps: {gaps}",
+        )
+    for d in body.get("discarded") or []:
+        _line(
+            f"discarded evolution {d['evolution']}",
+            f"score {d['score']:.2f} < evolution {d['kept_evolution']}'s; "
+            f"kept {d['kept_commit'][:12]}",
+        )
+    if final:
+        _line(
+            "evaluation final",
+            f"{'passed' if final['passed'] else 'not passed'}, score {final['score']:.2f} "
+            f"(evolution {final['best_evolution']} of {final['evolutions']}), "
+            f"max_reached: {'yes' if final['max_reached'] else 'no'}",
+        )
+
+
+ReviewOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--review/--no-review",
+        help="Evaluate the integrated result against the criteria before landing (default: "
+        "the project's [review] enabled).",
+    ),
+]
 
 
 @app.command("add")
@@ -123,6 +196,7 @@ def epic_add(
         float | None,
         typer.Option("--max-budget-usd", help="Dollar cap: reaching it blocks the epic."),
     ] = None,
+    review: ReviewOpt = None,
     actor: ActorOpt = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -139,6 +213,7 @@ def epic_add(
             goal=goal,
             acceptance_criteria=list(criterion),
             max_budget_usd=max_budget_usd,
+            review=review,
         )
     if as_json:
         print_json(view)
@@ -211,6 +286,68 @@ def epic_history(
         print_json(events)
         return
     out.print(history_table(events))
+
+
+@app.command("evaluations")
+def epic_evaluations(
+    epic_id: EpicArg,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The epic's evaluations (each criterion judged), evolutions and final verdict."""
+    with backend(url, token, project, database_url, None) as b:
+        body = b.epic_evaluations(epic_id)
+    if as_json:
+        print_json(body)
+        return
+    out.print(f"[bold]{escape(body['epic_id'])}[/bold]  stage: {body['stage']}")
+    if not body["evaluations"]:
+        _line("evaluations", "none yet")
+    show_evaluations(body, body.get("final"))
+    for e in body["evaluations"]:
+        out.print(f"evaluation {e['attempt']} (evolution {e['evolution']}):", markup=False)
+        for c in e["criteria"]:
+            mark = "met  " if c["met"] else "UNMET"
+            _line(f"{mark} #{c['criterion']} {c['score']:.2f}", c["text"])
+            _line("      evidence", c["evidence"])
+
+
+@app.command("answer")
+def epic_answer(
+    epic_id: EpicArg,
+    answers: Annotated[
+        list[str],
+        typer.Argument(metavar="ANSWER...", help="One answer per question, in order."),
+    ],
+    reason: Annotated[
+        str | None, typer.Option("--reason", "-r", help="Why (recorded in the history).")
+    ] = None,
+    expected_version: Annotated[
+        int | None, typer.Option("--expected-version", help="Refuse if the epic moved on.")
+    ] = None,
+    actor: ActorOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    project: ProjectOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer the planner's questions (see `storyline epic show`): planning resumes."""
+    with backend(url, token, project, database_url, actor) as b:
+        view = b.answer_questions(
+            epic_id, list(answers), reason=reason, expected_version=expected_version
+        )
+    if as_json:
+        print_json(view)
+    else:
+        out.print(
+            f"epic {view['id']}: answered {len(answers)} question(s) -> {view['stage']} "
+            f"(version {view['version']})",
+            markup=False,
+        )
 
 
 def _move(

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 from api.client import ClientError, StorylineClient
 from api.error_shapes import domain_status
-from api.schemas_epics import epic_id_refusal, epic_summaries, load_epic_view, plan_verdict
+from api.schemas import story_reviews
+from api.schemas_epics import (
+    check_answer,
+    epic_evaluations,
+    epic_id_refusal,
+    epic_summaries,
+    load_epic_view,
+    plan_verdict,
+)
 from domain.errors import DomainError
 from service.container import Service, open_service
 from service.epics import EpicService
@@ -58,6 +66,7 @@ class LocalBackend:
         epic: str | None = None,
         priority: int = 0,
         story_id: str | None = None,
+        review: bool | None = None,
     ) -> dict[str, Any]:
         with _refused():
             committed = self.service.app.create_story(
@@ -69,6 +78,7 @@ class LocalBackend:
                 priority=priority,
                 story_id=story_id,
                 actor=self.actor,
+                review=review,
             )
         return committed.story.snapshot() | {"position": committed.position}
 
@@ -103,6 +113,10 @@ class LocalBackend:
         with _refused():
             return [e.as_json() for e in self.service.app.history(story_id)]
 
+    def story_reviews(self, story_id: str) -> dict[str, Any]:
+        with _refused():
+            return story_reviews(self.service.app.get_story(story_id).snapshot())
+
     def list_stories(self, *, stage: str | None = None) -> list[dict[str, Any]]:
         stories = [s.snapshot() for s in self.service.app.iter_stories()]
         return [s for s in stories if stage is None or s["stage"] == stage]
@@ -125,6 +139,7 @@ class LocalBackend:
         goal: str,
         acceptance_criteria: Sequence[str],
         max_budget_usd: float | None = None,
+        review: bool | None = None,
     ) -> dict[str, Any]:
         with _refused():
             committed = self.epics.create(
@@ -133,6 +148,7 @@ class LocalBackend:
                 acceptance_criteria=list(acceptance_criteria),
                 max_budget_usd=max_budget_usd,
                 actor=self.actor,
+                review=review,
             )
             return load_epic_view(self.epics, committed.epic.id, committed=committed.position)
 
@@ -159,6 +175,36 @@ class LocalBackend:
         if event == "submit_plan" and isinstance(committed.result, list):
             view |= plan_verdict(committed.epic, committed.result)
         return view
+
+    def answer_questions(
+        self,
+        epic_id: str,
+        answers: Sequence[str],
+        *,
+        reason: str | None = None,
+        expected_version: int | None = None,
+    ) -> dict[str, Any]:
+        """``POST /epics/{id}/answers`` on the local store: the same checks, the same errors."""
+        _check_epic_id(epic_id)
+        for index, answer in enumerate(answers):
+            try:
+                check_answer(answer)
+            except ValueError as exc:
+                raise ClientError(
+                    422, "validation_error", f"answers[{index}]: {exc}", {"index": index}
+                ) from None
+        return self.epic_transition(
+            epic_id,
+            "answer_questions",
+            expected_version=expected_version,
+            reason=reason,
+            data={"answers": list(answers)},
+        )
+
+    def epic_evaluations(self, epic_id: str) -> dict[str, Any]:
+        _check_epic_id(epic_id)
+        with _refused():
+            return epic_evaluations(self.epics.get(epic_id))
 
     def get_epic(self, epic_id: str, *, as_of: str | None = None) -> dict[str, Any]:
         _check_epic_id(epic_id)
@@ -203,6 +249,9 @@ class RemoteBackend:
         self.transition = client.transition
         self.get_story = client.get_story
         self.history = client.history
+        self.story_reviews = client.story_reviews
+        self.answer_questions = client.answer_questions
+        self.epic_evaluations = client.epic_evaluations
         self.create_epic = client.create_epic
         self.epic_transition = client.epic_transition
         self.get_epic = client.get_epic

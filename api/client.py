@@ -175,7 +175,9 @@ class StorylineClient:
         reason: str | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
+        review: bool | None = None,
     ) -> dict[str, Any]:
+        """``review``: True or False to decide for this story, None for the project's."""
         body: dict[str, Any] = {
             "name": name,
             "description": description,
@@ -186,6 +188,8 @@ class StorylineClient:
             "id": story_id,
             "reason": reason,
         }
+        if review is not None:
+            body["review"] = review
         result: dict[str, Any] = self._json(
             "POST",
             "/stories",
@@ -226,6 +230,12 @@ class StorylineClient:
     def history(self, story_id: str) -> list[dict[str, Any]]:
         body = self._json("GET", f"/stories/{_segment(story_id)}/history")
         return list(body["events"])
+
+    def story_reviews(self, story_id: str) -> dict[str, Any]:
+        """Every review verdict of the story, oldest first, with ``pending_review`` and
+        ``last_review_failure``."""
+        result: dict[str, Any] = self._json("GET", f"/stories/{_segment(story_id)}/reviews")
+        return result
 
     def list_stories(
         self, *, stage: str | None = None, limit: int = 100, cursor: str | None = None
@@ -273,6 +283,7 @@ class StorylineClient:
         max_budget_usd: float | None = None,
         reason: str | None = None,
         idempotency_key: str | None = None,
+        review: bool | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "name": name,
@@ -281,6 +292,8 @@ class StorylineClient:
             "max_budget_usd": max_budget_usd,
             "reason": reason,
         }
+        if review is not None:
+            body["review"] = review
         result: dict[str, Any] = self._json(
             "POST", "/epics", json=body, idempotency_key=idempotency_key
         )
@@ -306,6 +319,34 @@ class StorylineClient:
             data,
             idempotency_key=idempotency_key,
         )
+
+    def answer_questions(
+        self,
+        epic_id: str,
+        answers: Sequence[str],
+        *,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Answer the planner's questions (one answer each, in order): the epic after it."""
+        body: dict[str, Any] = {
+            "answers": list(answers),
+            "reason": reason,
+            "expected_version": expected_version,
+        }
+        result: dict[str, Any] = self._json(
+            "POST",
+            f"/epics/{_segment(epic_id)}/answers",
+            json=body,
+            idempotency_key=idempotency_key,
+        )
+        return result
+
+    def epic_evaluations(self, epic_id: str) -> dict[str, Any]:
+        """The epic's evaluations, evolutions, discarded evolutions, best and final verdict."""
+        result: dict[str, Any] = self._json("GET", f"/epics/{_segment(epic_id)}/evaluations")
+        return result
 
     def get_epic(self, epic_id: str, *, as_of: int | str | None = None) -> dict[str, Any]:
         params = {"as_of": str(as_of) if as_of is not None else None}

@@ -34,10 +34,13 @@ from api.routes_common import (
 from api.routes_stories import parse_as_of
 from api.schemas import ErrorResponse, TransitionRequest, responses
 from api.schemas_epics import (
+    AnswersRequest,
     CreateEpicRequest,
+    EpicEvaluationsOut,
     EpicHistoryOut,
     EpicListOut,
     EpicOut,
+    epic_evaluations,
     epic_id_refusal,
     epic_summaries,
     epic_view,
@@ -142,6 +145,7 @@ async def create_epic(
             reason=body.reason,
             actor=caller.actor,
             idempotency=mark,
+            review=body.review,
         )
         return 201, _committed_view(epics, committed)
 
@@ -198,6 +202,68 @@ async def transition_epic(
         return _answer(status, out, replayed)
 
     return await run_in_threadpool(run)
+
+
+@router.post(
+    "/epics/{epic_id}/answers",
+    response_model=EpicOut,
+    responses=EPIC_RESPONSES,
+    summary="Answer the planner's questions (one answer per question, in order): planning "
+    "resumes with the answers in the planner's prompt",
+)
+async def answer_questions(
+    epic_id: EpicIdPath,
+    body: AnswersRequest,
+    request: Request,
+    caller: Principal = Depends(principal),
+) -> Response:
+    # The same rule as the transition: a person's event (write role); a planner's or an
+    # evaluator's token may not answer its own questions.
+    if not may_transition_epic(caller, epic_id, "answer_questions"):
+        raise forbidden(caller, f"answer the questions of epic {epic_id!r}")
+    check_epic_id(epic_id)
+    state = state_of(request)
+    epics = epics_of(state)
+    key = idempotency_key(request)
+    request_fp = request_fingerprint(request, key, lambda: body.model_dump(mode="json"))
+
+    def command(mark: IdempotencyMark | None) -> tuple[int, dict[str, Any]]:
+        committed = epics.transition(
+            epic_id,
+            "answer_questions",
+            actor=caller.actor,
+            expected_version=body.expected_version,
+            reason=body.reason,
+            data={"answers": list(body.answers)},
+            idempotency=mark,
+        )
+        return 200, _committed_view(epics, committed)
+
+    def run() -> Response:
+        status, out, replayed = run_command(
+            state, caller.actor, key, request_fp, command, _recover(epics, 200)
+        )
+        return _answer(status, out, replayed)
+
+    return await run_in_threadpool(run)
+
+
+@router.get(
+    "/epics/{epic_id}/evaluations",
+    response_model=EpicEvaluationsOut,
+    responses=EPIC_RESPONSES,
+    summary="The epic's evaluations (each criterion judged with evidence), its evolutions, "
+    "the discarded ones, the best so far and the final verdict",
+)
+async def evaluations(
+    epic_id: EpicIdPath, request: Request, caller: Principal = Depends(principal)
+) -> Response:
+    if not may_read(caller, epic_id):
+        raise forbidden(caller, f"read epic {epic_id!r}")
+    check_epic_id(epic_id)
+    epics = epics_of(state_of(request))
+    epic = await run_in_threadpool(epics.get, epic_id)
+    return JsonResponse(epic_evaluations(epic))
 
 
 @router.get(

@@ -29,8 +29,10 @@ from api.schemas import (
     HistoryOut,
     StoryList,
     StoryOut,
+    StoryReviewsOut,
     TransitionRequest,
     responses,
+    story_reviews,
 )
 from domain.errors import InvalidStoryId
 from domain.ids import validate_story_id
@@ -115,6 +117,7 @@ async def create_story(
             reason=body.reason,
             actor=caller.actor,
             idempotency=mark,
+            review=body.review,
         )
         return 201, story_body(committed.story, committed.position)
 
@@ -239,6 +242,22 @@ async def story_history(
     events = await run_in_threadpool(app.history, story_id)
     selected = [e.as_json() for e in events if e.position > after][:limit]
     return JsonResponse({"story_id": story_id, "events": selected})
+
+
+@router.get(
+    "/stories/{story_id}/reviews",
+    response_model=StoryReviewsOut,
+    responses=responses(404),
+    summary="The story's review verdicts, oldest first, each criterion judged with evidence",
+)
+async def story_reviews_route(
+    story_id: StoryIdPath, request: Request, caller: Principal = Depends(principal)
+) -> Response:
+    if not may_read(caller, story_id):
+        raise forbidden(caller, f"read story {story_id!r}")
+    app = state_of(request).service.app
+    story = await run_in_threadpool(app.get_story, story_id)
+    return JsonResponse(story_reviews(story.snapshot()))
 
 
 @router.get(

@@ -11,7 +11,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from domain.ids import STORY_ID_MAX, STORY_ID_PATTERN
 from domain.stages import Stage
@@ -86,6 +86,12 @@ class CreateStoryRequest(_Request):
         default=None, description="Story id; the next free number when omitted."
     )
     reason: Annotated[str, Field(max_length=10_000)] | None = None
+    # Strict: "yes" or 1 is a 422, not a silent True.
+    review: StrictBool | None = Field(
+        default=None,
+        description="Review the story against its acceptance criteria after its gates pass: "
+        "true, false, or null for the project's ``[review] enabled``.",
+    )
 
 
 class TransitionRequest(_Request):
@@ -166,6 +172,70 @@ class DeclaredDropOut(BaseModel):
     reason: str | None
 
 
+class JudgementOut(BaseModel):
+    """One acceptance criterion as an evaluator judged it."""
+
+    criterion: int = Field(description="The criterion's index in acceptance_criteria, from 0.")
+    text: str = Field(description="The criterion as it read when it was judged.")
+    met: bool
+    score: float = Field(ge=0, le=1)
+    evidence: str = Field(description="A file and line, a test name, or a command's output.")
+
+
+class ReviewOut(BaseModel):
+    """An evaluator's verdict on a story's branch (``submit_review``) and how it concluded."""
+
+    attempt: int = Field(description="The evaluator attempt that gave the verdict.")
+    score: float = Field(description="The mean of the criteria's scores.")
+    all_met: bool
+    passed: bool | None = Field(
+        default=None, description="None until the review is concluded (``conclude_review``)."
+    )
+    min_score: float | None = Field(
+        default=None, description="The threshold the verdict was concluded against."
+    )
+    criteria: list[JudgementOut]
+    summary: str = ""
+    commit: str | None = Field(default=None, description="The branch head the evaluator saw.")
+    at: datetime
+
+
+class ReviewFailureOut(BaseModel):
+    """Why the last review sent the story back (or blocked it): what the coder must fix."""
+
+    attempt: int
+    score: float
+    min_score: float
+    gaps: list[JudgementOut] = Field(
+        description="The unmet criteria with the evaluator's evidence (or, every criterion "
+        "met but the score short, the lowest-scored ones)."
+    )
+    summary: str = ""
+
+
+class StoryReviewsOut(BaseModel):
+    story_id: str
+    stage: Stage
+    review: bool | None = Field(description="The story's own review flag (None: the project's).")
+    reviews: list[ReviewOut] = Field(description="Every verdict, oldest first.")
+    pending_review: int | None = Field(
+        description="The attempt whose verdict is submitted but not yet concluded."
+    )
+    last_review_failure: ReviewFailureOut | None
+
+
+def story_reviews(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """``StoryReviewsOut`` from a story's snapshot (the API and the CLI's local store)."""
+    return {
+        "story_id": snapshot["id"],
+        "stage": snapshot["stage"],
+        "review": snapshot.get("review"),
+        "reviews": list(snapshot.get("reviews") or []),
+        "pending_review": snapshot.get("pending_review"),
+        "last_review_failure": snapshot.get("last_review_failure"),
+    }
+
+
 class StoryOut(BaseModel):
     """The full state of a story (``Story.snapshot()``) and the log position it reflects."""
 
@@ -178,6 +248,9 @@ class StoryOut(BaseModel):
     depends_on: list[str]
     epic: str | None
     priority: int
+    review: bool | None = Field(
+        default=None, description="Review after the gates: as asked, or None for the project's."
+    )
     retry_count: int
     failed_runs: int = 0
     abort_respawns: int
@@ -189,6 +262,17 @@ class StoryOut(BaseModel):
     cost_usd: float
     coder_attempts: int
     mergemaster_attempts: int
+    evaluator_attempts: int = 0
+    evaluator_failed_runs: int = Field(
+        default=0, description="Evaluator runs in this review that ended without a verdict."
+    )
+    reviews: list[ReviewOut] = Field(
+        default_factory=list, description="Every verdict, oldest first."
+    )
+    pending_review: int | None = Field(
+        default=None, description="The attempt whose verdict awaits its conclusion."
+    )
+    last_review_failure: ReviewFailureOut | None = None
     running_agent: dict[str, Any] | None
     last_coder_outcome: str | None
     sessions: dict[str, str]

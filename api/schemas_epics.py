@@ -12,16 +12,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from api.schemas import (
     CRITERION_PATTERN,
     NAME_PATTERN,
     BoardOut,
+    JudgementOut,
     LoggedEventOut,
     _documented,
 )
-from domain.epic import MAX_BUDGET_USD, Epic
+from domain.epic import MAX_ANSWER, MAX_BUDGET_USD, MAX_QUESTIONS, Epic
 from domain.epic_events import EpicStage, RunMode
 from domain.errors import StoryNotFound
 from domain.ids import integration_branch, is_epic_id
@@ -72,6 +73,54 @@ class CreateEpicRequest(BaseModel):
         Annotated[str, Field(max_length=MAX_REASON, json_schema_extra=_documented(REASON_PATTERN))]
         | None
     ) = None
+    # Strict: "yes" or 1 is a 422, not a silent True.
+    review: StrictBool | None = Field(
+        default=None,
+        description="Evaluate the integrated result against the criteria before landing (and "
+        "evolve on gaps): true, false, or null for the project's ``[review] enabled``.",
+    )
+
+
+def check_answer(value: str) -> str:
+    """An answer as ``Epic.answer_questions`` takes it, checked before the epic is read so
+    that bad text is a 422 whatever stage the epic is in (and nothing is written)."""
+    for ch in value:
+        if ch in "\n\t":
+            continue
+        if ord(ch) < 32 or ord(ch) == 127:
+            raise ValueError(f"an answer contains a control character ({ord(ch):#04x})")
+    if not value.strip():
+        raise ValueError("an answer must not be blank")
+    return value
+
+
+class AnswersRequest(BaseModel):
+    """A person's answers to the questions the planner asked, one per question, in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answers: Annotated[
+        list[
+            Annotated[
+                str, Field(max_length=MAX_ANSWER, json_schema_extra=_documented(CRITERION_PATTERN))
+            ]
+        ],
+        Field(min_length=1, max_length=MAX_QUESTIONS),
+    ]
+    reason: (
+        Annotated[str, Field(max_length=MAX_REASON, json_schema_extra=_documented(REASON_PATTERN))]
+        | None
+    ) = None
+    expected_version: Annotated[int, Field(ge=0, le=2**53)] | None = Field(
+        default=None,
+        description="The epic version the caller last saw; a different current version "
+        "is a 409 version_conflict and nothing changes.",
+    )
+
+    @field_validator("answers")
+    @classmethod
+    def _answers(cls, value: list[str]) -> list[str]:
+        return [check_answer(answer) for answer in value]
 
 
 class EpicStoryOut(BaseModel):
@@ -120,7 +169,103 @@ class LedgerOut(BaseModel):
     cost_usd: float
     planner_cost_usd: float
     stories_cost_usd: float
+    evaluator_cost_usd: float = Field(
+        default=0.0, description="The epic's evaluator runs (its stories' are in stories')."
+    )
     max_budget_usd: float | None
+
+
+class InterviewRoundOut(BaseModel):
+    """One round of the interview: the planner's questions and a person's answers."""
+
+    round: int
+    attempt: int = Field(description="The planner attempt that asked.")
+    questions: list[str]
+    asked_by: str
+    asked_at: datetime
+    answers: list[str] | None = Field(description="None while the epic awaits them.")
+    answered_by: str | None
+    answered_at: datetime | None = None
+
+
+class EvaluationOut(BaseModel):
+    """The evaluator's verdict on the integration branch of one evolution."""
+
+    attempt: int
+    evolution: int = Field(description="0 for the first integration, then 1, 2, ...")
+    commit: str = Field(description="The integration commit the evaluator judged.")
+    score: float
+    all_met: bool
+    criteria: list[JudgementOut]
+    summary: str = ""
+    at: datetime
+
+
+class EvolutionOut(BaseModel):
+    """An evolution started because an evaluation fell short: follow-up stories for the gaps."""
+
+    evolution: int
+    from_commit: str = Field(description="The best integration so far, which the stories build on.")
+    after_score: float = Field(description="The score of the evaluation that started it.")
+    best_score: float
+    gaps: list[JudgementOut]
+    at: datetime
+
+
+class DiscardedOut(BaseModel):
+    """An evolution that scored worse than the best so far: its integration was dropped."""
+
+    evolution: int
+    score: float
+    commit: str
+    kept_evolution: int
+    kept_commit: str
+
+
+class BestOut(BaseModel):
+    evolution: int
+    score: float
+    commit: str
+    attempt: int
+
+
+class EvaluationFinalOut(BaseModel):
+    """How the evaluation ended: the integration that lands and its score."""
+
+    passed: bool
+    score: float
+    best_evolution: int
+    commit: str
+    max_reached: bool = Field(
+        description="No evolution reached the threshold within [review] max_evolutions."
+    )
+    evolutions: int
+
+
+class EvaluatorOut(BaseModel):
+    attempts: int
+    failed_runs: int = Field(description="Runs in this evaluation that ended without a verdict.")
+    running: dict[str, Any] | None
+    pending_verdict: int | None = Field(
+        description="The attempt whose verdict is submitted but not yet concluded."
+    )
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+
+
+class EpicEvaluationsOut(BaseModel):
+    """An epic's evaluations and evolutions (``GET /epics/{id}/evaluations``)."""
+
+    epic_id: str
+    stage: EpicStage
+    review: bool | None
+    evolution: int = Field(description="The current evolution (0 before any).")
+    evaluations: list[EvaluationOut] = Field(description="Every verdict, oldest first.")
+    evolutions: list[EvolutionOut]
+    discarded: list[DiscardedOut]
+    best: BestOut | None
+    final: EvaluationFinalOut | None = Field(description="Set once the evaluation concluded.")
 
 
 class EpicOut(BaseModel):
@@ -164,6 +309,21 @@ class EpicOut(BaseModel):
     failed_reason: str | None
     notes: int
     ledger: LedgerOut
+    review: bool | None = Field(
+        default=None, description="Evaluate before landing: as asked, or None for the project's."
+    )
+    questions: list[str] | None = Field(
+        default=None, description="The planner's questions waiting for answers (awaiting_answers)."
+    )
+    interview: list[InterviewRoundOut] = Field(default_factory=list)
+    evolution: int = 0
+    evaluations: list[EvaluationOut] = Field(default_factory=list)
+    evolutions: list[EvolutionOut] = Field(default_factory=list)
+    discarded: list[DiscardedOut] = Field(default_factory=list)
+    best: BestOut | None = None
+    evaluation_final: EvaluationFinalOut | None = None
+    running_evaluator: dict[str, Any] | None = None
+    evaluator: EvaluatorOut | None = None
     position: int | None = Field(
         default=None,
         description="Global log position of the event this command committed (commands only).",
@@ -284,6 +444,7 @@ def ledger_json(epic: Epic, ledger: Ledger) -> dict[str, Any]:
         "cost_usd": round(ledger.cost_usd, 6),
         "planner_cost_usd": round(ledger.planner_cost_usd, 6),
         "stories_cost_usd": round(ledger.stories_cost_usd, 6),
+        "evaluator_cost_usd": round(ledger.evaluator_cost_usd, 6),
         "max_budget_usd": epic.max_budget_usd,
     }
 
@@ -345,8 +506,62 @@ def epic_view(
         "failed_reason": epic.failed_reason,
         "notes": epic.notes,
         "ledger": ledger_json(epic, ledger),
+        "review": epic.review,
+        "questions": list(epic.questions) if epic.questions is not None else None,
+        "interview": [_round(r) for r in epic.interview],
+        **_evaluation_parts(epic),
+        "evaluation_final": _copy(epic.evaluation_final),
+        "running_evaluator": _copy(epic.running_evaluator),
+        "evaluator": {
+            "attempts": epic.evaluator_attempts,
+            "failed_runs": epic.evaluator_failed_runs,
+            "running": _copy(epic.running_evaluator),
+            "pending_verdict": epic.pending_evaluation,
+            "tokens_in": epic.evaluator_tokens_in,
+            "tokens_out": epic.evaluator_tokens_out,
+            "cost_usd": round(epic.evaluator_cost_usd, 6),
+        },
         "position": position,
         "as_of": as_of,
+    }
+
+
+def _copy(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    return dict(value) if value is not None else None
+
+
+def _round(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **entry,
+        "questions": list(entry["questions"]),
+        "answers": list(entry["answers"]) if entry.get("answers") is not None else None,
+        "answered_at": entry.get("answered_at"),
+    }
+
+
+def _judged(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(item) for item in items]
+
+
+def _evaluation_parts(epic: Epic) -> dict[str, Any]:
+    """What the view and ``GET /epics/{id}/evaluations`` share."""
+    return {
+        "evolution": epic.evolution,
+        "evaluations": [{**e, "criteria": _judged(e["criteria"])} for e in epic.evaluations],
+        "evolutions": [{**e, "gaps": _judged(e["gaps"])} for e in epic.evolutions],
+        "discarded": [dict(d) for d in epic.discarded],
+        "best": _copy(epic.best),
+    }
+
+
+def epic_evaluations(epic: Epic) -> dict[str, Any]:
+    """``EpicEvaluationsOut`` as JSON."""
+    return {
+        "epic_id": epic.id,
+        "stage": epic.stage.value,
+        "review": epic.review,
+        **_evaluation_parts(epic),
+        "final": _copy(epic.evaluation_final),
     }
 
 

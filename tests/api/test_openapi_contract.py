@@ -54,7 +54,7 @@ def test_story_ids_and_text_rules_are_in_the_schema(live: LiveServer) -> None:
         for param in operation.get("parameters", [])
         if param["name"] == "story_id"
     ]
-    assert len(id_params) == 5
+    assert len(id_params) == 6
     for param in id_params:
         assert "pattern" in param["schema"], param
     pattern = id_params[0]["schema"]["pattern"]

@@ -131,6 +131,7 @@ def test_create_list_show_and_history(serve: Serve) -> None:
         "cost_usd": 0.0,
         "planner_cost_usd": 0.0,
         "stories_cost_usd": 0.0,
+        "evaluator_cost_usd": 0.0,
         "max_budget_usd": 5.0,
     }
     assert isinstance(epic["position"], int) and epic["as_of"] is None
