@@ -1,4 +1,5 @@
-"""Epics: create, list, read (now or as of), transition, history.
+"""Epics: create, list, read (now or as of), transition, history, answer the planner's
+questions (``POST /epics/{id}/answers``), evaluations and evolutions.
 
 The conventions are the stories' (``api.routes_stories``): one error shape, idempotency
 keys on every command, the caller's token deciding the actor and what it may send. Epic
