@@ -153,7 +153,7 @@ class ReviewReactions:
             return self._block(story, f"cannot read the change to review: {exc}")
         # Before the spawn is recorded: whatever happens next, the runner (this one or the
         # next) knows which commit to put back once the evaluator is gone.
-        self._write_marker(story.id, head)
+        self._write_marker(story.id, head, story.evaluator_attempts + 1)
         purpose = "review_respawn" if story.last_event == "AgentExited" else "review"
         try:
             return self.launcher.launch(
@@ -176,22 +176,45 @@ class ReviewReactions:
     def _marker(self, story_id: str) -> Path:
         return self.run_dir / f"{validate_story_id(story_id)}.reviewed"
 
-    def _write_marker(self, story_id: str, commit: str) -> None:
+    def _write_marker(self, story_id: str, commit: str, attempt: int) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._marker(story_id).write_text(commit + "\n", encoding="utf-8")
+        self._marker(story_id).write_text(f"{commit} {attempt}\n", encoding="utf-8")
+
+    def cleanup(self, story: Story) -> None:
+        """A finished story never comes back to review: its marker goes."""
+        self._marker(story.id).unlink(missing_ok=True)
+
+    def _evaluator_ran_since_gates(self, story: Story, attempt: int) -> bool:
+        """Whether evaluator ``attempt`` was spawned after the story's last gates passed.
+
+        Otherwise the marker is stale (the evaluator never started, or the story left review
+        while it ran, was coded again and passed its gates anew): restoring it would throw
+        away the new commits."""
+        for event in reversed(self.app.history(story.id)):
+            if event.type == "GatesPassed":
+                return False
+            if (
+                event.type == "AgentSpawnRequested"
+                and event.data.get("role") == AgentRole.EVALUATOR.value
+                and event.data.get("attempt") == attempt
+            ):
+                return True
+        return False
 
     def _restore(self, story: Story) -> str | None:
         """Put the worktree and the feature branch back to the commit the last evaluator
         was shown; None when done (or nothing to do), else what went wrong."""
         marker = self._marker(story.id)
         try:
-            commit = marker.read_text(encoding="utf-8").strip()
+            fields = marker.read_text(encoding="utf-8").split()
         except FileNotFoundError:
             return None
         except OSError as exc:
             return str(exc)
+        commit = fields[0] if fields else ""
+        attempt = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
         path = self._worktrees(story).path_for(story.id)
-        if commit and path.is_dir():
+        if commit and path.is_dir() and self._evaluator_ran_since_gates(story, attempt):
             try:
                 run_git(["cat-file", "-e", f"{commit}^{{commit}}"], path, ceiling=path.parent)
                 head = run_git(["rev-parse", "HEAD"], path, ceiling=path.parent).stdout.strip()

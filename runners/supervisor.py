@@ -354,6 +354,7 @@ class Supervisor:
         if stage in (Stage.DONE, Stage.ARCHIVED):
             self.coder.cleanup(story)
             self.merger.cleanup(story)
+            self.reviewer.cleanup(story)
         return False
 
     def _step_epic(self, epic_id: str) -> bool:

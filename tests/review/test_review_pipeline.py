@@ -291,6 +291,35 @@ def test_a_story_that_opts_out_skips_review_in_a_reviewing_project(
     assert other.blocked_reason == 'no [[agent]] with stage = "evaluator" is configured'
 
 
+def test_a_story_recoded_after_leaving_review_keeps_its_new_commits(
+    tmp_path: Path, database: Database
+) -> None:
+    """The reviewed commit is put back only after the evaluator that was shown it: a story
+    blocked while its evaluator ran, then demoted and coded again, reaches review with its
+    new commits, and those are what the next evaluator judges and what merges."""
+    repo = repo_at(tmp_path)
+    more = [{"write": "b.txt", "content": "b\n"}, {"commit": "write b.txt"}]
+    config = review_config(
+        tmp_path,
+        {"s1": {"1": [*CODE, *DOCUMENT], "2": more}},
+        {"s1": {"1": [{"silent": 120}], "2": [PASS]}},
+    )
+    with pipeline(repo, database, config) as p:
+        add(p.app, "s1")
+        # The evaluator process is up (it records its call first thing).
+        p.wait_for("s1", lambda s: bool(s.running_agent and calls(tmp_path, "evaluator")))
+        p.app.transition("s1", "block", actor="user:test", reason="wait, one more file")
+        p.wait_stage("s1", Stage.BLOCKED)
+        p.app.transition("s1", "demote", actor="user:test", reason="one more file")
+        p.app.transition("s1", "start_coding", actor="user:test")
+        story = p.wait_stage("s1", Stage.DONE, Stage.BLOCKED, Stage.MERGE_FAILURE)
+    assert story.stage is Stage.DONE, story.blocked_reason
+    assert "b.txt" in git(repo, "ls-tree", "-r", "--name-only", "main").split()
+    first, second = calls(tmp_path, "evaluator")
+    assert "b.txt" not in first["prompt"] and "+b" in second["prompt"]
+    assert [r["attempt"] for r in story.reviews] == [2]
+
+
 # ---------------------------------------------------------------------- a killed runner
 
 
