@@ -206,8 +206,10 @@ class AgentLauncher:
     @staticmethod
     def _review_failure(story: Story) -> ReviewFailure | None:
         """The verdict that sent the story back, while the story is still being redone for
-        it (``last_review_failure`` is cleared when a later review passes)."""
-        if story.last_review_failure is None or story.retry_count == 0:
+        it (``last_review_failure`` is cleared when a later review passes). Also after a
+        person unblocks a story whose review retries ran out: the retries start again, but
+        what the review found is still what the coder has to fix."""
+        if story.last_review_failure is None:
             return None
         return ReviewFailure.from_story(story.last_review_failure)
 

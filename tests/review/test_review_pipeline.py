@@ -214,17 +214,25 @@ def test_reviews_that_keep_failing_block_the_story_with_the_unmet_criteria(
     tmp_path: Path, database: Database
 ) -> None:
     repo = repo_at(tmp_path)
-    config = review_config(tmp_path, {"s1": CODE}, {"s1": [FAIL]}, max_retries=1)
+    # A person unblocks it: the third coder still gets what the review found.
+    coder = {"s1": {"1": CODE, "2": CODE, "3": [{"expect_in_prompt": GAP_EVIDENCE}, *DOCUMENT]}}
+    evaluator = {"s1": {"1": [FAIL], "2": [FAIL], "3": [PASS]}}
+    config = review_config(tmp_path, coder, evaluator, max_retries=1)
     with pipeline(repo, database, config) as p:
         add(p.app, "s1")
         story = p.wait_stage("s1", Stage.BLOCKED, Stage.DONE)
-    assert story.stage is Stage.BLOCKED
-    assert story.retry_count == 2
-    reason = story.blocked_reason or ""
-    assert "retries exhausted" in reason and "#1 README.md documents a.txt" in reason
-    assert [e.to_stage for e in events(p, "s1", "ReviewFailed")] == ["coding", "blocked"]
-    assert len(calls(tmp_path, "evaluator")) == 2
-    assert "MergeStarted" not in p.types("s1")
+        assert story.stage is Stage.BLOCKED
+        assert story.retry_count == 2
+        reason = story.blocked_reason or ""
+        assert "retries exhausted" in reason and "#1 README.md documents a.txt" in reason
+        assert [e.to_stage for e in events(p, "s1", "ReviewFailed")] == ["coding", "blocked"]
+        assert len(calls(tmp_path, "evaluator")) == 2
+        assert "MergeStarted" not in p.types("s1")
+        p.app.transition("s1", "unblock", actor="user:test", reason="README is wanted")
+        story = p.wait_stage("s1", Stage.DONE, Stage.BLOCKED)
+    assert story.stage is Stage.DONE, story.blocked_reason
+    third = calls(tmp_path, "coder")[2]
+    assert GAP_EVIDENCE in third["prompt"]
 
 
 def test_an_evaluator_crash_before_a_session_consumes_no_retry(
