@@ -120,7 +120,21 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     assert d.send("demote", reason="later")["stage"] == "backlog"
     d.send("start_coding")
     d.code_until_gates(attempt=3)
-    d.send("gates_passed", feature_branch="feature/story-1", commits_ahead=2)
+    in_review = d.send(
+        "gates_passed", feature_branch="feature/story-1", commits_ahead=2, review=True
+    )
+    assert (in_review["stage"], in_review["in_merge_queue"]) == ("review", False)
+    d.send("spawn_agent", role="evaluator", agent="evaluator", runtime="cli")
+    d.send("agent_started", role="evaluator", attempt=1, pid=4444)
+    judged = [
+        {"criterion": i, "met": True, "score": 0.9, "evidence": f"test_{i} passes"}
+        for i in range(len(d.story["acceptance_criteria"]))
+    ]
+    assert d.send("submit_review", attempt=1, criteria=judged)["pending_review"] == 1
+    d.send("agent_exited", role="evaluator", attempt=1, outcome="completed")
+    reviewed = d.send("conclude_review")
+    assert (reviewed["stage"], reviewed["in_merge_queue"]) == ("merge", True)
+    assert reviewed["reviews"][0]["passed"] is True
     d.send("start_merge")
     d.send("merge_failed", kind="conflict_detected", conflicts=["README.md"])
     assert d.send("merge_gave_up", reason="cannot reconcile")["final"] is True
