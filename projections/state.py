@@ -45,6 +45,10 @@ def queue_entry(event: LoggedEvent, current: int | None) -> int | None:
         return event.position
     if event.type == "MergeStarted":
         return None
+    if event.type == "SpeculationRestarted":
+        # A dropped speculative build: back in the queue at the position that first queued it.
+        kept = event.data.get("queued_position")
+        return kept if isinstance(kept, int) else event.position
     return current
 
 
