@@ -149,7 +149,7 @@ class StartMergeData(_Data):
 
 
 class SpeculationUpdatedData(_Data):
-    state: Annotated[str, Field(pattern=r"^(waiting|gating|passed|landing)$")]
+    state: Annotated[str, Field(pattern=r"^(waiting|batched|gating|passed|landing)$")]
     commit: CommitSha | None = None
     parent: CommitSha | None = None
 

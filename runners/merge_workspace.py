@@ -128,9 +128,7 @@ class MergeWorkspaces(WorkspaceSet):
 
     # ---------------------------------------------------------------------------- merging
 
-    def squash_merge(
-        self, story_id: str, message: str, onto: str | None = None
-    ) -> SquashResult:
+    def squash_merge(self, story_id: str, message: str, onto: str | None = None) -> SquashResult:
         """Squash ``feature/story-<id>`` onto the current base tip in the story's workspace
         (or onto the commit ``onto``: the speculative merge queue stacks a story on the
         squash commit of the story ahead of it, which is not on base yet).

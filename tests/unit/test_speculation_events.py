@@ -21,9 +21,7 @@ SHA_C = "d" * 40
 
 
 def send(story: Story, event: str, reason: str | None = "why", **data: Any) -> None:
-    apply_named(
-        story, event, actor=ACTOR, reason=reason, data=data, policy=Policy(max_retries=3)
-    )
+    apply_named(story, event, actor=ACTOR, reason=reason, data=data, policy=Policy(max_retries=3))
 
 
 def stacked() -> Story:

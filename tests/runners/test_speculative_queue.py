@@ -1,0 +1,184 @@
+"""The speculative merge queue with real git and real merge-gate processes (issue 17).
+
+Stories are put straight into the queue (their feature branches made with git plumbing),
+then a real supervisor with ``max_merge_slots`` = 4 stacks, gates and lands them. The
+invariant is checked against git itself: every commit on main has a tree on which a merge
+gate passed, in queue order, each story once, and main only moved forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from domain.stages import MergeFailureKind, Stage
+from service.application import StorylineApplication
+from service.settings import Database
+from tests.pipeline_support import make_config, make_repo, running_pipeline
+from tests.runners.spec_support import (
+    base_only_moved_forward,
+    base_trees,
+    gate_runs,
+    landed,
+    passed_merge_trees,
+    queue,
+    write_gate,
+)
+
+SETTLED = (Stage.DONE, Stage.MERGE_FAILURE, Stage.BLOCKED)
+
+
+def config(tmp: Path, gate: list[str], **overrides: Any) -> Any:
+    return make_config(
+        tmp,
+        {},
+        max_merge_slots=overrides.pop("k", 4),
+        merge_gates={"commands": [gate], "timeout_secs": 60},
+        **overrides,
+    )
+
+
+def files(n: int, *extra: str) -> dict[str, str]:
+    found = {f"s{n}.txt": f"story {n}\n"}
+    for name in extra:
+        found[name] = "x\n"
+    return found
+
+
+def run_queue(
+    tmp: Path, database: Database, stories: dict[str, dict[str, str]], cfg: Any
+) -> tuple[StorylineApplication, dict[str, Any], Path]:
+    repo = make_repo(tmp / "repo")
+    app = StorylineApplication(database)
+    for sid, written in stories.items():
+        queue(app, repo, sid, written)
+    with running_pipeline(repo, database, cfg) as p:
+        final = {sid: p.wait_stage(sid, *SETTLED, timeout=120) for sid in stories}
+    return p.app, final, repo
+
+
+def merge_started(app: StorylineApplication, sid: str) -> list[dict[str, Any]]:
+    return [e.data for e in app.history(sid) if e.type == "MergeStarted"]
+
+
+def test_all_pass_with_k4_lands_in_order_each_tree_gated_as_is(
+    tmp_path: Path, database: Database
+) -> None:
+    # s1's gate only passes once s4's gate started while it ran: the gates overlap.
+    gate = write_gate(tmp_path, sleep=0.2, wait={"1": 4})
+    stories = {f"s{i}": files(i) for i in range(1, 6)}
+    app, final, repo = run_queue(tmp_path, database, stories, config(tmp_path, gate))
+    assert all(s.stage is Stage.DONE for s in final.values()), final
+    assert landed(repo) == [f"story s{i} (story s{i})" for i in range(1, 6)]
+    trees = base_trees(repo)
+    assert set(trees) <= passed_merge_trees(app, list(stories))
+    assert base_only_moved_forward(repo)
+    # Stacked: s4 was squashed on s1 + s2 + s3, its parent being s3's speculative commit.
+    s4 = merge_started(app, "s4")[-1]
+    assert s4["ahead"] == ["s1", "s2", "s3"]
+    assert s4["speculative_base"] != s4["base_sha"]
+    assert final["s4"].merge_commit is not None
+    for sid, story in final.items():
+        assert [e.type for e in app.history(sid)].count("MergeSucceeded") == 1, sid
+        assert story.speculation is None
+
+
+def test_one_failure_in_the_middle_of_five_ejects_only_it(
+    tmp_path: Path, database: Database
+) -> None:
+    gate = write_gate(tmp_path, sleep=0.3)
+    stories = {f"s{i}": files(i) for i in range(1, 6)}
+    stories["s3"] = files(3, "BROKEN-s3")
+    app, final, repo = run_queue(tmp_path, database, stories, config(tmp_path, gate))
+    assert final["s3"].stage is Stage.MERGE_FAILURE
+    assert final["s3"].merge_failure_kind is MergeFailureKind.GATES_FAILED
+    assert "BROKEN-s3" in (final["s3"].merge_failure_details or "")
+    failed = [e for e in app.history("s3") if e.type == "MergeFailed"][-1]
+    assert failed.reason is not None and failed.reason.startswith("ejected: merge gate failed")
+    assert "s1, s2" in failed.reason
+    for sid in ("s1", "s2", "s4", "s5"):
+        assert final[sid].stage is Stage.DONE, (sid, final[sid].stage)
+    assert landed(repo) == [f"story {s} (story {s})" for s in ("s1", "s2", "s4", "s5")]
+    assert set(base_trees(repo)) <= passed_merge_trees(app, list(stories))
+    assert base_only_moved_forward(repo)
+    # The builds behind it were dropped with the reason and rebuilt without it.
+    for sid in ("s4", "s5"):
+        restarts = [e for e in app.history(sid) if e.type == "SpeculationRestarted"]
+        if restarts:
+            assert "s3" in (restarts[0].reason or "")
+        assert "s3" not in merge_started(app, sid)[-1]["ahead"]
+
+
+def test_two_failures(tmp_path: Path, database: Database) -> None:
+    gate = write_gate(tmp_path, sleep=0.2)
+    stories = {f"s{i}": files(i) for i in range(1, 7)}
+    stories["s2"] = files(2, "BROKEN-s2")
+    stories["s5"] = files(5, "BROKEN-s5")
+    app, final, repo = run_queue(tmp_path, database, stories, config(tmp_path, gate))
+    assert [sid for sid, s in final.items() if s.stage is Stage.MERGE_FAILURE] == ["s2", "s5"]
+    assert landed(repo) == [f"story {s} (story {s})" for s in ("s1", "s3", "s4", "s6")]
+    assert set(base_trees(repo)) <= passed_merge_trees(app, list(stories))
+    assert base_only_moved_forward(repo)
+
+
+def test_conflict_with_a_story_ahead_counts_once_that_one_landed(
+    tmp_path: Path, database: Database
+) -> None:
+    gate = write_gate(tmp_path, sleep=0.3)
+    stories = {
+        "s1": {"s1.txt": "1\n", "app.py": "def add(a, b):\n    return a + b\n"},
+        "s2": {"s2.txt": "2\n", "app.py": "def add(a, b):\n    return b + a\n"},
+        "s3": files(3),
+    }
+    cfg = config(tmp_path, gate)
+    cfg = cfg.model_copy(update={"agent": cfg.agent[:1]})  # no mergemaster: a person decides
+    app, final, repo = run_queue(tmp_path, database, stories, cfg)
+    assert final["s1"].stage is Stage.DONE and final["s3"].stage is Stage.DONE
+    assert final["s2"].stage is Stage.MERGE_FAILURE
+    assert final["s2"].merge_failure_kind is MergeFailureKind.CONFLICT_DETECTED
+    assert final["s2"].conflicts == ["app.py"]
+    # It waited for s1 (the story it conflicts with) before the conflict counted.
+    updates = [e.data.get("state") for e in app.history("s2") if e.type == "SpeculationUpdated"]
+    assert "waiting" in updates
+    assert landed(repo) == ["story s1 (story s1)", "story s3 (story s3)"]
+
+
+def test_conflict_with_an_ejected_story_is_no_conflict(tmp_path: Path, database: Database) -> None:
+    gate = write_gate(tmp_path, sleep=0.3)
+    stories = {
+        "s1": {"BROKEN-s1": "x\n", "app.py": "def add(a, b):\n    return a + b\n"},
+        "s2": {"s2.txt": "2\n", "app.py": "def add(a, b):\n    return b + a\n"},
+    }
+    app, final, repo = run_queue(tmp_path, database, stories, config(tmp_path, gate))
+    assert final["s1"].stage is Stage.MERGE_FAILURE
+    assert final["s1"].merge_failure_kind is MergeFailureKind.GATES_FAILED
+    assert final["s2"].stage is Stage.DONE
+    restarts = [e for e in app.history("s2") if e.type == "SpeculationRestarted"]
+    assert restarts and "s1" in (restarts[0].reason or "")
+    assert landed(repo) == ["story s2 (story s2)"]
+
+
+def test_batch_lands_a_group_on_one_gate_run_and_splits_a_failed_one(
+    tmp_path: Path, database: Database
+) -> None:
+    gate = write_gate(tmp_path, sleep=0.3)
+    stories = {f"s{i}": files(i) for i in range(1, 7)}
+    stories["s5"] = files(5, "BROKEN-s5")
+    cfg = config(tmp_path, gate, k=2, merge_queue={"batch": 3})
+    app, final, repo = run_queue(tmp_path, database, stories, cfg)
+    assert final["s5"].stage is Stage.MERGE_FAILURE
+    for sid in ("s1", "s2", "s3", "s4", "s6"):
+        assert final[sid].stage is Stage.DONE, (sid, final[sid].stage)
+    assert landed(repo) == [f"story {s} (story {s})" for s in ("s1", "s2", "s3", "s4", "s6")]
+    assert base_only_moved_forward(repo)
+    # Fewer gate runs than stories landed: groups were gated on their top only.
+    batched = [
+        e for sid in stories for e in app.history(sid) if e.type == "SpeculationUpdated"
+        if e.data.get("state") == "batched"
+    ]
+    assert batched
+    split = [
+        e for sid in stories for e in app.history(sid) if e.type == "SpeculationRestarted"
+        if e.data.get("alone")
+    ]
+    assert any(e.story_id == "s5" for e in split) or final["s5"].stage is Stage.MERGE_FAILURE
+    assert len(gate_runs(tmp_path)) < 2 * len(stories)
