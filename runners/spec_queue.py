@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,7 @@ class SpeculativeQueue:
         self.alone: set[str] = set()
         """Stories split from a failed batch: gated on their own when they next join."""
         self._targets: dict[str, str | None] = {}
+        self._timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ views
 
@@ -174,6 +176,10 @@ class SpeculativeQueue:
             stack = self.stacks.setdefault(target, [])
             candidates = self._candidates(target)
             if not candidates or candidates[0] != story.id:
+                if candidates and candidates[0] != story.id and self._stale(candidates[0]):
+                    # The story ahead left the queue in an event this runner's index has
+                    # not read yet: look again shortly (no event will wake this one).
+                    self._wake_later()
                 return None  # strict queue order
             live = [e for e in stack if not e.group.landed]
             last = stack[-1] if stack else None
@@ -213,6 +219,27 @@ class SpeculativeQueue:
             stack.append(entry)
             self.busy.add(story.id)
             return entry
+
+    def _stale(self, story_id: str) -> bool:
+        if story_id in self.busy:
+            return False
+        try:
+            return self.m.app.get_story(story_id).stage is not Stage.MERGE
+        except DomainError:
+            return True
+
+    def _wake_later(self, delay: float = 0.5) -> None:
+        """One delayed wake of the queue at a time (holding ``cond``)."""
+        if self._timer is not None and self._timer.is_alive():
+            return
+
+        def wake() -> None:
+            if not self._stopping():
+                self.m._wake_queue()
+
+        self._timer = threading.Timer(delay, wake)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _leave(self, entry: _Entry) -> None:
         with self.cond:
@@ -289,13 +316,13 @@ class SpeculativeQueue:
         except DomainError:
             logger.exception("could not record the speculation state of %s", story.id)
 
-    def _wait(self, entry: _Entry, done: object) -> None:
+    def _wait(self, entry: _Entry, done: Callable[[], bool]) -> None:
         """Wait (holding ``cond``) until ``done()``; raise _Restart when the build is dropped
         or the runner stops (the story stays merging: the next runner drops it)."""
         while True:
             if entry.restart is not None:
                 raise _Restart
-            if done():  # type: ignore[operator]
+            if done():
                 return
             if self._stopping() and entry.restart is None:
                 entry.restart = "the runner stopped during the build; requeued at its old position"

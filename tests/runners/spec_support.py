@@ -5,6 +5,7 @@ and fails on any tree holding a ``BROKEN-*`` file."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -106,7 +107,10 @@ def queue(app: StorylineApplication, repo: Path, story_id: str, files: dict[str,
     )
     steps: list[tuple[str, dict[str, Any]]] = [
         ("start_coding", {}),
-        ("worktree_ready", {"path": str(repo / ".storyline" / "none" / story_id), "branch": branch}),
+        (
+            "worktree_ready",
+            {"path": str(repo / ".storyline" / "none" / story_id), "branch": branch},
+        ),
         ("spawn_agent", {"role": "coder", "agent": "coder", "runtime": "cli"}),
         ("agent_started", {"role": "coder", "attempt": 1, "pid": 99}),
         ("agent_exited", {"role": "coder", "attempt": 1, "outcome": "completed"}),
@@ -144,7 +148,7 @@ def base_only_moved_forward(repo: Path) -> bool:
     """Every position main's reflog recorded descends from the one before it."""
     shas = git(repo, "reflog", "show", "--format=%H", "refs/heads/main").splitlines()
     shas.reverse()
-    for old, new in zip(shas, shas[1:], strict=False):
+    for old, new in itertools.pairwise(shas):
         check = subprocess.run(
             ["git", "merge-base", "--is-ancestor", old, new], cwd=repo, capture_output=True
         )

@@ -172,13 +172,102 @@ def test_batch_lands_a_group_on_one_gate_run_and_splits_a_failed_one(
     assert base_only_moved_forward(repo)
     # Fewer gate runs than stories landed: groups were gated on their top only.
     batched = [
-        e for sid in stories for e in app.history(sid) if e.type == "SpeculationUpdated"
+        e
+        for sid in stories
+        for e in app.history(sid)
+        if e.type == "SpeculationUpdated"
         if e.data.get("state") == "batched"
     ]
     assert batched
     split = [
-        e for sid in stories for e in app.history(sid) if e.type == "SpeculationRestarted"
+        e
+        for sid in stories
+        for e in app.history(sid)
+        if e.type == "SpeculationRestarted"
         if e.data.get("alone")
     ]
     assert any(e.story_id == "s5" for e in split) or final["s5"].stage is Stage.MERGE_FAILURE
     assert len(gate_runs(tmp_path)) < 2 * len(stories)
+
+
+def test_runner_sigkilled_during_a_stacked_build_resumes_the_stack(
+    tmp_path: Path, database: Database
+) -> None:
+    import signal
+    import time
+
+    from runners.lease import TABLE as LEASE_TABLE
+    from service.sqlstore import SqlStore
+    from tests.pipeline_support import dump_toml
+    from tests.runners.test_runner_crash import start_runner, stop_runner
+
+    # s3's gate holds until released: the runner is killed while s1, s2 landed, s3 gates
+    # and s4 passed on s1 + s2 + s3 and waits for s3.
+    gate = write_gate(tmp_path, sleep=0.2, hold={"3": "release"})
+    out = tmp_path / "gate-out"
+    repo = make_repo(tmp_path / "repo")
+    (repo / "storyline.toml").write_text(dump_toml(config(tmp_path, gate)))
+    app = StorylineApplication(database)
+    stories = [f"s{i}" for i in range(1, 5)]
+    for i, sid in enumerate(stories, start=1):
+        queue(app, repo, sid, files(i))
+    log = tmp_path / "runner.log"
+
+    def wait(what: str, predicate: Any, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()}")
+
+    def spec_state(sid: str) -> str | None:
+        spec = app.get_story(sid).speculation
+        return spec.get("state") if spec else None
+
+    runner = start_runner(repo, database, log)
+    try:
+        wait(
+            "s1 and s2 to land",
+            lambda: landed(repo)[:2] == ["story s1 (story s1)", "story s2 (story s2)"],
+        )
+        wait("s3's gate to run", lambda: (out / "started-3").exists())
+        wait("s4 to pass and wait", lambda: spec_state("s4") == "passed")
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        before = git_tip(repo)
+        (out / "release").write_text("")  # the orphaned gate may end now
+        SqlStore(app).write(f"UPDATE {LEASE_TABLE} SET expires_at = 0 WHERE name = ?", ("runners",))
+        runner = start_runner(repo, database, log)
+        wait(
+            "every story to land",
+            lambda: all(app.get_story(s).stage is Stage.DONE for s in stories),
+        )
+    finally:
+        if runner.poll() is None:
+            stop_runner(runner, log)
+    assert landed(repo) == [f"story {s} (story {s})" for s in stories]
+    assert set(base_trees(repo)) <= passed_merge_trees(app, stories)
+    assert base_only_moved_forward(repo)
+    assert before in git_log(repo)
+    for sid in stories:
+        types = [e.type for e in app.history(sid)]
+        assert types.count("MergeSucceeded") == 1, (sid, types)
+    for sid in ("s3", "s4"):
+        restarts = [e for e in app.history(sid) if e.type == "SpeculationRestarted"]
+        assert restarts and "runner stopped" in (restarts[0].reason or ""), sid
+    # s4 was rebuilt on the same tree as before: its recorded pass is reused, not rerun.
+    verdicts = [e for e in app.history("s4") if e.type == "GateVerdictRecorded"]
+    assert verdicts[-1].data.get("reused_from") == verdicts[0].position
+
+
+def git_tip(repo: Path) -> str:
+    from tests.pipeline_support import git
+
+    return git(repo, "rev-parse", "main")
+
+
+def git_log(repo: Path) -> list[str]:
+    from tests.pipeline_support import git
+
+    return git(repo, "log", "--format=%H", "main").splitlines()
