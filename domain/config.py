@@ -53,7 +53,13 @@ class GatesConfig(_Strict):
     flaky_retries: Annotated[int, Field(ge=1, le=10)] = 2
     nondeterministic: list[str] = Field(default_factory=list)
     """Gate commands (as written, joined) whose verdicts are never compared: their
-    different verdicts on one tree are expected, never called flaky."""
+    different verdicts on one tree are expected, never called flaky (nor reused)."""
+    reuse_verdicts: bool | None = None
+    """Reuse a recorded pass of the same command on the same tree (same environment)
+    instead of running it again (recorded as a verdict naming the pass it reuses);
+    ``nondeterministic`` gates never are. None: on with the speculative merge queue
+    (``max_merge_slots`` > 1 or ``[merge_queue] batch`` > 1), off otherwise, where a
+    rerun on the same tree is how ``flaky`` finds flaky gates."""
 
     @field_validator("commands", mode="before")
     @classmethod

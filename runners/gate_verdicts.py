@@ -305,6 +305,9 @@ class GateJudge:
         self.memory = memory if memory is not None else VerdictMemory()
         self.registry = registry if registry is not None else GateRegistryService(app)
         self._quarantine_lock = threading.Lock()
+        self.reuse_by_default = False
+        """Whether a phase whose ``reuse_verdicts`` is unset reuses recorded passes (the
+        runner turns it on with the speculative merge queue)."""
 
     def run(
         self,
@@ -325,6 +328,7 @@ class GateJudge:
         env = gate_env()
         quarantined = self._quarantined() if gates.flaky == "quarantine" else {}
         opted_out = {normalized_gate(g) for g in gates.nondeterministic}
+        reuse = gates.reuse_verdicts if gates.reuse_verdicts is not None else self.reuse_by_default
         runs: list[CommandResult] = []
         notes: list[str] = []
         if tree is None:
@@ -352,6 +356,7 @@ class GateJudge:
                     tree=tree,
                     key=(tree, gate, fingerprint(argv, env)),
                     compared=gate not in opted_out,
+                    reuse=reuse and gate not in opted_out,
                     quarantined=quarantined,
                     pidfile=pidfile,
                     actor=actor,
@@ -381,9 +386,10 @@ class GateJudge:
         quarantined: dict[str, dict[str, Any]],
         pidfile: Path,
         actor: str,
+        reuse: bool = False,
     ) -> _Outcome:
         gate = key[1]
-        if compared:
+        if reuse:
             earlier_pass = self.memory.reusable(key)
             if earlier_pass is not None:
                 return self._reuse(story, phase, key, argv, earlier_pass, actor)

@@ -295,6 +295,7 @@ class MergeReactions:
     def _judge(self) -> GateJudge:
         if self.gate_judge is None:
             self.gate_judge = GateJudge(self.app)
+            self.gate_judge.reuse_by_default = self.spec is not None
         return self.gate_judge
 
     def _merge_gates_pass(self, story: Story) -> bool:

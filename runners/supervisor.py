@@ -125,6 +125,7 @@ class Supervisor:
             on_slot_freed=lambda: self.slot_freed(Stage.MERGE.value),
         )
         self.gate_judge = GateJudge(self.app, self.verdicts)
+        self.gate_judge.reuse_by_default = self.merger.spec is not None
         self.coder.gate_judge = self.gate_judge
         self.merger.gate_judge = self.gate_judge
         self.epics = EpicService(self.app, epic_policy(self.config))
