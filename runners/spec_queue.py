@@ -406,6 +406,18 @@ class SpeculativeQueue:
     def _land(self, story: Story, entry: _Entry) -> None:
         group = entry.group
         if group.top is entry:
+            gone = self._left_the_merge(group)
+            if gone:
+                # Blocked or demoted by a person while it was built: it must not land, and
+                # every build on top of it holds its changes.
+                with self.cond:
+                    self._drop_from(
+                        entry.target,
+                        group.members[0],
+                        f"story {gone} left the merge while it was built: rebuilt without it",
+                    )
+                self._record_restart(story, entry)
+                return
             self._update(story, entry, "landing")
             workspaces = self.m._workspaces(story)
             assert entry.commit is not None
@@ -435,6 +447,16 @@ class SpeculativeQueue:
         assert entry.commit is not None
         self.alone.discard(story.id)
         self.m._succeed(story, entry.commit)
+
+    def _left_the_merge(self, group: _Group) -> str | None:
+        for member in group.members:
+            try:
+                current = self.m.app.get_story(member.story_id)
+            except DomainError:
+                return member.story_id
+            if current.stage is not Stage.MERGE or not current.merging:
+                return member.story_id
+        return None
 
     def _failed(self, story: Story, entry: _Entry) -> None:
         group = entry.group
@@ -558,8 +580,9 @@ class SpeculativeQueue:
                 reason=f"speculation restarted: {entry.restart or 'dropped'}",
                 data=data,
             )
-        except DomainError:
-            logger.exception("could not record the restart of %s", story.id)
+        except DomainError as exc:
+            # Blocked or demoted meanwhile: nothing of its merge is left to restart.
+            logger.info("no restart recorded for %s: %s", story.id, exc)
             return
         if entry.restart_alone:
             self.alone.add(story.id)

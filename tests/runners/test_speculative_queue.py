@@ -271,3 +271,28 @@ def git_log(repo: Path) -> list[str]:
     from tests.pipeline_support import git
 
     return git(repo, "log", "--format=%H", "main").splitlines()
+
+
+def test_a_story_blocked_in_the_stack_does_not_land_and_those_behind_rebuild(
+    tmp_path: Path, database: Database
+) -> None:
+    import time
+
+    gate = write_gate(tmp_path, sleep=0.2, hold={"1": "release"})
+    out = tmp_path / "gate-out"
+    repo = make_repo(tmp_path / "repo")
+    app = StorylineApplication(database)
+    for i in (1, 2, 3):
+        queue(app, repo, f"s{i}", files(i))
+    with running_pipeline(repo, database, config(tmp_path, gate)) as p:
+        p.wait_for("s3", lambda s: (s.speculation or {}).get("state") == "passed")
+        p.app.transition("s2", "block", actor="user:test", reason="a person stops it")
+        (out / "release").write_text("")
+        for sid in ("s1", "s3"):
+            assert p.wait_stage(sid, *SETTLED).stage is Stage.DONE, sid
+        time.sleep(0.3)
+        assert p.story("s2").stage is Stage.BLOCKED
+    assert landed(repo) == ["story s1 (story s1)", "story s3 (story s3)"]
+    assert set(base_trees(repo)) <= passed_merge_trees(p.app, ["s1", "s2", "s3"])
+    restarts = [e for e in p.app.history("s3") if e.type == "SpeculationRestarted"]
+    assert restarts and "s2" in (restarts[0].reason or "")
