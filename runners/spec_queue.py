@@ -137,6 +137,10 @@ class SpeculativeQueue:
             self._run(story, entry)
         except GitError as exc:
             self._broken(story, entry, str(exc))
+        except Exception as exc:
+            # Never leave the builds behind (or a batch) waiting on a thread that is gone.
+            logger.exception("speculative merge of %s failed", story.id)
+            self._broken(story, entry, f"{type(exc).__name__}: {exc}")
         finally:
             self._leave(entry)
         return True
@@ -524,7 +528,9 @@ class SpeculativeQueue:
 
     def _broken(self, story: Story, entry: _Entry, why: str) -> None:
         with self.cond:
-            self._drop_behind(entry, f"story {entry.story_id} ahead of it failed to merge: {why}")
+            reason = f"story {entry.story_id} ahead of it failed to merge: {why}"
+            # Its batch too: the others wait for a verdict this story's thread will not give.
+            self._drop_from(entry.target, entry.group.members[0], reason)
         try:
             current = self.m.app.get_story(story.id)
         except DomainError:
