@@ -252,6 +252,10 @@ def _merge_requeued(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     s.final = False
 
 
+def _speculation_restarted(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
+    s.merging = False  # back in the queue (the speculative merge queue dropped its build)
+
+
 def _mergemaster_attempted(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     s.final = True
 
@@ -293,6 +297,7 @@ _STORY_HANDLERS: dict[str, Callable[[StoryState, LoggedEvent, dict[str, Any]], N
     "FixupRequested": _fixup_requested,
     "MergeRequeued": _merge_requeued,
     "MergemasterAttempted": _mergemaster_attempted,
+    "SpeculationRestarted": _speculation_restarted,
     "StoryBlocked": _blocked,
     "StoryUnblocked": _unblocked,
     "StoryDemoted": _demoted,
@@ -310,6 +315,7 @@ _NOT_STEPS = frozenset(
         "DroppedHunkDeclared",
         "GateVerdictRecorded",
         "GateFlakyDetected",
+        "SpeculationUpdated",
     }
 )
 
