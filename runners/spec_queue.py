@@ -103,25 +103,6 @@ class SpeculativeQueue:
         self._targets: dict[str, str | None] = {}
         self._timer: threading.Timer | None = None
 
-    # ------------------------------------------------------------------ views
-
-    def describe(self) -> list[dict[str, object]]:
-        """This runner's stacks as it holds them (landing order)."""
-        with self.cond:
-            return [
-                {
-                    "story_id": e.story_id,
-                    "target": e.target,
-                    "state": e.state,
-                    "base_sha": e.base_sha,
-                    "ahead": list(e.ahead),
-                    "parent": e.parent,
-                    "commit": e.commit,
-                }
-                for stack in self.stacks.values()
-                for e in stack
-            ]
-
     # ------------------------------------------------------------------ entry point
 
     def step(self, story: Story) -> bool:
