@@ -21,6 +21,7 @@ from domain.ids import STORY_ID_PATTERN, validate_story_id
 from domain.stages import Stage
 from service.application import StorylineApplication
 from service.gate_registry import GateRegistryService
+from service.merge_stack import merge_stack
 
 router = APIRouter(tags=["projections"])
 
@@ -90,7 +91,12 @@ async def merge_queue(request: Request, caller: Principal = Depends(principal)) 
 
     def read() -> dict[str, Any]:
         rows = [_row(r) for r in state.read_models.merge_queue()]
-        return {"queue": with_merge_trust(app, rows), "quarantined_gates": quarantined_gates(app)}
+        merging, _ = state.read_models.board(stage=Stage.MERGE.value, limit=BOARD_PAGE)
+        return {
+            "queue": with_merge_trust(app, rows),
+            "stack": merge_stack(app, [str(r["id"]) for r in merging]),
+            "quarantined_gates": quarantined_gates(app),
+        }
 
     return JsonResponse(await run_in_threadpool(read))
 

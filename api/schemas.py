@@ -280,6 +280,12 @@ class StoryOut(BaseModel):
     feature_branch: str | None
     commits_ahead: int
     merging: bool
+    speculation: dict[str, Any] | None = Field(
+        default=None,
+        description="The speculative merge queue's build of this story while it merges: "
+        "``state``, ``base_sha``, ``ahead`` (stacked below it when it started), ``parent`` "
+        "(the commit it is squashed onto) and ``commit``; null outside the stack.",
+    )
     in_merge_queue: bool
     resolved_pending: bool
     merge_commit: str | None
@@ -356,6 +362,13 @@ class MergeQueueOut(BaseModel):
         description="Queued stories, next first. Besides the merge-queue projection's fields "
         "each row has ``declared_drops`` (with reasons), ``lost_hunks`` (``{file, side, "
         "hunk}`` the last resolution was sent back for) and ``flaky_gates`` (gate names)."
+    )
+    stack: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The speculative merge stack (``max_merge_slots`` > 1), head first: each "
+        "build's ``state`` (building, waiting, batched, gating, passed, landing), its "
+        "speculative base (``base_sha`` plus ``ahead``, the stories below it not landed "
+        "yet; ``parent`` is the commit it is squashed onto) and its ``commit``.",
     )
     quarantined_gates: list[dict[str, Any]] = Field(
         default_factory=list,

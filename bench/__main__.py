@@ -6,7 +6,7 @@
 
 Rows: 1 raw INSERT limit, 2 bare eventsourcing app, 3 storyline application layer,
 4 HTTP, 5 projection rebuild vs bare read, 6 runner reaction, 7 scale (100k stories),
-8 the web board in Chromium (10k stories).
+8 the web board in Chromium (10k stories), 9 merge throughput (the speculative queue).
 A row whose code is not there yet is shown as "pending"; a row that fails is shown as
 "error" with the reason, and the run goes on.
 """
@@ -46,6 +46,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "runner_reaction": ("bench.runner_reaction", "6"),
     "scale": ("bench.scale", "7"),
     "board_render": ("bench.board_render", "8"),
+    "merge_throughput": ("bench.merge_throughput", "9"),
 }
 # Throughput rows sharing the machine with whatever else runs on it: run in interleaved
 # rounds and keep each row's best round (interference only ever slows a round down).
@@ -188,6 +189,10 @@ def ratios(results: list[Measurement]) -> list[Ratio]:
     bound("row 8 median, board DOMContentLoaded, 10k stories", "8/sqlite/-", "p50_ms", 1000, "ms")
     bound("row 8f median, board filled, 10k stories", "8f/sqlite/-", "p50_ms", 1000, "ms")
     bound("row 8e median, event commit to card moved", "8e/sqlite/-", "p50_ms", 250, "ms")
+    ratio("row 9: k=1 / k=4, all pass", "9/postgres/1", "9/postgres/4", 3.0)
+    ratio("row 9: k=1 / k=4 with batch 3, all pass", "9/postgres/1", "9b/postgres/4", None)
+    ratio("row 9f: k=1 / k=4, one failing story", "9f/postgres/1", "9f/postgres/4", 2.0)
+    bound("row 9o per landed story, gate time excluded", "9o/postgres/-", "value", 0.5, "s")
     return out
 
 

@@ -138,8 +138,25 @@ class GatesFailedData(_Data):
     output: str
 
 
+StoryRef = Annotated[str, Field(min_length=1, max_length=200), Clean]
+CommitSha = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
 class StartMergeData(_Data):
     base_sha: Annotated[str, Field(max_length=64), Clean] | None = None
+    ahead: Annotated[list[StoryRef], Field(max_length=64)] = []
+    speculative_base: CommitSha | None = None
+
+
+class SpeculationUpdatedData(_Data):
+    state: Annotated[str, Field(pattern=r"^(waiting|batched|gating|passed|landing)$")]
+    commit: CommitSha | None = None
+    parent: CommitSha | None = None
+
+
+class RestartSpeculationData(_Data):
+    queued_position: Annotated[int, Field(ge=1, le=2**62)] | None = None
+    alone: bool = False
 
 
 class MergeSucceededData(_Data):
@@ -181,6 +198,7 @@ class GateVerdictData(_Data):
     output: Annotated[str, Field(max_length=MAX_OUTPUT)] = ""
     rerun: Annotated[int, Field(ge=0, le=100)] = 0
     ignored: bool = False
+    reused_from: Annotated[int, Field(ge=1, le=2**62)] | None = None
 
 
 class FlakyGateData(_Data):
@@ -286,7 +304,26 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
         ),
     ),
     "start_merge": _spec(
-        StartMergeData, lambda s, a, r, d, p, deps: s.start_merge(actor=a, base_sha=d.base_sha)
+        StartMergeData,
+        lambda s, a, r, d, p, deps: s.start_merge(
+            actor=a,
+            reason=r,
+            base_sha=d.base_sha,
+            ahead=list(d.ahead),
+            speculative_base=d.speculative_base,
+        ),
+    ),
+    "restart_speculation": _spec(
+        RestartSpeculationData,
+        lambda s, a, r, d, p, deps: s.restart_speculation(
+            actor=a, reason=r, queued_position=d.queued_position, alone=d.alone
+        ),
+    ),
+    "update_speculation": _spec(
+        SpeculationUpdatedData,
+        lambda s, a, r, d, p, deps: s.update_speculation(
+            actor=a, reason=r, state=d.state, commit=d.commit, parent=d.parent
+        ),
     ),
     "merge_succeeded": _spec(
         MergeSucceededData,

@@ -53,7 +53,13 @@ class GatesConfig(_Strict):
     flaky_retries: Annotated[int, Field(ge=1, le=10)] = 2
     nondeterministic: list[str] = Field(default_factory=list)
     """Gate commands (as written, joined) whose verdicts are never compared: their
-    different verdicts on one tree are expected, never called flaky."""
+    different verdicts on one tree are expected, never called flaky (nor reused)."""
+    reuse_verdicts: bool | None = None
+    """Reuse a recorded pass of the same command on the same tree (same environment)
+    instead of running it again (recorded as a verdict naming the pass it reuses);
+    ``nondeterministic`` gates never are. None: on with the speculative merge queue
+    (``max_merge_slots`` > 1 or ``[merge_queue] batch`` > 1), off otherwise, where a
+    rerun on the same tree is how ``flaky`` finds flaky gates."""
 
     @field_validator("commands", mode="before")
     @classmethod
@@ -95,6 +101,15 @@ class MergeGatesConfig(GatesConfig):
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
         return value
+
+
+class MergeQueueConfig(_Strict):
+    """The speculative merge queue (with ``max_merge_slots`` > 1)."""
+
+    batch: Annotated[int, Field(ge=1, le=16)] = 1
+    """Stories landed together on one merge-gate run (on the top of the batch). A batch
+    whose gate fails is split: each of its stories is then gated on its own (in the
+    stack, in parallel), which finds the culprit. 1: every story is gated alone."""
 
 
 class EpicConfig(_Strict):
@@ -349,6 +364,10 @@ class StorylineConfig(_Strict):
     max_coders: Annotated[int, Field(ge=1, le=256)] = 2
     max_retries: Annotated[int, Field(ge=0, le=100)] = 3
     max_mergemasters: Annotated[int, Field(ge=1, le=64)] = 1
+    max_merge_slots: Annotated[int, Field(ge=1, le=16)] = 1
+    """The depth of the speculative merge stack: the first ``max_merge_slots`` queued
+    stories are squashed on top of each other and gated in parallel, landing in queue
+    order. 1: one merge at a time per ``max_mergemasters`` slot (no speculation)."""
     abort_respawn_cap: Annotated[int, Field(ge=1, le=100)] = 5
     mergemaster_respawn_cap: Annotated[int, Field(ge=1, le=100)] = 3
     provider_breaker_failures: Annotated[int, Field(ge=1, le=100)] = 3
@@ -362,6 +381,7 @@ class StorylineConfig(_Strict):
     """Project-local prompt file, appended to every coder prompt when it exists."""
     gates: GatesConfig = Field(default_factory=GatesConfig)
     merge_gates: MergeGatesConfig = Field(default_factory=MergeGatesConfig)
+    merge_queue: MergeQueueConfig = Field(default_factory=MergeQueueConfig)
     fixup: FixupCaps = Field(default_factory=FixupCaps)
     agent: list[AgentConfig] = Field(default_factory=list)
     server: ServerConfig = Field(default_factory=ServerConfig)

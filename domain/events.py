@@ -300,10 +300,27 @@ class MergeStarted(StoryEvent):
     TOPIC: ClassVar[str] = "storyline.MergeStarted.v1"
     base_sha: str | None = None
     resolved: bool = False
+    ahead: list[str] = Field(default_factory=list)
+    """Speculative merge queue: the stories stacked below this one (not landed when it
+    started), in landing order. Empty for a merge on the base branch itself."""
+    speculative_base: str | None = None
+    """Speculative merge queue: the commit this story is squashed onto (the speculative
+    commit of the last story in ``ahead``, or ``base_sha``). None outside the stack."""
 
     def apply_to(self, story: Story) -> None:
         story.merging = True
         story.queued_at = None
+        story.speculation = (
+            {
+                "state": "building",
+                "base_sha": self.base_sha,
+                "ahead": list(self.ahead),
+                "parent": self.speculative_base,
+                "commit": None,
+            }
+            if self.speculative_base is not None
+            else None
+        )
 
 
 class MergeSucceeded(StoryEvent):
@@ -313,6 +330,7 @@ class MergeSucceeded(StoryEvent):
 
     def apply_to(self, story: Story) -> None:
         story.merging = False
+        story.speculation = None
         story.merge_commit = self.merge_commit
         story.mergemaster_spawns = 0
         story.merge_failure_kind = None
@@ -331,6 +349,7 @@ class MergeFailed(StoryEvent):
 
     def apply_to(self, story: Story) -> None:
         story.merging = False
+        story.speculation = None
         story.merge_failure_kind = self.kind
         story.merge_failure_details = self.details
         story.conflicts = list(self.conflicts)
@@ -360,6 +379,55 @@ class MergeRequeued(StoryEvent):
         story.final = False
 
 
+class _NotAStep(StoryEvent):
+    """An event recorded on a story that is not a step of its state machine (as
+    ``NoteAdded``): ``last_event`` and ``state_version`` stay, so the runners' next step
+    and a command's expected version are unaffected."""
+
+    def apply(self, aggregate: Any) -> None:
+        self.apply_to(aggregate)
+
+
+class SpeculationRestarted(StoryEvent):
+    """Speculative merge queue: the story's speculative build is dropped (a story ahead of
+    it was ejected, the base moved under the stack, a batch is split, or the runner
+    restarted mid-build). It stays in ``merge``, back in the queue at its old position
+    (``queued_position``, the log position that first queued it); the reason says why."""
+
+    TOPIC: ClassVar[str] = "storyline.SpeculationRestarted.v1"
+    queued_position: int | None = None
+    ahead: list[str] = Field(default_factory=list)
+    """The stack below the dropped build (as it was when the build started)."""
+    alone: bool = False
+    """True when the story must next be gated on its own (a failed batch being split)."""
+
+    def apply_to(self, story: Story) -> None:
+        story.merging = False
+        story.speculation = None
+        story.queued_at = self.timestamp
+
+
+class SpeculationUpdated(_NotAStep):
+    """Speculative merge queue: a stacked build's progress (``gating`` once its squash
+    commit exists, ``passed`` while it waits for the stories ahead to land, ``landing``
+    when the base is being moved onto it, ``waiting`` when its squash depends on the
+    stories ahead). Not a step: a guard reads nothing of it."""
+
+    TOPIC: ClassVar[str] = "storyline.SpeculationUpdated.v1"
+    state: str
+    commit: str | None = None
+    parent: str | None = None
+
+    def apply_to(self, story: Story) -> None:
+        spec = dict(story.speculation or {})
+        spec["state"] = self.state
+        if self.commit is not None:
+            spec["commit"] = self.commit
+        if self.parent is not None:
+            spec["parent"] = self.parent
+        story.speculation = spec
+
+
 class MergemasterAttempted(StoryEvent):
     """A mergemaster gave up genuinely; the story now needs a person."""
 
@@ -378,6 +446,7 @@ class StoryBlocked(StoryEvent):
         story.blocked_reason = self.reason
         story.merging = False
         story.queued_at = None
+        story.speculation = None
 
 
 class StoryUnblocked(StoryEvent):
@@ -405,6 +474,7 @@ class StoryDemoted(StoryEvent):
         story.merging = False
         story.queued_at = None
         story.fixup_pending = False
+        story.speculation = None
         story.pending_review = None
 
 
@@ -427,15 +497,6 @@ class NoteAdded(StoryEvent):
     def apply(self, aggregate: Any) -> None:
         story: Story = aggregate
         story.notes += 1
-
-
-class _NotAStep(StoryEvent):
-    """An event recorded on a story that is not a step of its state machine (as
-    ``NoteAdded``): ``last_event`` and ``state_version`` stay, so the runners' next step
-    and a command's expected version are unaffected."""
-
-    def apply(self, aggregate: Any) -> None:
-        self.apply_to(aggregate)
 
 
 class ProviderBreakerOpened(_NotAStep):
@@ -491,6 +552,9 @@ class GateVerdictRecorded(_NotAStep):
     output: str = ""
     rerun: int = 0
     ignored: bool = False
+    reused_from: int | None = None
+    """The log position of the earlier passing verdict on the same key that this one
+    reuses (the command did not run again); None when the command ran."""
 
     def apply_to(self, story: Story) -> None:
         story.gate_runs += 1
@@ -616,6 +680,8 @@ EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     FixupRequested,
     MergeRequeued,
     MergemasterAttempted,
+    SpeculationRestarted,
+    SpeculationUpdated,
     StoryBlocked,
     StoryUnblocked,
     StoryDemoted,

@@ -44,6 +44,8 @@ from domain.events import (
     ReviewFailed,
     ReviewPassed,
     ReviewSubmitted,
+    SpeculationRestarted,
+    SpeculationUpdated,
     StoryArchived,
     StoryBlocked,
     StoryCreated,
@@ -194,6 +196,9 @@ class Story(BaseAggregate[str]):
         self.commits_ahead = 0
         self.merging = False
         self.queued_at: datetime | None = None
+        self.speculation: dict[str, Any] | None = None
+        """Speculative merge queue: this story's stacked build while it merges
+        (``state``, ``base_sha``, ``ahead``, ``parent``, ``commit``); None otherwise."""
         self.resolved_pending = False
         self.merge_commit: str | None = None
         self.merge_failure_kind: MergeFailureKind | None = None
@@ -601,12 +606,80 @@ class Story(BaseAggregate[str]):
 
     # ------------------------------------------------------------------ merge
 
-    def start_merge(self, *, actor: str, base_sha: str | None = None) -> None:
+    def start_merge(
+        self,
+        *,
+        actor: str,
+        base_sha: str | None = None,
+        ahead: list[str] | None = None,
+        speculative_base: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         event = "start_merge"
         self._require_stage(event, Stage.MERGE)
         if self.merging:
             raise self._refuse(event, "a merge of this story is already running")
-        self._move(MergeStarted, actor=actor, base_sha=base_sha, resolved=self.resolved_pending)
+        if ahead and speculative_base is None:
+            raise InvalidCommand("a stacked merge names the commit it is squashed onto")
+        if self.id in (ahead or []):
+            raise InvalidCommand("a story cannot be stacked on itself")
+        self._move(
+            MergeStarted,
+            actor=actor,
+            reason=reason,
+            base_sha=base_sha,
+            resolved=self.resolved_pending,
+            ahead=list(ahead or []),
+            speculative_base=speculative_base,
+        )
+
+    def update_speculation(
+        self,
+        *,
+        actor: str,
+        reason: str | None,
+        state: str,
+        commit: str | None = None,
+        parent: str | None = None,
+    ) -> None:
+        event = "update_speculation"
+        self._require_stage(event, Stage.MERGE)
+        if not self.merging or self.speculation is None:
+            raise self._refuse(event, "no speculative merge of this story is running")
+        self.trigger_event(
+            SpeculationUpdated,
+            actor=actor,
+            reason=check_reason(reason),
+            from_stage=self.stage,
+            to_stage=self.stage,
+            state=state,
+            commit=commit,
+            parent=parent,
+        )
+
+    def restart_speculation(
+        self,
+        *,
+        actor: str,
+        reason: str | None,
+        queued_position: int | None = None,
+        alone: bool = False,
+    ) -> None:
+        event = "restart_speculation"
+        self._require_stage(event, Stage.MERGE)
+        if not self.merging:
+            raise self._refuse(event, "no merge of this story is running")
+        if self.resolved_pending:
+            raise self._refuse(event, "a mergemaster's resolution is not merged speculatively")
+        why = _require_reason(reason, "restarting a speculative merge")
+        self._move(
+            SpeculationRestarted,
+            actor=actor,
+            reason=why,
+            queued_position=queued_position,
+            ahead=list((self.speculation or {}).get("ahead") or []),
+            alone=alone,
+        )
 
     def succeed_merge(self, *, actor: str, merge_commit: str, base_branch: str) -> None:
         event = "merge_succeeded"
@@ -856,6 +929,11 @@ class Story(BaseAggregate[str]):
             "feature_branch": self.feature_branch,
             "commits_ahead": self.commits_ahead,
             "merging": self.merging,
+            "speculation": (
+                {k: list(v) if isinstance(v, list) else v for k, v in self.speculation.items()}
+                if self.speculation
+                else None
+            ),
             "in_merge_queue": self.in_merge_queue,
             "resolved_pending": self.resolved_pending,
             "merge_commit": self.merge_commit,

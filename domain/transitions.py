@@ -43,6 +43,10 @@ TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     "requeue_merge": ("MergeRequeued", (Stage.MERGE_FAILURE,)),
     "merge_resolved": ("MergeRequeued", (Stage.MERGE_FAILURE,)),
     "merge_gave_up": ("MergemasterAttempted", (Stage.MERGE_FAILURE,)),
+    # The speculative merge queue (``max_merge_slots`` > 1): a stacked build dropped and
+    # requeued at its old position (stays in merge), and a build's progress (not a move).
+    "restart_speculation": ("SpeculationRestarted", (Stage.MERGE,)),
+    "update_speculation": ("SpeculationUpdated", (Stage.MERGE,)),
     "block": ("StoryBlocked", _ACTIVE),
     "unblock": ("StoryUnblocked", (Stage.BLOCKED,)),
     "demote": (

@@ -47,6 +47,10 @@ def queue_entry(event: LoggedEvent, current: int | None) -> int | None:
         return event.position
     if event.type == "MergeStarted":
         return None
+    if event.type == "SpeculationRestarted":
+        # A dropped speculative build: back in the queue at the position that first queued it.
+        kept = event.data.get("queued_position")
+        return kept if isinstance(kept, int) else event.position
     return current
 
 
@@ -286,6 +290,10 @@ def _merge_requeued(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     s.final = False
 
 
+def _speculation_restarted(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
+    s.merging = False  # back in the queue (the speculative merge queue dropped its build)
+
+
 def _mergemaster_attempted(s: StoryState, e: LoggedEvent, d: dict[str, Any]) -> None:
     s.final = True
 
@@ -331,6 +339,7 @@ _STORY_HANDLERS: dict[str, Callable[[StoryState, LoggedEvent, dict[str, Any]], N
     "FixupRequested": _fixup_requested,
     "MergeRequeued": _merge_requeued,
     "MergemasterAttempted": _mergemaster_attempted,
+    "SpeculationRestarted": _speculation_restarted,
     "StoryBlocked": _blocked,
     "StoryUnblocked": _unblocked,
     "StoryDemoted": _demoted,
@@ -348,6 +357,7 @@ _NOT_STEPS = frozenset(
         "DroppedHunkDeclared",
         "GateVerdictRecorded",
         "GateFlakyDetected",
+        "SpeculationUpdated",
     }
 )
 

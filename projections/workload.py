@@ -177,9 +177,15 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
                 failed["conflicts"] = ["src/x.py"]
             done = {"merge_commit": f"{rng.randrange(16**12):012x}", "base_branch": "main"}
             options = [(("merge_succeeded", done, None), 50), (("merge_failed", failed, None), 50)]
+            if story.speculation is not None:  # the speculative merge queue's events
+                progress = {"state": rng.choice(["gating", "passed"]), "commit": "c0ffee"}
+                options.append((("update_speculation", progress, None), 20))
+                options.append((("restart_speculation", {}, "a story ahead was ejected"), 10))
         else:
             options = [(("start_merge", {"base_sha": "abc123"}, None), 85), (block, 8)]
             options.append((("demote", {}, None), 4))
+            stacked = {"base_sha": "abc123", "ahead": ["q1"], "speculative_base": "def456"}
+            options.append((("start_merge", stacked, None), 15))
     elif stage is Stage.MERGE_FAILURE:
         if running is not None:
             role, attempt = running["role"], running["attempt"]

@@ -213,6 +213,19 @@ class VerdictMemory:
             self._keys.move_to_end(key)
             return found.get(not passed)
 
+    def reusable(self, key: Key) -> Verdict | None:
+        """The latest verdict on ``key`` when it is a pass and no failure on the key came
+        after it: a deterministic gate would pass again, so the run may be skipped."""
+        with self._lock:
+            found = self._keys.get(key)
+            if found is None:
+                return None
+            self._keys.move_to_end(key)
+            passed, failed = found.get(True), found.get(False)
+            if passed is None or (failed is not None and failed.position > passed.position):
+                return None
+            return passed
+
     def remember(self, key: Key, verdict: Verdict) -> None:
         """Keep ``verdict`` unless a later one of the same outcome is known (the runner's own
         record and the log's copy of it arrive in either order)."""
@@ -238,6 +251,8 @@ class VerdictMemory:
             if event.type != "GateVerdictRecorded":
                 continue
             data = event.data
+            if data.get("reused_from"):
+                continue  # not a run: the evidence is the verdict it reused
             try:
                 key = (str(data["tree"]), str(data["gate"]), str(data["fingerprint"]))
                 passed = bool(data["passed"])
@@ -290,6 +305,9 @@ class GateJudge:
         self.memory = memory if memory is not None else VerdictMemory()
         self.registry = registry if registry is not None else GateRegistryService(app)
         self._quarantine_lock = threading.Lock()
+        self.reuse_by_default = False
+        """Whether a phase whose ``reuse_verdicts`` is unset reuses recorded passes (the
+        runner turns it on with the speculative merge queue)."""
 
     def run(
         self,
@@ -310,6 +328,7 @@ class GateJudge:
         env = gate_env()
         quarantined = self._quarantined() if gates.flaky == "quarantine" else {}
         opted_out = {normalized_gate(g) for g in gates.nondeterministic}
+        reuse = gates.reuse_verdicts if gates.reuse_verdicts is not None else self.reuse_by_default
         runs: list[CommandResult] = []
         notes: list[str] = []
         if tree is None:
@@ -337,6 +356,7 @@ class GateJudge:
                     tree=tree,
                     key=(tree, gate, fingerprint(argv, env)),
                     compared=gate not in opted_out,
+                    reuse=reuse and gate not in opted_out,
                     quarantined=quarantined,
                     pidfile=pidfile,
                     actor=actor,
@@ -366,8 +386,13 @@ class GateJudge:
         quarantined: dict[str, dict[str, Any]],
         pidfile: Path,
         actor: str,
+        reuse: bool = False,
     ) -> _Outcome:
         gate = key[1]
+        if reuse:
+            earlier_pass = self.memory.reusable(key)
+            if earlier_pass is not None:
+                return self._reuse(story, phase, key, argv, earlier_pass, actor)
         reruns = gates.flaky_retries if gates.flaky != "off" and compared else 0
         runs: list[CommandResult] = []
         notes: list[str] = []
@@ -417,6 +442,44 @@ class GateJudge:
         if reruns:
             notes.append(f"[{gate}: failed on every one of {reruns} reruns as well]")
         return _Outcome(runs, True, notes)
+
+    def _reuse(
+        self,
+        story: Story,
+        phase: Phase,
+        key: Key,
+        argv: Sequence[str],
+        earlier: Verdict,
+        actor: str,
+    ) -> _Outcome:
+        """Reuse a recorded pass on the same key instead of running the command again
+        (gates named in ``nondeterministic`` never get here): recorded as a verdict that
+        names the position of the pass it reuses."""
+        tree, gate, fp = key
+        output = (
+            f"$ {gate}\n[not run: passed on this tree with the same command and environment "
+            f"at log position {earlier.position} (story {earlier.story_id}); verdict reused]"
+        )
+        self._transition(
+            story,
+            "record_gate_verdict",
+            actor,
+            f"{phase} command {_shown(gate)} passed on tree {tree[:12]}: reused the verdict "
+            f"recorded at position {earlier.position} (story {earlier.story_id})",
+            {
+                "phase": phase,
+                "gate": gate,
+                "tree": tree,
+                "fingerprint": fp,
+                "passed": True,
+                "output": output,
+                "reused_from": earlier.position,
+            },
+        )
+        # Not remembered as a new pass: the evidence is still the run it reuses.
+        result = CommandResult(tuple(argv), True, output)
+        note = f"[{gate}: verdict reused from position {earlier.position}]"
+        return _Outcome([result], False, [note])
 
     # ------------------------------------------------------------------ events
 

@@ -98,6 +98,8 @@ class StoryIndex:
                         touched.update(self.dependants.get(sid, ()))
                 if event.type == "MergeStarted":
                     story.merging = True
+                elif event.type == "SpeculationRestarted":
+                    story.merging = False  # back in the queue at its old position
                 elif event.type in ("MergeRequeued", "StoryUnblocked") and story.stage == "merge":
                     # Back in the queue: its place is the position of this event.
                     story.entered_stage_position = event.position

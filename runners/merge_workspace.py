@@ -128,8 +128,10 @@ class MergeWorkspaces(WorkspaceSet):
 
     # ---------------------------------------------------------------------------- merging
 
-    def squash_merge(self, story_id: str, message: str) -> SquashResult:
-        """Squash ``feature/story-<id>`` onto the current base tip in the story's workspace.
+    def squash_merge(self, story_id: str, message: str, onto: str | None = None) -> SquashResult:
+        """Squash ``feature/story-<id>`` onto the current base tip in the story's workspace
+        (or onto the commit ``onto``: the speculative merge queue stacks a story on the
+        squash commit of the story ahead of it, which is not on base yet).
 
         "merged": one new commit on top of ``base_sha`` (``commit_sha``), not yet on base.
         "conflict": the workspace is left conflicted for a mergemaster.
@@ -140,8 +142,10 @@ class MergeWorkspaces(WorkspaceSet):
         branch = feature_branch(sid)
         if not message.strip():
             raise ValueError("a squash commit needs a non-empty message")
+        if onto is not None:
+            check_object_name(onto, "onto")
         with self._story_lock(sid):
-            path = self._prepare(sid)
+            path = self._prepare(sid, onto)
             base_sha = self._git(path, "rev-parse", "HEAD").stdout.strip()
             self._write_base(path, base_sha)
             branch_sha = self._ref_sha(f"refs/heads/{branch}")
@@ -304,9 +308,9 @@ class MergeWorkspaces(WorkspaceSet):
             )
         return path, probe.admin_dir
 
-    def _prepare(self, sid: str) -> Path:
+    def _prepare(self, sid: str, onto: str | None = None) -> Path:
         path = self.root / sid
-        tip = self._base_tip()
+        tip = self._base_tip() if onto is None else onto
         common = self._common_dir()
         probe = probe_worktree(path, common)
         if probe.problem is None and probe.admin_dir is not None:

@@ -34,6 +34,7 @@ from runners.git_ops import GitError, MergeWorkspaces, SquashResult
 from runners.hunk_check import check_resolution, merge_base_of
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
+from runners.spec_queue import SpeculativeQueue
 from service.application import StorylineApplication
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class MergeReactions:
         self._slot_lock = threading.Lock()
         self._last_mergemaster_exit: str | None = None
         self._fixup_patterns = [re.compile(p) for p in config.merge_gates.fixup_patterns]
+        self.stopping: threading.Event | None = None
+        """Set by the supervisor: its stop flag (a stacked build waiting gives up on it)."""
+        self.spec: SpeculativeQueue | None = None
+        if config.max_merge_slots > 1 or config.merge_queue.batch > 1:
+            # The speculative merge queue (runners/spec_queue.py); off by default.
+            self.spec = SpeculativeQueue(self)
 
     def note_mergemaster_exit(self, story_id: str) -> None:
         self._last_mergemaster_exit = story_id
@@ -90,6 +97,8 @@ class MergeReactions:
         if story.running_agent is not None:
             self.launcher.reap_orphan(story)
             return True
+        if self.spec is not None:
+            return self.spec.step(story)
         if story.merging:
             if story.id in self._merging:
                 return False
@@ -283,11 +292,15 @@ class MergeReactions:
     gate_judge: GateJudge | None = None
     """Set by the supervisor (it shares the verdict memory it rebuilds from the log)."""
 
-    def _merge_gates_pass(self, story: Story) -> bool:
+    def _judge(self) -> GateJudge:
         if self.gate_judge is None:
             self.gate_judge = GateJudge(self.app)
+            self.gate_judge.reuse_by_default = self.spec is not None
+        return self.gate_judge
+
+    def _merge_gates_pass(self, story: Story) -> bool:
         # The squashed commit is checked out in the workspace: its tree is what is judged.
-        run = self.gate_judge.run(
+        run = self._judge().run(
             story,
             "merge_gates",
             self.config.merge_gates,

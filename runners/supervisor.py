@@ -130,6 +130,7 @@ class Supervisor:
             self.app, self.config, service.project, self.launcher, self.coder.worktrees
         )
         self.gate_judge = GateJudge(self.app, self.verdicts)
+        self.gate_judge.reuse_by_default = self.merger.spec is not None
         self.coder.gate_judge = self.gate_judge
         self.merger.gate_judge = self.gate_judge
         self.epics = EpicService(self.app, epic_policy(self.config))
@@ -145,7 +146,11 @@ class Supervisor:
         self.launcher.spawn_veto = self.epic_runner.spawn_veto
         self._settled_epics: set[str] = set()
         """Epics found done or failed and cleaned up (not looked at again by sweeps)."""
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runner")
+        # A stacked merge holds its step thread while it waits for the stories ahead of it:
+        # the speculative queue's depth is added so other stories' steps are not starved.
+        stacked = self.merger.spec is not None
+        extra = self.config.max_merge_slots * self.config.merge_queue.batch if stacked else 0
+        self._pool = ThreadPoolExecutor(max_workers=workers + extra, thread_name_prefix="runner")
         self._wake = threading.Condition()
         self._woken = False
         self._busy: set[str] = set()
@@ -153,6 +158,7 @@ class Supervisor:
         self._again: set[str] = set()
         self._busy_lock = threading.Lock()
         self._stop = threading.Event()
+        self.merger.stopping = self._stop
         self._thread: threading.Thread | None = None
         self._listener: threading.Thread | None = None
         self._errors: list[str] = []

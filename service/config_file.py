@@ -63,6 +63,10 @@ max_coders = 2
 max_retries = 3
 # Merge slots (each may also host a mergemaster agent resolving a conflict).
 max_mergemasters = 1
+# > 1: the speculative merge queue, this many queued stories squashed on top of each other
+# and gated in parallel, landing in queue order ([merge_queue] batch = n: n stories landed
+# on one gate run on the top of them; see README, "Trusting the merge").
+# max_merge_slots = 1
 # Consecutive agent crashes before any session existed, before the story is blocked.
 abort_respawn_cap = 5
 # Mergemaster exits without a verdict before the attempt counts as a genuine failure.

@@ -139,6 +139,11 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     d.send("merge_failed", kind="conflict_detected", conflicts=["README.md"])
     assert d.send("merge_gave_up", reason="cannot reconcile")["final"] is True
     assert d.send("requeue_merge", reason="operator retries")["stage"] == "merge"
+    # The speculative merge queue: a stacked build, its progress, and a dropped build.
+    stacked = d.send("start_merge", base_sha="ab" * 20, ahead=["7"], speculative_base="cd" * 20)
+    assert stacked["speculation"]["ahead"] == ["7"]
+    assert d.send("update_speculation", state="gating", commit="ef" * 20)["merging"] is True
+    assert d.send("restart_speculation", reason="story 7 was ejected")["in_merge_queue"] is True
     d.send("start_merge")
     done = d.send("merge_succeeded", merge_commit="f00dfeed", base_branch="main")
     assert (done["stage"], done["merge_commit"]) == ("done", "f00dfeed")

@@ -38,7 +38,12 @@ GIVE_UP = [{"api": {"event": "merge_gave_up", "reason": "both sides rewrote add(
 SHRUG = [{"say": "not sure what to do"}]  # exits with neither verdict: transient
 
 
-def test_three_conflicts_share_one_mergemaster_slot(tmp_path: Path, database: Database) -> None:
+# 4: the same inside the speculative merge queue (issue 17): conflicts on the real base,
+# mergemasters as ever, and a resolution merged by the plain path.
+@pytest.mark.parametrize("slots", [1, 4])
+def test_three_conflicts_share_one_mergemaster_slot(
+    tmp_path: Path, database: Database, slots: int
+) -> None:
     repo = make_repo(tmp_path / "repo")
     coder = {
         "s0": edit("a + b", 0.0),
@@ -52,6 +57,7 @@ def test_three_conflicts_share_one_mergemaster_slot(tmp_path: Path, database: Da
         coder,
         max_coders=4,
         max_mergemasters=1,
+        max_merge_slots=slots,
         mergemaster_script={"s1": RESOLVE, "s2": GIVE_UP, "s3": SHRUG},
     )
     with running_pipeline(repo, database, config, with_api=True) as p:

@@ -33,6 +33,7 @@ DATA: dict[str, dict[str, Any]] = {
     "start_merge": {"base_sha": "abc"},
     "merge_succeeded": {"merge_commit": "cafe", "base_branch": "main"},
     "merge_failed": {"kind": "no_commits"},
+    "update_speculation": {"state": "gating", "commit": "cafe"},
     "provider_breaker_opened": {
         "provider": "coder",
         "consecutive_failures": 3,
@@ -154,6 +155,9 @@ def test_every_named_event_has_a_row() -> None:
         # the review's verdict and conclusion: tests/unit/test_review_transitions.py
         "submit_review",
         "conclude_review",
+        # the speculative merge queue's: tests/unit/test_speculation_events.py
+        "restart_speculation",
+        "update_speculation",
     }
     assert covered == set(EVENT_NAMES)
 
