@@ -20,13 +20,14 @@ from api.errors import ApiError
 from api.params import Digits, StoryIdPath
 from api.routes_common import forbidden, principal, state_of
 from api.routes_epics import EpicIdPath, check_epic_id, epics_of
-from api.routes_projections import quarantined_gates, with_merge_trust
+from api.routes_projections import BOARD_PAGE, quarantined_gates, with_merge_trust
 from api.schemas_epics import epic_summaries
 from api.web import board_data, charts, epic_data, story_data
 from api.web.board_data import DEFAULT_LIMIT, BoardFilter
 from api.web.render import html, no_content
 from domain.ids import validate_story_id
 from domain.stages import AgentRole, Stage
+from service.merge_stack import merge_stack
 
 router = APIRouter(include_in_schema=False)
 
@@ -292,7 +293,14 @@ async def merge_queue_fragment(
         queue = with_merge_trust(app, list(state.read_models.merge_queue()))
         gates = quarantined_gates(app)
         names = {str(gate["gate"]) for gate in gates}
-        return {"queue": queue, "quarantined_gates": gates, "quarantined_names": names}
+        merging, _ = state.read_models.board(stage=Stage.MERGE.value, limit=BOARD_PAGE)
+        stack = merge_stack(app, [str(row["id"]) for row in merging])
+        return {
+            "queue": queue,
+            "stack": stack,
+            "quarantined_gates": gates,
+            "quarantined_names": names,
+        }
 
     return html("merge_queue.html", **await run_in_threadpool(build))
 

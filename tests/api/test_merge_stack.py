@@ -4,6 +4,8 @@ snapshot carries its build. The data is made with the named events the runner se
 
 from __future__ import annotations
 
+import re
+
 from api.schemas import MergeQueueOut
 from service.application import StorylineApplication
 from tests.api.conftest import ServerFactory
@@ -74,3 +76,11 @@ def test_the_stack_is_shown_head_first_with_bases_and_states(serve_api: ServerFa
     snapshot = live.client().get("/stories/s2").json()
     assert snapshot["speculation"]["state"] == "passed"
     assert live.client().get("/stories/s3").json()["speculation"] is None
+    # The web board's merge-queue page shows the same stack, head first, with its states.
+    page = live.client().get("/ui/fragments/merge-queue").text
+    assert 'id="merge-stack"' in page
+    assert re.findall(r'<tr data-story-id="(s\d)" data-state="(\w+)">', page) == [
+        ("s1", "gating"),
+        ("s2", "passed"),
+    ]
+    assert f"<code>{C1[:12]}</code>" in page
