@@ -6,6 +6,7 @@ Used by ``storyline runner`` and by the crash tests, which SIGKILL this process.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -43,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     supervisor.start()
     print(f"runner started on {service.db.display} for {service.project}", flush=True)
     stop.wait()
+    # A shutdown that hangs is a bug to find, not to wait out: after 20 s every thread's
+    # stack goes to stderr (the runner's log), and the shutdown goes on.
+    faulthandler.dump_traceback_later(20, exit=False)
+    logging.getLogger(__name__).info("shutting down")
     supervisor.stop()
     service.close()
+    faulthandler.cancel_dump_traceback_later()
     return 0
 
 

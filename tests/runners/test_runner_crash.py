@@ -47,7 +47,10 @@ def stop_runner(runner: subprocess.Popen[bytes], log: Path) -> None:
     """SIGTERM, and the runner's own account of what it waited for if it does not stop."""
     runner.send_signal(signal.SIGTERM)
     try:
-        runner.wait(timeout=30)
+        # The shutdown's own bounded waits (loop 10 s, listener 5 s, agents 10 s, the step
+        # in progress) can add up past 30 s on a loaded machine; the runner prints every
+        # thread's stack to this log when its shutdown takes over 20 s.
+        runner.wait(timeout=60)
     except subprocess.TimeoutExpired:
         runner.kill()
         runner.wait()
