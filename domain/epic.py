@@ -50,7 +50,7 @@ from domain.epic_transitions import legal_epic_events_from
 from domain.errors import EpicIllegalTransition, InvalidCommand
 from domain.ids import validate_epic_id
 from domain.plan import Plan, plan_problems, single_session_reason
-from domain.review import judgements, parse_verdict, unmet, verdict_passes, verdict_score
+from domain.review import judge, unmet, verdict_passes
 from domain.stages import AgentOutcome
 from domain.story import MAX_NAME, MAX_TEXT, _clean_text, check_reason, clean_criteria
 
@@ -271,9 +271,13 @@ class Epic(BaseAggregate[str]):
         self._move(PlannerStarted, actor=actor, reason=reason, attempt=attempt, pid=pid)
 
     def _require_planner(self, event: str, attempt: int) -> None:
-        running = self.running_planner
+        self._require_attempt(event, "planner", self.running_planner, attempt)
+
+    def _require_attempt(
+        self, event: str, role: str, running: dict[str, Any] | None, attempt: int
+    ) -> None:
         if running is None or running["attempt"] != attempt:
-            raise self._refuse(event, f"planner attempt {attempt} is not running")
+            raise self._refuse(event, f"{role} attempt {attempt} is not running")
 
     def planner_exited(
         self,
@@ -562,9 +566,7 @@ class Epic(BaseAggregate[str]):
         return attempt
 
     def _require_evaluator(self, event: str, attempt: int) -> None:
-        running = self.running_evaluator
-        if running is None or running["attempt"] != attempt:
-            raise self._refuse(event, f"evaluator attempt {attempt} is not running")
+        self._require_attempt(event, "evaluator", self.running_evaluator, attempt)
 
     def evaluator_started(
         self, *, actor: str, attempt: int, pid: int, reason: str | None = None
@@ -598,21 +600,17 @@ class Epic(BaseAggregate[str]):
             raise self._refuse(event, f"evaluator attempt {attempt} already gave its verdict")
         if self.integration_commit is None:
             raise self._refuse(event, "there is no integration to evaluate")
-        parsed = parse_verdict(verdict, self.acceptance_criteria)
-        judged = judgements(parsed, self.acceptance_criteria)
-        score = verdict_score(parsed)
-        met = sum(1 for j in judged if j["met"])
+        judged = judge(verdict, self.acceptance_criteria)
         self._move(
             EvaluationSubmitted,
             actor=actor,
-            reason=f"evolution {self.evolution}: {met} of {len(judged)} criteria met, "
-            f"score {score:.2f}",
+            reason=f"evolution {self.evolution}: {judged.tally()}",
             attempt=attempt,
             evolution=self.evolution,
             commit=self.integration_commit,
-            criteria=judged,
-            score=score,
-            summary=parsed.summary,
+            criteria=judged.criteria,
+            score=judged.score,
+            summary=judged.summary,
         )
 
     def conclude_evaluation(self, *, actor: str, min_score: float, max_evolutions: int) -> str:

@@ -10,6 +10,7 @@ met and the score is at least the project's ``min_score``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -115,3 +116,25 @@ def verdict_passes(judged: list[dict[str, Any]], score: float, min_score: float)
 
 def unmet(judged: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(j) for j in judged if not j["met"]]
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A verdict checked against its criteria, as the events store it."""
+
+    criteria: list[dict[str, Any]]
+    score: float
+    summary: str
+
+    @property
+    def met(self) -> int:
+        return sum(1 for j in self.criteria if j["met"])
+
+    def tally(self) -> str:
+        return f"{self.met} of {len(self.criteria)} criteria met, score {self.score:.2f}"
+
+
+def judge(raw: Any, criteria: list[str]) -> Judged:
+    """``raw`` parsed and checked (:func:`parse_verdict`), judged in criterion order, scored."""
+    verdict = parse_verdict(raw, criteria)
+    return Judged(judgements(verdict, criteria), verdict_score(verdict), verdict.summary)

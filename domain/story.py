@@ -56,7 +56,7 @@ from domain.events import (
     WorktreeReady,
 )
 from domain.ids import is_epic_id, validate_branch_name, validate_story_id
-from domain.review import judgements, parse_verdict, unmet, verdict_passes, verdict_score
+from domain.review import judge, unmet, verdict_passes
 from domain.stages import (
     FINISHED_STAGES,
     MERGEMASTER_KINDS,
@@ -536,18 +536,15 @@ class Story(BaseAggregate[str]):
             raise self._refuse(event, f"evaluator attempt {running['attempt']} is running")
         if self.pending_review == attempt:
             raise self._refuse(event, f"evaluator attempt {attempt} already gave its verdict")
-        parsed = parse_verdict(verdict, self.acceptance_criteria)
-        judged = judgements(parsed, self.acceptance_criteria)
-        score = verdict_score(parsed)
-        met = sum(1 for j in judged if j["met"])
+        judged = judge(verdict, self.acceptance_criteria)
         self._move(
             ReviewSubmitted,
             actor=actor,
-            reason=f"{met} of {len(judged)} criteria met, score {score:.2f}",
+            reason=judged.tally(),
             attempt=attempt,
-            criteria=judged,
-            score=score,
-            summary=parsed.summary,
+            criteria=judged.criteria,
+            score=judged.score,
+            summary=judged.summary,
             commit=commit,
         )
 
