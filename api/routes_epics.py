@@ -163,8 +163,9 @@ async def create_epic(
     "/epics/{epic_id}/transitions",
     response_model=EpicOut,
     responses=EPIC_RESPONSES,
-    summary="Apply a named epic transition (people: block, unblock, fail, add_note; "
-    "the epic's planner: submit_plan, add_note)",
+    summary="Apply a named epic transition (people: block, unblock, fail, add_note, "
+    "answer_questions; the epic's agents: submit_plan, ask_questions, submit_evaluation, "
+    "add_note)",
 )
 async def transition_epic(
     epic_id: EpicIdPath,
