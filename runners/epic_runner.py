@@ -45,7 +45,7 @@ from domain.stages import FINISHED_STAGES, Stage
 from domain.story import Story
 from runners.epic_git import EpicGit
 from runners.gates import run_gates
-from runners.git_base import GitError, run_git
+from runners.git_base import GitError, cut_diff, run_git
 from runners.launcher import AgentConfigError
 from runners.planner import PlannerLauncher
 from service.epics import EpicService, NewStory
@@ -56,8 +56,6 @@ ACTOR = "runner:epic"
 CAS_ATTEMPTS = 5
 MAX_LAYOUT_ENTRIES = 400
 MAX_BRIEF_OUTPUT = 4_000
-MAX_EVALUATION_DIFF = 60_000
-"""Characters of the integration's diff put in the evaluator's prompt (the rest: a note)."""
 MAX_EVIDENCE_SHOWN = 1_500
 
 
@@ -703,14 +701,7 @@ class EpicReactions:
             )
             parts.append("## Earlier evaluations of this epic\n" + earlier)
         diff = run_git(["diff", "--stat", "--patch", fork, commit], self.project, check=False)
-        text = diff.stdout
-        if len(text) > MAX_EVALUATION_DIFF:
-            cut = len(text) - MAX_EVALUATION_DIFF
-            text = (
-                text[:MAX_EVALUATION_DIFF]
-                + f"\n[... the diff is cut here: {cut} more characters; run `git diff {fork} "
-                "HEAD` in your working directory to read it all]"
-            )
+        text = cut_diff(diff.stdout, f"git diff {fork} HEAD")
         parts.append(
             f"## The integration's diff from the fork point (`git diff {fork[:12]} HEAD`)\n"
             f"```diff\n{text.strip() or '(empty diff)'}\n```"

@@ -550,3 +550,22 @@ class WorkspaceSet:
         if sha is None:
             raise GitError(f"base branch {self.base_branch!r} does not exist in {self.repo}")
         return sha
+
+
+MAX_PROMPT_DIFF_BYTES = 60_000
+"""The diff an evaluator's prompt shows, at most: the prompt travels in one argv element,
+which Linux caps at 128 KiB, and a bigger diff is better read with git than from a prompt."""
+
+
+def cut_diff(diff: str, full_command: str, limit: int = MAX_PROMPT_DIFF_BYTES) -> str:
+    """``diff`` cut to its first ``limit`` UTF-8 bytes, with a note naming ``full_command``
+    (the git command that shows it all). The head is kept: the stat and the first files say
+    what the change is about."""
+    data = diff.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return diff
+    shown = data[:limit].decode("utf-8", "ignore")
+    return (
+        f"{shown}\n[... diff cut: {limit} of {len(data)} bytes shown; run "
+        f"`{full_command}` in your working directory for the rest ...]"
+    )

@@ -36,7 +36,7 @@ from domain.errors import IllegalTransition, VersionConflict
 from domain.ids import feature_branch, validate_story_id
 from domain.stages import AgentRole, Stage
 from domain.story import Story
-from runners.git_base import GitError, run_git
+from runners.git_base import GitError, cut_diff, run_git
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
 from runners.reasons import readable
 from runners.worktrees import Worktrees
@@ -45,23 +45,6 @@ from service.application import StorylineApplication
 logger = logging.getLogger(__name__)
 
 ACTOR_REVIEW = "runner:review"
-MAX_DIFF_BYTES = 60_000
-"""The diff shown to an evaluator, at most: the prompt travels in one argv element, which
-Linux caps at 128 KiB, and a bigger diff is better read with git than from a prompt."""
-
-
-def cut_diff(diff: str, base: str, limit: int = MAX_DIFF_BYTES) -> str:
-    """``diff`` cut to its first ``limit`` UTF-8 bytes, with a note saying how to see it all.
-
-    The head is kept: the stat and the first files say what the change is about."""
-    data = diff.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return diff
-    shown = data[:limit].decode("utf-8", "ignore")
-    return (
-        f"{shown}\n[... diff cut: {limit} of {len(data)} bytes shown; run "
-        f"`git diff {base}...HEAD` in your working directory for the rest ...]"
-    )
 
 
 class ReviewReactions:
@@ -163,7 +146,7 @@ class ReviewReactions:
                     agent=agent,
                     cwd=path,
                     purpose=purpose,
-                    review_diff=cut_diff(f"{stat}\n{diff}", base),
+                    review_diff=cut_diff(f"{stat}\n{diff}", f"git diff {base}...HEAD"),
                     review_commit=head,
                 ),
                 limit=self.config.max_coders,
