@@ -118,12 +118,16 @@ class StartGatesData(_Data):
     commits_ahead: Count = 0
 
 
+CommitSha = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
 class GatesPassedData(_Data):
     feature_branch: PathText
     commits_ahead: Count
     output: str = ""
     review: bool = False
     """Go to review before the merge queue (the story's flag or the project's ``[review]``)."""
+    commit: CommitSha | None = None
 
 
 class SubmitReviewData(_Data):
@@ -139,7 +143,6 @@ class GatesFailedData(_Data):
 
 
 StoryRef = Annotated[str, Field(min_length=1, max_length=200), Clean]
-CommitSha = Annotated[str, Field(min_length=4, max_length=64, pattern=r"^[0-9a-f]+$")]
 
 
 class StartMergeData(_Data):
@@ -218,6 +221,14 @@ class ProviderBreakerOpenedData(_Data):
     opened_times: Annotated[int, Field(ge=1, le=10_000)]
 
 
+WorkerId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+
+
+class ClaimData(_Data):
+    worker: WorkerId
+    generation: Annotated[int, Field(ge=1, le=2**62)]
+
+
 class ProviderBreakerClosedData(_Data):
     provider: Label
 
@@ -280,6 +291,7 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
             commits_ahead=d.commits_ahead,
             output=_tail(d.output),
             review=d.review,
+            commit=d.commit,
         ),
     ),
     "gates_failed": _spec(
@@ -355,6 +367,12 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     "demote": _spec(NoData, lambda s, a, r, d, p, deps: s.demote(actor=a, reason=r)),
     "archive": _spec(NoData, lambda s, a, r, d, p, deps: s.archive(actor=a, reason=r)),
     "add_note": _spec(NoData, lambda s, a, r, d, p, deps: s.add_note(actor=a, text=r)),
+    "claim": _spec(
+        ClaimData,
+        lambda s, a, r, d, p, deps: s.claim(
+            actor=a, reason=r, worker=d.worker, generation=d.generation
+        ),
+    ),
     "provider_breaker_opened": _spec(
         ProviderBreakerOpenedData,
         lambda s, a, r, d, p, deps: s.provider_breaker_opened(

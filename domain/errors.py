@@ -118,6 +118,28 @@ class DependenciesNotDone(IllegalTransition):
         return {**super().details, "unfinished_dependencies": self.unfinished}
 
 
+class NotHolder(IllegalTransition):
+    """Scale-out fencing: a worker runner records a step for a story another worker has
+    claimed since (its lease expired and was taken). Refused like any illegal move, so the
+    runners' usual "the story moved on" handling drops the stale step."""
+
+    code = "not_holder"
+
+    def __init__(
+        self,
+        story_id: str,
+        stage: str,
+        event: str,
+        legal: Sequence[str],
+        worker: str,
+        holder: str | None,
+    ) -> None:
+        held = f"worker {holder!r} holds it" if holder else "no worker has claimed it"
+        super().__init__(story_id, stage, event, legal, f"{held}, not {worker!r}")
+        self.worker = worker
+        self.holder = holder
+
+
 class StoryNotFound(DomainError):
     code = "story_not_found"
 

@@ -268,10 +268,14 @@ class GatesPassed(StoryEvent):
     feature_branch: str
     commits_ahead: Annotated[int, Field(ge=1)]
     output: str = ""
+    commit: str | None = None
+    """The feature branch's commit the gates passed on (pushed to the remote, when the
+    runners share one); None in logs from before workers, and on one machine."""
 
     def apply_to(self, story: Story) -> None:
         story.feature_branch = self.feature_branch
         story.commits_ahead = self.commits_ahead
+        story.gated_commit = self.commit
         story.fixup_pending = False
         story.merging = False
         # Straight into the merge queue, or first to review (``to_stage`` says which).
@@ -511,6 +515,23 @@ class ProviderBreakerOpened(_NotAStep):
     opened_times: int
 
 
+class WorkerClaimed(_NotAStep):
+    """Scale-out: worker runner ``worker`` took the story (coding, gates, review) under
+    lease generation ``generation`` of the lease table. From now on only that worker
+    records the story's steps (fencing): a worker whose lease expired and was taken finds
+    itself refused, however late it comes back. Not a step: the next step is unchanged."""
+
+    TOPIC: ClassVar[str] = "storyline.WorkerClaimed.v1"
+    worker: str
+    generation: int
+    previous: str | None = None
+    """The worker that held the story before, if any (its lease expired or was released)."""
+
+    def apply_to(self, story: Story) -> None:
+        story.holder = self.worker
+        story.holder_generation = self.generation
+
+
 class ProviderBreakerClosed(_NotAStep):
     """The half-open probe run reached the provider: spawns resume. Recorded on the
     probe's story."""
@@ -689,6 +710,7 @@ EVENT_CLASSES: tuple[type[StoryEvent], ...] = (
     NoteAdded,
     ProviderBreakerOpened,
     ProviderBreakerClosed,
+    WorkerClaimed,
     DroppedHunkDeclared,
     GateVerdictRecorded,
     GateFlakyDetected,

@@ -55,6 +55,8 @@ class AgentRole(StrEnum):
 
 
 FINISHED_STAGES = frozenset({Stage.DONE, Stage.ARCHIVED})
+WORKER_STAGES = (Stage.CODING, Stage.GATES, Stage.REVIEW)
+"""Stages whose steps run on the worker that holds the story (its worktree is there)."""
 """A dependency in one of these stages no longer holds its dependants back."""
 
 

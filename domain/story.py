@@ -53,6 +53,7 @@ from domain.events import (
     StoryEvent,
     StoryUnblocked,
     UncommittedChangesFound,
+    WorkerClaimed,
     WorktreeReady,
 )
 from domain.ids import is_epic_id, validate_branch_name, validate_story_id
@@ -60,6 +61,7 @@ from domain.review import judge, unmet, verdict_passes
 from domain.stages import (
     FINISHED_STAGES,
     MERGEMASTER_KINDS,
+    WORKER_STAGES,
     AgentOutcome,
     AgentRole,
     MergeFailureKind,
@@ -194,6 +196,11 @@ class Story(BaseAggregate[str]):
         self.worktree_path: str | None = None
         self.feature_branch: str | None = None
         self.commits_ahead = 0
+        self.gated_commit: str | None = None
+        """The commit the story's gates last passed on, when the runner recorded it."""
+        self.holder: str | None = None
+        """Scale-out: the worker runner that last claimed the story (see WorkerClaimed)."""
+        self.holder_generation = 0
         self.merging = False
         self.queued_at: datetime | None = None
         self.speculation: dict[str, Any] | None = None
@@ -478,6 +485,7 @@ class Story(BaseAggregate[str]):
         commits_ahead: int,
         output: str = "",
         review: bool = False,
+        commit: str | None = None,
     ) -> None:
         """Into the merge queue, or to review first when ``review`` (the runner decides from
         the story's own flag and the project's ``[review]``)."""
@@ -492,6 +500,7 @@ class Story(BaseAggregate[str]):
             feature_branch=feature_branch,
             commits_ahead=commits_ahead,
             output=output,
+            commit=commit,
         )
 
     def fail_gates(self, *, actor: str, output: str, max_retries: int) -> None:
@@ -817,6 +826,30 @@ class Story(BaseAggregate[str]):
             opened_times=opened_times,
         )
 
+    def claim(self, *, actor: str, reason: str | None, worker: str, generation: int) -> None:
+        """A worker runner takes the story under a lease of the given generation.
+
+        Generations only grow: a claim at or below the recorded one comes from a lease that
+        has since been taken again, and is refused (this is the fence)."""
+        event = "claim"
+        self._require_stage(event, *WORKER_STAGES)
+        if generation <= self.holder_generation:
+            raise self._refuse(
+                event,
+                f"lease generation {generation} is stale: {self.holder} claimed the story "
+                f"under generation {self.holder_generation}",
+            )
+        self.trigger_event(
+            WorkerClaimed,
+            actor=actor,
+            reason=check_reason(reason),
+            from_stage=self.stage,
+            to_stage=self.stage,
+            worker=worker,
+            generation=generation,
+            previous=self.holder,
+        )
+
     def provider_breaker_closed(self, *, actor: str, reason: str | None, provider: str) -> None:
         self._require_stage("provider_breaker_closed", Stage.CODING)
         self.trigger_event(
@@ -925,6 +958,9 @@ class Story(BaseAggregate[str]):
             "worktree_path": self.worktree_path,
             "feature_branch": self.feature_branch,
             "commits_ahead": self.commits_ahead,
+            "gated_commit": self.gated_commit,
+            "holder": self.holder,
+            "holder_generation": self.holder_generation,
             "merging": self.merging,
             "speculation": (
                 {k: list(v) if isinstance(v, list) else v for k, v in self.speculation.items()}

@@ -60,6 +60,9 @@ TRANSITIONS: dict[str, tuple[str, tuple[Stage, ...]]] = {
     # agent exit opened it or whose probe run closed it.
     "provider_breaker_opened": ("ProviderBreakerOpened", (Stage.CODING,)),
     "provider_breaker_closed": ("ProviderBreakerClosed", (Stage.CODING,)),
+    # Not a move: a worker runner takes the story under a lease (scale-out); only the
+    # worker of the latest claim records the story's worker steps.
+    "claim": ("WorkerClaimed", (Stage.CODING, Stage.GATES, Stage.REVIEW)),
     # Not moves: a mergemaster's declaration of an intended drop, and the gates' evidence.
     "declare_dropped_hunk": ("DroppedHunkDeclared", (Stage.MERGE_FAILURE, Stage.MERGE)),
     "record_gate_verdict": ("GateVerdictRecorded", (Stage.GATES, Stage.MERGE)),

@@ -41,6 +41,7 @@ DATA: dict[str, dict[str, Any]] = {
         "opened_times": 1,
     },
     "provider_breaker_closed": {"provider": "coder"},
+    "claim": {"worker": "host-a:41:0c1d", "generation": 1},
     "declare_dropped_hunk": {"file": "a.py", "side": "base", "hunk": "@@ -3,0 +4,2 @@"},
     "record_gate_verdict": {
         "phase": "gates",
@@ -120,6 +121,9 @@ ROWS = [
     (Stage.MERGE, "record_gate_verdict", Stage.MERGE),
     (Stage.GATES, "flaky_gate_detected", Stage.GATES),
     (Stage.MERGE, "flaky_gate_detected", Stage.MERGE),
+    (Stage.CODING, "claim", Stage.CODING),
+    (Stage.GATES, "claim", Stage.GATES),
+    (Stage.REVIEW, "claim", Stage.REVIEW),
 ]
 
 
