@@ -206,7 +206,7 @@ class Workers:
             (False, worker_id),
         )
 
-    def list(self) -> list[WorkerRow]:
+    def rows(self) -> list[WorkerRow]:
         rows = self._sql.query(
             f"SELECT worker_id, host, pid, role, capacity, remote, held, merger, started_at, "
             f"{self._now} - heartbeat_at AS age, stopped_at FROM {WORKERS} "
