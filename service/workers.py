@@ -136,15 +136,18 @@ class WorkerRow:
     remote: str | None
     held: int
     merger: bool
+    ttl_secs: float
+    """The worker's lease time: silent for longer than this, it counts as gone."""
     started_at: float
     heartbeat_age: float
     """Seconds since the last heartbeat, by the database's clock."""
     stopped: bool
 
-    def alive(self, ttl_secs: float) -> bool:
-        return not self.stopped and self.heartbeat_age <= ttl_secs
+    @property
+    def alive(self) -> bool:
+        return not self.stopped and self.heartbeat_age <= self.ttl_secs
 
-    def as_json(self, ttl_secs: float) -> dict[str, Any]:
+    def as_json(self) -> dict[str, Any]:
         return {
             "worker_id": self.worker_id,
             "host": self.host,
@@ -154,8 +157,9 @@ class WorkerRow:
             "remote": self.remote,
             "held": self.held,
             "merger": self.merger,
+            "ttl_secs": self.ttl_secs,
             "heartbeat_age_secs": round(self.heartbeat_age, 3),
-            "alive": self.alive(ttl_secs),
+            "alive": self.alive,
             "stopped": self.stopped,
         }
 
@@ -179,13 +183,15 @@ class Workers:
         held: int,
         merger: bool,
         remote: str | None,
+        ttl_secs: float = 15.0,
     ) -> None:
         now = self._now
         self._sql.write(
             f"INSERT INTO {WORKERS} (worker_id, host, pid, role, capacity, remote, held, "
-            f"merger, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {now}, {now}) "
+            f"merger, ttl_secs, started_at, heartbeat_at) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {now}, {now}) "
             f"ON CONFLICT (worker_id) DO UPDATE SET capacity = excluded.capacity, "
-            f"held = excluded.held, merger = excluded.merger, "
+            f"held = excluded.held, merger = excluded.merger, ttl_secs = excluded.ttl_secs, "
             f"heartbeat_at = excluded.heartbeat_at, stopped_at = NULL",
             (
                 worker_id,
@@ -196,6 +202,7 @@ class Workers:
                 remote,
                 held,
                 merger,
+                ttl_secs,
             ),
         )
 
@@ -208,7 +215,7 @@ class Workers:
 
     def rows(self) -> list[WorkerRow]:
         rows = self._sql.query(
-            f"SELECT worker_id, host, pid, role, capacity, remote, held, merger, started_at, "
+            f"SELECT worker_id, host, pid, role, capacity, remote, held, merger, ttl_secs, started_at, "
             f"{self._now} - heartbeat_at AS age, stopped_at FROM {WORKERS} "
             f"WHERE heartbeat_at >= {self._now} - ? ORDER BY worker_id",
             (self.FORGET_AFTER_SECS,),
@@ -223,6 +230,7 @@ class Workers:
                 remote=r["remote"],
                 held=int(r["held"]),
                 merger=bool(r["merger"]),
+                ttl_secs=float(r["ttl_secs"]),
                 started_at=float(r["started_at"]),
                 heartbeat_age=max(0.0, float(r["age"])),
                 stopped=r["stopped_at"] is not None,

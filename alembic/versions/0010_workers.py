@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("remote", sa.Text(), nullable=True),
         sa.Column("held", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("merger", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("ttl_secs", sa.Float(), nullable=False, server_default="15"),
         sa.Column("started_at", sa.Float(), nullable=False),
         sa.Column("heartbeat_at", sa.Float(), nullable=False),
         sa.Column("stopped_at", sa.Float(), nullable=True),

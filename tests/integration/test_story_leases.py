@@ -82,11 +82,11 @@ def test_registry_lists_workers_and_their_stories(app: StorylineApplication) -> 
     rows = {w.worker_id: w for w in workers.rows()}
     assert set(rows) == {"w1", "w2"}
     assert rows["w2"].merger and rows["w2"].capacity == 3
-    assert rows["w1"].alive(15.0) and rows["w1"].held == 1
+    assert rows["w1"].alive and rows["w1"].held == 1
     workers.stopped("w1")
     rows = {w.worker_id: w for w in workers.rows()}
-    assert rows["w1"].stopped and not rows["w1"].alive(15.0)
-    assert rows["w1"].as_json(15.0)["alive"] is False
+    assert rows["w1"].stopped and not rows["w1"].alive
+    assert rows["w1"].as_json()["alive"] is False
     assert [(lease.story_id, lease.holder) for lease in workers.leases()] == [("s9", "w1")]
 
 
