@@ -215,7 +215,8 @@ class Workers:
 
     def rows(self) -> list[WorkerRow]:
         rows = self._sql.query(
-            f"SELECT worker_id, host, pid, role, capacity, remote, held, merger, ttl_secs, started_at, "
+            "SELECT worker_id, host, pid, role, capacity, remote, held, merger, ttl_secs, "
+            f"started_at, "
             f"{self._now} - heartbeat_at AS age, stopped_at FROM {WORKERS} "
             f"WHERE heartbeat_at >= {self._now} - ? ORDER BY worker_id",
             (self.FORGET_AFTER_SECS,),
