@@ -15,14 +15,18 @@ from domain.errors import NotHolder
 from domain.stages import WORKER_STAGES
 from domain.story import Story
 
-Fence = Callable[[Story, str], None]
+Fence = Callable[[Story, str, str], None]
+
+MERGER_ACTORS = frozenset({"runner:merge", "runner:mergemaster", "runner:epic", "runner:planner"})
+"""The merger lease holder's reactions: fenced by that lease and the CAS push, not by a
+story's claim (an epic may stop a story some worker holds)."""
 
 
 def worker_fence(worker: str) -> Fence:
     """The check a worker's application runs before each story command."""
 
-    def fence(story: Story, event: str) -> None:
-        if event == "claim" or story.stage not in WORKER_STAGES:
+    def fence(story: Story, event: str, actor: str) -> None:
+        if event == "claim" or story.stage not in WORKER_STAGES or actor in MERGER_ACTORS:
             return
         if story.holder != worker:
             raise NotHolder(

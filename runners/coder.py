@@ -27,6 +27,7 @@ from runners.git_ops import GitError, Worktrees
 from runners.index import StoryIndex
 from runners.launcher import AgentConfigError, AgentLauncher, LaunchRequest
 from runners.reasons import readable
+from runners.remote import RemoteMoved
 from service.application import StorylineApplication
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class CoderReactions:
             threshold=config.provider_breaker_failures,
             base_secs=config.provider_breaker_base_secs,
         )
+        self.cluster_capacity: Callable[[], int] | None = None
+        """Scale-out: how many stories the live workers can hold (else max_coders)."""
         self.on_breaker_closed: Callable[[], None] = lambda: None
         """Set by the supervisor: look at every story waiting to spawn."""
         self.worktrees = Worktrees(project, config.base_branch)
@@ -84,7 +87,8 @@ class CoderReactions:
         if any(stage not in {s.value for s in FINISHED_STAGES} for stage in stages.values()):
             return
         active = len(self.index.in_stage(Stage.CODING.value, Stage.GATES.value))
-        if active >= self.config.max_coders:
+        limit = self.cluster_capacity() if self.cluster_capacity else self.config.max_coders
+        if active >= limit:
             return
         with contextlib.suppress(VersionConflict, IllegalTransition):
             self.app.transition(
@@ -391,6 +395,21 @@ class CoderReactions:
                 f"{self._target(story)}; the agent committed nothing",
             )
             return
+        try:
+            # Scale-out: the branch goes to the remote first, and the gates run on exactly
+            # the pushed commit (the merger merges that commit). One machine: the tip.
+            commit = worktrees.push(story.id)
+        except RemoteMoved as exc:
+            logger.warning("story %s: not gating, another worker pushed: %s", story.id, exc)
+            return
+        except GitError as exc:
+            logger.warning("story %s: pushing the feature branch failed: %s", story.id, exc)
+            return  # retried by the next sweep (the story stays in gates)
+        if commit != status.head:
+            self._gates_failed(
+                story, f"the worktree is at {status.head}, not at the branch tip {commit}"
+            )
+            return
         # One command at a time, each verdict recorded, under the [gates] flaky policy.
         run = self._gate_judge().run(
             story,
@@ -414,6 +433,7 @@ class CoderReactions:
                     "commits_ahead": status.commits_ahead,
                     "output": run.output,
                     "review": self._reviewed(story),
+                    "commit": commit,
                 },
             )
         except (VersionConflict, IllegalTransition):

@@ -97,6 +97,8 @@ class AgentLauncher:
         self._launch_lock = threading.Lock()
         self.run_dir = project / ".storyline" / "run"
         self.log_dir = project / ".storyline" / "logs"
+        self.extra_env: dict[str, str] = {}
+        """Set for every agent (a worker runner's id, as STORYLINE_WORKER)."""
         self.spawn_veto: Callable[[Story], str | None] | None = None
         """Why no agent may start for a story now (its epic is blocked), or None."""
 
@@ -149,6 +151,7 @@ class AgentLauncher:
         story = req.story
         secrets = self._agent_secrets(req.agent) if req.agent.runtime != "openai" else {}
         env = {**req.agent.agent_env(), **secrets}
+        env.update(self.extra_env)
         env.update({"STORYLINE_STORY_ID": story.id, "STORYLINE_ATTEMPT": str(attempt)})
         if self.api_url:
             env["STORYLINE_URL"] = self.api_url
@@ -449,7 +452,7 @@ class AgentLauncher:
         self._remove_pidfile(key)
         return killed
 
-    def reap_orphan(self, story: Story) -> None:
+    def reap_orphan(self, story: Story, why: str | None = None) -> None:
         """After a restart: kill whatever this story's recorded attempt left running and
         record that attempt as lost, so the normal crash rules take over."""
         running = story.running_agent
@@ -463,7 +466,8 @@ class AgentLauncher:
                 story.id,
                 "agent_exited",
                 actor=f"runner:{role.value}",
-                reason=f"the runner restarted while attempt {running['attempt']} ran{detail}",
+                reason=(why or f"the runner restarted while attempt {running['attempt']} ran")
+                + detail,
                 data={
                     "role": role.value,
                     "attempt": running["attempt"],

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from domain.config import StorylineConfig
 from domain.errors import DomainError, IllegalTransition, VersionConflict
+from domain.ids import feature_branch
 from domain.stages import MERGEMASTER_KINDS, AgentRole, MergeFailureKind, Stage
 from domain.story import MAX_REASON, Story
 from runners.gate_verdicts import GateJudge
@@ -136,6 +137,10 @@ class MergeReactions:
         return f"target branch {story.target_branch} does not exist"
 
     def _base_tip(self, story: Story) -> str:
+        remote = self.workspaces.remote
+        if remote is not None:
+            # Scale-out: the remote's base is the truth; this clone's may lag behind it.
+            remote.sync_branch(self._target(story))
         out = subprocess.run(
             ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{self._target(story)}"],
             cwd=self.project,
@@ -183,6 +188,15 @@ class MergeReactions:
 
     def _squash_and_land(self, story: Story) -> None:
         workspaces = self._workspaces(story)
+        remote = workspaces.remote
+        if remote is not None and story.gated_commit is not None:
+            # The merge takes exactly the commit the worker's gates passed on.
+            tip = remote.sync_branch(feature_branch(story.id))
+            if tip != story.gated_commit:
+                raise GitError(
+                    f"the remote's {feature_branch(story.id)} is at {tip}, not at "
+                    f"{story.gated_commit}, the commit its gates passed on"
+                )
         workspaces.prepare(story.id)
         self._land(story, workspaces.squash_merge(story.id, self._message(story)))
 

@@ -700,6 +700,7 @@ def write_record(opts: Options, args: list[str]) -> None:
         "cwd": os.getcwd(),
         "pid": os.getpid(),
         "pgid": os.getpgrp(),
+        "time": time.time(),
         "env": env,
         "token_present": bool(os.environ.get("STORYLINE_TOKEN")),
         "env_names": sorted(os.environ),

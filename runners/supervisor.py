@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from domain.errors import DomainError, StoryNotFound
+from domain.fencing import worker_fence
 from domain.ids import is_epic_id
-from domain.stages import AgentRole, Stage
+from domain.stages import WORKER_STAGES, AgentRole, Stage
+from domain.story import Story
 from runners.agents import AgentResult
 from runners.breaker import ProviderBreakers
 from runners.coder import CoderReactions
@@ -28,6 +30,7 @@ from runners.lease import Lease
 from runners.merger import MergeReactions
 from runners.planner import PlannerLauncher
 from runners.reviewer import ReviewReactions
+from runners.worker_seat import ScaleOut, WorkerSeat
 from service.agent_tokens import AgentTokens
 from service.container import Service
 from service.epics import EpicService
@@ -54,12 +57,15 @@ class SupervisorStatus:
     mergemasters: int
     errors: list[str] = field(default_factory=list)
     breakers: list[dict[str, object]] = field(default_factory=list)
+    worker: dict[str, object] | None = None
+    """Scale-out: this runner's worker id, role, capacity and the stories it holds."""
 
     def as_json(self) -> dict[str, object]:
         return {
             "name": "runners",
             "running": self.running,
             "lease_held": self.lease_held,
+            "worker": self.worker,
             "position": self.position,
             "coders": self.coders,
             "mergemasters": self.mergemasters,
@@ -79,6 +85,7 @@ class Supervisor:
         full_sweep_interval: float = 10.0,
         workers: int = 8,
         lease_ttl: float = 15.0,
+        scale_out: ScaleOut | None = None,
     ) -> None:
         self.service = service
         self.app = service.app
@@ -100,7 +107,15 @@ class Supervisor:
             # SQLAlchemy replaces the whole pool on the first failed ping.
             self._engine = create_engine(service.db.sqlalchemy_url, pool_size=2, pool_pre_ping=True)
             self.index.reader = EventReader(service.db, self._engine, gap_timeout=5.0)
-        self.lease = Lease(self.app, ttl_secs=lease_ttl)
+        self.scale_out = scale_out
+        if scale_out is None:
+            self.lease = Lease(self.app, ttl_secs=lease_ttl)
+        else:
+            # Workers act on the stories they hold; one of them at a time also merges.
+            self.lease = Lease(
+                self.app, "merger", holder=scale_out.worker_id, ttl_secs=scale_out.lease_ttl
+            )
+            self.app.fence = worker_fence(scale_out.worker_id)
         tokens = AgentTokens(self.app) if use_agent_tokens else None
         self.launcher = AgentLauncher(
             self.app,
@@ -144,6 +159,23 @@ class Supervisor:
         )
         self.epic_runner = EpicReactions(self.epics, self.config, service.project, self.planner)
         self.launcher.spawn_veto = self.epic_runner.spawn_veto
+        self.seat: WorkerSeat | None = None
+        if scale_out is not None:
+            remote = scale_out.remote
+            self.coder.worktrees.remote = remote
+            self.merger.workspaces.remote = remote
+            self.epic_runner.git.remote = remote
+            self.launcher.extra_env["STORYLINE_WORKER"] = scale_out.worker_id
+            self.seat = WorkerSeat(
+                self.app,
+                scale_out,
+                self.config.max_coders,
+                adopt=self.coder.worktrees.adopt,
+                reap=lambda story, why: self.launcher.reap_orphan(story, why=why),
+                on_lost=self._lease_lost,
+            )
+            self.coder.cluster_capacity = self.seat.cluster_capacity
+        self._merger_held = scale_out is None
         self._settled_epics: set[str] = set()
         """Epics found done or failed and cleaned up (not looked at again by sweeps)."""
         # A stacked merge holds its step thread while it waits for the stories ahead of it:
@@ -204,6 +236,8 @@ class Supervisor:
             self.planner.stop_all("the runner is shutting down")
             self.launcher.stop_all("the runner is shutting down")
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.seat is not None:
+            self.seat.close()
         try:
             self.lease.release()
         except Exception:
@@ -225,6 +259,16 @@ class Supervisor:
             mergemasters=self.launcher.count(AgentRole.MERGEMASTER),
             errors=list(self._errors),
             breakers=list(self.breakers.snapshot()),
+            worker=None
+            if self.seat is None or self.scale_out is None
+            else {
+                "worker_id": self.scale_out.worker_id,
+                "role": self.scale_out.role,
+                "capacity": self.seat.capacity,
+                "held": self.seat.held(),
+                "merger": self._merger_held,
+                "remote": self.scale_out.remote.url,
+            },
         )
 
     def idle(self) -> bool:
@@ -252,8 +296,13 @@ class Supervisor:
                 self._woken = False
 
     def _tick(self) -> None:
-        if not self.lease.ensure():
-            return  # another runner process holds the lease
+        if self.seat is None:
+            if not self.lease.ensure():
+                return  # another runner process holds the lease
+        else:
+            assert self.scale_out is not None
+            self._merger_held = self.scale_out.merges and self.lease.ensure()
+            self.seat.upkeep(merger=self._merger_held)
         touched = self.index.catch_up(self.app)
         for event in self.index.take_breaker_events():
             # Openings and closings in the log (a restart, or another runner before this
@@ -279,9 +328,9 @@ class Supervisor:
         # Renew well before expiry; a long tick must not let another runner take over. On
         # a clock, not on every tick: every commit anywhere wakes this loop, and a lease
         # write per wake-up would add a commit to every command.
-        if now - self._renewed_at >= self.lease.ttl_secs / 6:
+        if now - self._renewed_at >= self.lease.ttl_secs / 6 and self._merger_held:
             self._renewed_at = now
-            self.lease.acquire()
+            self._merger_held = self.lease.acquire()
         for sid in sorted(touched, key=self._order):
             self._submit(sid)
 
@@ -329,11 +378,19 @@ class Supervisor:
 
     def _step(self, story_id: str) -> bool:
         if is_epic_id(story_id):
+            if not self._merger_held:
+                return False  # epics are the merger's (their git lives in its clone)
             return self._step_epic(story_id)
         try:
-            story = self.app.get_story(story_id)
+            loaded: Story | None = self.app.get_story(story_id)
         except StoryNotFound:
             return False
+        assert loaded is not None
+        if self.seat is not None:
+            loaded = self._seat_story(loaded)
+            if loaded is None:
+                return False
+        story = loaded
         stage = story.stage
         if stage is Stage.BACKLOG:
             self.coder.schedule(story)
@@ -354,7 +411,7 @@ class Supervisor:
         if self.launcher.running(story_id) is not None:
             self.launcher.stop(story_id, f"the story is {stage.value}")
             return False
-        if story.running_agent is not None:
+        if story.running_agent is not None and self._may_reap(story):
             self.launcher.reap_orphan(story)
             return True
         if stage in (Stage.DONE, Stage.ARCHIVED):
@@ -362,6 +419,36 @@ class Supervisor:
             self.merger.cleanup(story)
             self.reviewer.cleanup(story)
         return False
+
+    # ------------------------------------------------------------------ scale-out
+
+    def _seat_story(self, story: Story) -> Story | None:
+        """Scale-out: the story to step, if this worker is the one to step it now."""
+        assert self.seat is not None and self.scale_out is not None
+        if story.stage in WORKER_STAGES:
+            if not self.scale_out.works:
+                return None
+            held = self.seat.hold(story)
+            if held is None and self.launcher.running(story.id) is not None:
+                # Held by another worker now: this one's attempt must not go on.
+                self.launcher.stop(story.id, "another worker holds the story now")
+            return held
+        self.seat.release(story.id)
+        if story.stage in (Stage.MERGE, Stage.MERGE_FAILURE) and not self._merger_held:
+            return None
+        return story
+
+    def _may_reap(self, story: Story) -> bool:
+        """Whose job it is to record a finished story's leftover attempt as lost: the
+        worker that held it, or the merger for one whose worker is gone."""
+        if self.scale_out is None:
+            return True
+        return self._merger_held or story.holder == self.scale_out.worker_id
+
+    def _lease_lost(self, story_id: str) -> None:
+        if self.launcher.running(story_id) is not None:
+            self.launcher.stop(story_id, "this worker's lease on the story expired")
+        self.look_at({story_id})
 
     def _step_epic(self, epic_id: str) -> bool:
         epic = self.epics.get(epic_id)

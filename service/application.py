@@ -215,7 +215,7 @@ class StorylineApplication(Application[str]):
         self._ids = _IdAllocator()
         self._commit_listeners: list[Callable[[int], None]] = []
         self._recent = _RecentStories(AGGREGATE_CACHE_SIZE)
-        self.fence: Callable[[Story, str], None] | None = None
+        self.fence: Callable[[Story, str, str], None] | None = None
         """Checked before every story command (a worker runner's: see domain.fencing)."""
         env = persistence_env(db, pool_size=pool_size)
         super().__init__(env)
@@ -383,7 +383,7 @@ class StorylineApplication(Application[str]):
             dependency_stages = {dep: self._stage_of(dep) for dep in story.depends_on}
         try:
             if self.fence is not None:
-                self.fence(story, event)
+                self.fence(story, event, actor)
             apply_named(
                 story,
                 event,

@@ -1,0 +1,241 @@
+"""Scale-out end to end on PostgreSQL: a bare git remote, three worker runner processes each
+with its own clone, one merger, thirty stories; one worker's "machine" dies mid-run (the
+runner and its agents SIGKILLed) and a worker is started late in its old clone directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from bench.cluster import Cluster, story_ids
+from domain.stages import Stage
+from service.application import StorylineApplication
+from service.settings import Database
+
+pytestmark = pytest.mark.slow
+
+N = 30
+
+
+def wait_until(what: str, predicate, cluster: Cluster, timeout: float = 240.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for name, proc in cluster.procs.items():
+            assert proc.poll() is None, f"{name} exited:\n{cluster.log_tail()}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{cluster.log_tail()}")
+
+
+def test_workers_share_thirty_stories_and_survive_a_dead_machine(
+    tmp_path: Path, pg_database: Database
+) -> None:
+    stories = story_ids(N)
+    cluster = Cluster.create(
+        tmp_path, pg_database.url, stories, agent_secs=1.0, max_coders=2, lease_ttl=3.0
+    )
+    app = StorylineApplication(pg_database)
+    try:
+        for sid in stories:
+            app.create_story(
+                story_id=sid,
+                name=f"module {sid}",
+                description="add the module",
+                acceptance_criteria=["the module exists"],
+                actor="user:test",
+            )
+        cluster.start("m1", role="merger")
+        for worker in ("w1", "w2", "w3"):
+            cluster.start(worker)
+        for sid in stories:
+            app.transition(sid, "start_coding", actor="user:test")
+
+        def done() -> list[str]:
+            return [s for s in stories if app.get_story(s).stage is Stage.DONE]
+
+        def w1_mid_run() -> bool:
+            mine = [a for a in cluster.agents() if a["env"].get("STORYLINE_WORKER") == "w1"]
+            return len(mine) >= 3
+
+        wait_until("w1 to be coding", w1_mid_run, cluster)
+        killed = cluster.kill_machine("w1")
+        assert killed, "w1 had no agent to kill"
+        wait_until("ten stories done", lambda: len(done()) >= 10, cluster)
+        cluster.start("w4", clone="w1")  # a late worker, in the dead one's old clone
+        wait_until("every story done", lambda: len(done()) == N, cluster, timeout=300)
+    finally:
+        cluster.stop_all()
+
+    histories = {sid: app.history(sid) for sid in stories}
+    agents = cluster.agents()
+
+    # Every attempt was spawned once: one agent process per (story, attempt), and exactly
+    # the attempts the log records.
+    spawned = Counter(
+        (a["env"]["STORYLINE_STORY_ID"], a["env"]["STORYLINE_ATTEMPT"]) for a in agents
+    )
+    assert all(n == 1 for n in spawned.values()), [k for k, n in spawned.items() if n > 1]
+    logged = {
+        (sid, str(e.data["attempt"]))
+        for sid, history in histories.items()
+        for e in history
+        if e.type == "AgentSpawnRequested"
+    }
+    assert set(spawned) == logged
+
+    # No story was coded by two workers at once: each attempt ran on the worker whose
+    # claim was the latest when it was spawned, and started only after the attempt before
+    # it was recorded as over (a lost one only once its worker's lease had expired).
+    started = {
+        (a["env"]["STORYLINE_STORY_ID"], int(a["env"]["STORYLINE_ATTEMPT"])): a for a in agents
+    }
+    takeovers = 0
+    for sid, history in histories.items():
+        holder = None
+        exits: dict[int, float] = {}
+        holders: set[str] = set()
+        for e in history:
+            if e.type == "WorkerClaimed":
+                holder = e.data["worker"]
+                holders.add(holder)
+            elif e.type == "AgentSpawnRequested":
+                attempt = int(e.data["attempt"])
+                assert started[(sid, attempt)]["env"]["STORYLINE_WORKER"] == holder, (sid, attempt)
+                if attempt > 1:
+                    assert started[(sid, attempt)]["time"] >= exits[attempt - 1], (sid, attempt)
+            elif e.type == "AgentExited":
+                exits[int(e.data["attempt"])] = e.timestamp.timestamp()
+        takeovers += len(holders) > 1
+    lost = [
+        e
+        for history in histories.values()
+        for e in history
+        if e.type == "AgentExited" and e.data["outcome"] == "lost"
+    ]
+    assert lost and all("lease expired" in (e.reason or "") for e in lost), [e.reason for e in lost]
+    assert takeovers >= 1
+
+    # The remote base holds exactly one squash commit per story, in a straight line, and
+    # every landed tree passed the merge gates.
+    log = subprocess.run(
+        ["git", "log", "--format=%H %T %P%x09%s", "main"],
+        cwd=cluster.remote,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    landed = log[:-1]  # the last is the seed commit
+    assert len(landed) == N
+    subjects = Counter()
+    trees = []
+    for line in landed:
+        shas, subject = line.split("\t", 1)
+        _commit, tree, *parents = shas.split()
+        assert len(parents) == 1, line
+        trees.append(tree)
+        subjects.update(sid for sid in stories if subject.endswith(f"(story {sid})"))
+    assert subjects == Counter(stories)
+    passed_trees = {
+        e.data["tree"]
+        for history in histories.values()
+        for e in history
+        if e.type == "GateVerdictRecorded" and e.data["phase"] == "merge_gates" and e.data["passed"]
+    }
+    assert set(trees) <= passed_trees
+    # Each worker held at most max_coders stories at a time: its agents' lifetimes (from
+    # the agent's own start to the recorded exit) never overlapped more than twice.
+    for worker in {a["env"]["STORYLINE_WORKER"] for a in agents}:
+        spans = []
+        for a in agents:
+            if a["env"]["STORYLINE_WORKER"] != worker:
+                continue
+            sid, attempt = a["env"]["STORYLINE_STORY_ID"], int(a["env"]["STORYLINE_ATTEMPT"])
+            end = next(
+                e.timestamp.timestamp()
+                for e in histories[sid]
+                if e.type == "AgentExited" and int(e.data["attempt"]) == attempt
+            )
+            spans.append((a["time"], end))
+        for start, _ in spans:
+            overlapping = sum(1 for s, e in spans if s <= start < e)
+            assert overlapping <= 2, (worker, start, overlapping)
+    by_worker = defaultdict(int)
+    for a in agents:
+        by_worker[a["env"]["STORYLINE_WORKER"]] += 1
+    assert set(by_worker) <= {"w1", "w2", "w3", "w4"} and len(by_worker) >= 3
+    app.close()
+
+
+def test_a_worker_that_comes_back_after_its_lease_was_taken_records_nothing(
+    tmp_path: Path, pg_database: Database
+) -> None:
+    """SIGSTOP stands in for a network partition or a long pause: the worker's own agent
+    finishes meanwhile, and when the worker resumes it tries to record that exit."""
+    cluster = Cluster.create(
+        tmp_path, pg_database.url, ["f1"], agent_secs=0, max_coders=2, lease_ttl=2.0
+    )
+    script = {
+        "f1": {
+            "1": [
+                {"sleep": 4, "interval": 0.5},
+                {"write": "mods/f1.py", "content": "VERSION = 1\n"},
+                {"commit": "f1 from the paused worker"},
+            ],
+            "2": [
+                {"sleep": 6, "interval": 0.5},
+                {"write": "mods/f1.py", "content": "VERSION = 2\n"},
+                {"commit": "f1 from the worker that took over"},
+            ],
+        }
+    }
+    (tmp_path / "coder-script.json").write_text(json.dumps(script))
+    app = StorylineApplication(pg_database)
+    try:
+        app.create_story(
+            story_id="f1",
+            name="module f1",
+            description="d",
+            acceptance_criteria=["ok"],
+            actor="user:test",
+        )
+        cluster.start("m1", role="merger")
+        paused = cluster.start("w1")
+        app.transition("f1", "start_coding", actor="user:test")
+        wait_until("w1's attempt to start", lambda: len(cluster.agents()) == 1, cluster)
+        os.kill(paused.pid, signal.SIGSTOP)
+        cluster.start("w2")
+        wait_until(
+            "w2's attempt to start",
+            lambda: any(a["env"]["STORYLINE_WORKER"] == "w2" for a in cluster.agents()),
+            cluster,
+        )
+        time.sleep(4.5)  # w1's own agent has exited by now; w2's still runs
+        assert app.get_story("f1").stage is Stage.CODING
+        os.kill(paused.pid, signal.SIGCONT)
+        wait_until(
+            "w1 to be refused",
+            lambda: "holds it, not 'w1'" in cluster.logs["w1"].read_text(),
+            cluster,
+            timeout=30,
+        )
+        wait_until("f1 done", lambda: app.get_story("f1").stage is Stage.DONE, cluster)
+    finally:
+        cluster.stop_all()
+    history = app.history("f1")
+    exits = [(e.data["attempt"], e.data["outcome"]) for e in history if e.type == "AgentExited"]
+    assert exits == [(1, "lost"), (2, "completed")]
+    claims = [e.data["worker"] for e in history if e.type == "WorkerClaimed"]
+    assert claims == ["w1", "w2"]
+    shown = subprocess.run(
+        ["git", "show", "main:mods/f1.py"], cwd=cluster.remote, capture_output=True, text=True
+    )
+    assert shown.stdout == "VERSION = 2\n"
+    app.close()
