@@ -26,6 +26,12 @@ Layout: ``<repo>/.storyline/epics/<epic>/scratch/<name>`` (candidates) and
 :func:`domain.ids.validate_epic_id` and scratch names through
 :func:`domain.ids.validate_story_id` before any path or ref is built from them.
 
+With a remote (:class:`runners.remote.GitRemote`, scale-out) the integration branch lives on
+the remote too: it is created there by compare-and-swap (an existing remote branch is adopted),
+moved there first by :meth:`EpicGit.reset_integration` (the local branch follows), read from
+it by :meth:`EpicGit.integration_tip`; the base branch is synced before it is read, and
+landing is the same compare-and-swap push as a story's.
+
 Restart safety: a scratch worktree found half-way through a git operation (a cherry-pick,
 merge or rebase in progress) or unregistered, locked or broken is removed and created again;
 a merely dirty one is hard-reset and cleaned, and rebuilt if it is still not clean.
@@ -37,6 +43,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from domain.config import GatesConfig
 from domain.ids import integration_branch, validate_epic_id, validate_story_id
@@ -60,6 +67,9 @@ from runners.merge_workspace import (
     MergeWorkspaces,
     SquashResult,
 )
+
+if TYPE_CHECKING:
+    from runners.remote import GitRemote
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +198,15 @@ class EpicGit(WorkspaceSet):
 
     default_subdir = "epics"
 
-    def __init__(self, repo: Path, base_branch: str, root: Path | None = None) -> None:
-        super().__init__(repo, base_branch, root)
-        self._base = MergeWorkspaces(self.repo, self.base_branch)
+    def __init__(
+        self,
+        repo: Path,
+        base_branch: str,
+        root: Path | None = None,
+        remote: GitRemote | None = None,
+    ) -> None:
+        super().__init__(repo, base_branch, root, remote)
+        self._base = MergeWorkspaces(self.repo, self.base_branch, remote=remote)
         self._sets: dict[tuple[str, str], _EpicWorkspaces] = {}
         self._sets_guard = threading.Lock()
 
@@ -208,7 +224,16 @@ class EpicGit(WorkspaceSet):
 
     def ensure_integration_branch(self, epic_id: str, at: str | None = None) -> str:
         """Create ``epic/<id>`` at ``at`` (default: the base tip) unless it exists; return
-        its tip. Idempotent: an existing branch is left where it is."""
+        its tip. Idempotent: an existing branch is left where it is.
+
+        With a remote, the remote decides: a branch it has is adopted (the local one made
+        equal); otherwise the branch (the local one if this clone has it, else a new one) is
+        created on the remote by compare-and-swap from "no branch", and a concurrent creator
+        that got there first is adopted instead. The remote is written before the local ref,
+        so a crash in between is repaired by the next call.
+        """
+        if self.remote is not None:
+            return self._ensure_remote_integration(epic_id, at)
         ref = self.integration_ref(epic_id)
         existing = self._ref_sha(ref)
         if existing is not None:
@@ -228,11 +253,14 @@ class EpicGit(WorkspaceSet):
         return start
 
     def integration_tip(self, epic_id: str) -> str | None:
+        if self.remote is not None:
+            self.remote.sync_branch(integration_branch(epic_id))
         return self._ref_sha(self.integration_ref(epic_id))
 
     def fork_point(self, epic_id: str) -> str:
         """Where the integration branch left the base branch (their merge base)."""
         tip = self._require_tip(epic_id)
+        self.sync_base()
         res = run_git(["merge-base", self._base_tip(), tip], self.repo, check=False)
         if res.returncode != 0:
             raise GitError(
@@ -258,22 +286,25 @@ class EpicGit(WorkspaceSet):
 
         Unlike the base branch, the integration branch may move backwards: rebuilding it from
         the clean stories drops the implicated ones on purpose.
+
+        With a remote the compare-and-swap is a push to the remote (``expected_old`` as the
+        lease); the local branch then follows the remote (the winner's tip on False).
         """
         ref = self.integration_ref(epic_id)
         check_object_name(expected_old, "expected_old")
         new_sha = self._commit(new_sha, "new_sha")
+        if self.remote is not None:
+            with repo_lock(self._common_dir(), "base"):
+                self._refuse_checked_out(epic_id)
+                return self.remote.push_cas(
+                    integration_branch(epic_id), expected_old, new_sha, follow=True
+                )
         with repo_lock(self._common_dir(), "base"):
             if self._ref_sha(ref) != expected_old:
                 return False
             if new_sha == expected_old:
                 return True
-            holders = worktrees_holding(self.repo, ref)
-            if holders:
-                # update-ref would leave that checkout's index at the old commit.
-                raise GitError(
-                    f"{integration_branch(epic_id)} is checked out at {holders[0]}; storyline "
-                    "will not move a branch under someone's checkout"
-                )
+            self._refuse_checked_out(epic_id)
             cas = run_git(
                 ["update-ref", "-m", f"storyline: rebuild {ref}", ref, new_sha, expected_old],
                 self.repo,
@@ -390,6 +421,7 @@ class EpicGit(WorkspaceSet):
             return None
         if head == base:
             return None
+        self.sync_base()
         reached = run_git(
             ["merge-base", "--is-ancestor", head, self._base_tip()], self.repo, check=False
         )
@@ -400,6 +432,33 @@ class EpicGit(WorkspaceSet):
         return self._base.advance_base(expected_old, new_sha)
 
     # ------------------------------------------------------------------------- private
+
+    def _ensure_remote_integration(self, epic_id: str, at: str | None) -> str:
+        assert self.remote is not None
+        branch = integration_branch(epic_id)
+        if at is not None:
+            at = self._commit(at, "at")
+        with repo_lock(self._common_dir(), "base"):
+            adopted = self.remote.sync_branches(branch, self.base_branch)[branch]
+            if adopted is not None:
+                return adopted
+            start = self._ref_sha(self.integration_ref(epic_id))
+            if start is None:
+                start = self._base_tip() if at is None else at
+            self.remote.push_cas(branch, None, start, follow=True)
+            tip = self.remote.remote_sha(branch)
+            if tip is None:  # pragma: no cover - push_cas True or False leaves it there
+                raise GitError(f"{branch} is still missing on {self.remote.url}")
+            return tip
+
+    def _refuse_checked_out(self, epic_id: str) -> None:
+        holders = worktrees_holding(self.repo, self.integration_ref(epic_id))
+        if holders:
+            # update-ref would leave that checkout's index at the old commit.
+            raise GitError(
+                f"{integration_branch(epic_id)} is checked out at {holders[0]}; storyline "
+                "will not move a branch under someone's checkout"
+            )
 
     def _scratch(self, epic_id: str) -> _EpicWorkspaces:
         return self._set(epic_id, "scratch")
@@ -413,7 +472,7 @@ class EpicGit(WorkspaceSet):
             found = self._sets.get((eid, sub))
             if found is None:
                 root = self.root / eid / sub if sub else self.root / eid
-                found = _EpicWorkspaces(self.repo, self.base_branch, root)
+                found = _EpicWorkspaces(self.repo, self.base_branch, root, self.remote)
                 self._sets[(eid, sub)] = found
             return found
 

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 try:  # pragma: no cover - exercised only where fcntl is missing
     import fcntl
@@ -40,6 +40,9 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 from domain.ids import validate_branch_name, validate_story_id
+
+if TYPE_CHECKING:
+    from runners.remote import GitRemote
 
 log = logging.getLogger(__name__)
 
@@ -486,13 +489,27 @@ def create_worktree(repo: Path, common: Path, path: Path, target: Sequence[str])
 class WorkspaceSet:
     """What :class:`~runners.worktrees.Worktrees` and
     :class:`~runners.merge_workspace.MergeWorkspaces` share: one directory per story under
-    ``root``, a repository, a base branch, and per-story serialisation."""
+    ``root``, a repository, a base branch, and per-story serialisation.
+
+    ``remote``: the shared remote this repository is a clone of (scale-out). With it, the
+    base branch is synced from the remote before it is read, and moves on the remote first
+    (each subclass says where). None: everything is local, as on a single machine.
+    """
 
     default_subdir = ""
 
-    def __init__(self, repo: Path, base_branch: str, root: Path | None = None) -> None:
+    def __init__(
+        self,
+        repo: Path,
+        base_branch: str,
+        root: Path | None = None,
+        remote: GitRemote | None = None,
+    ) -> None:
         self.repo = Path(repo).resolve()
         self.base_branch = validate_branch_name(base_branch)
+        if remote is not None and remote.repo != self.repo:
+            raise ValueError(f"remote {remote!r} is not for the repository {self.repo}")
+        self.remote = remote
         default_root = self.repo / ".storyline" / self.default_subdir
         self.root = (Path(root) if root is not None else default_root).resolve()
         self._common: Path | None = None
@@ -515,7 +532,7 @@ class WorkspaceSet:
         with self._locks_guard:
             sibling = self._siblings.get(branch)
             if sibling is None:
-                sibling = type(self)(self.repo, branch, root=self.root)
+                sibling = type(self)(self.repo, branch, root=self.root, remote=self.remote)
                 # Shared, so a story is serialised whichever branch object drives it.
                 sibling._locks = self._locks
                 sibling._locks_guard = self._locks_guard
@@ -524,7 +541,14 @@ class WorkspaceSet:
             return sibling
 
     def base_exists(self) -> bool:
-        return self._ref_sha(self.base_ref) is not None
+        return self.sync_base() is not None
+
+    def sync_base(self) -> str | None:
+        """The local base tip (None: no such branch), first synced from the remote if any
+        (a branch the remote lacks is left as it is locally)."""
+        if self.remote is not None:
+            self.remote.sync_branch(self.base_branch)
+        return self._ref_sha(self.base_ref)
 
     @property
     def base_ref(self) -> str:

@@ -7,7 +7,8 @@ other stories keep merging in theirs. The base branch only moves through
 
 API::
 
-    MergeWorkspaces(repo: Path, base_branch: str, root: Path | None = None)
+    MergeWorkspaces(repo: Path, base_branch: str, root: Path | None = None,
+                    remote: GitRemote | None = None)
         .path_for(story_id: str) -> Path
         .prepare(story_id: str) -> Path              # clean, detached at the base tip
         .reset(story_id: str) -> Path                # same, for crash recovery call sites
@@ -32,6 +33,14 @@ mergemaster committed, ``finish_resolution`` returns the commit to gate and adva
 The base sha a merge started from is kept in ``storyline-merge-base`` inside the workspace's
 own git admin directory, so it survives a restart and disappears with the workspace.
 All commits are made as ``storyline <storyline@localhost>`` with hooks and signing off.
+
+With a ``remote`` (:class:`runners.remote.GitRemote`, scale-out) the remote's base branch is
+the one that counts: a workspace prepared at the base tip (and a rebase onto it) first syncs
+the local base from the remote, a squash merge first makes the local feature branch the
+remote's (the pushed commit is what lands), and :meth:`MergeWorkspaces.advance_base` is a
+compare-and-swap push to the remote before the local branch follows. The remote base only
+ever moves from the commit a merge was built and gated on; a second or stale merger gets
+False, never a lost commit.
 """
 
 from __future__ import annotations
@@ -145,6 +154,10 @@ class MergeWorkspaces(WorkspaceSet):
         if onto is not None:
             check_object_name(onto, "onto")
         with self._story_lock(sid):
+            if self.remote is not None:
+                # The pushed branch is what the worker gated and what lands, whatever this
+                # clone had locally.
+                self.remote.sync_branch(branch)
             path = self._prepare(sid, onto)
             base_sha = self._git(path, "rev-parse", "HEAD").stdout.strip()
             self._write_base(path, base_sha)
@@ -181,6 +194,7 @@ class MergeWorkspaces(WorkspaceSet):
             if old_base is None:
                 raise GitError(f"no merge was started in the workspace of story {sid!r}")
             commit = self._check_one_commit(path, admin, old_base)
+            self.sync_base()
             tip = self._base_tip()
             if tip == old_base:
                 return SquashResult(
@@ -229,27 +243,25 @@ class MergeWorkspaces(WorkspaceSet):
         branch: it would leave that checkout's index at the old commit, showing the merge
         reversed as staged changes. When local changes do overlap, GitError says so and the
         base stays put. Elsewhere ``git update-ref <ref> <new> <old>`` is an atomic CAS.
+
+        With a remote the CAS is a push to the remote (``--force-with-lease`` on
+        ``expected_old``, after the fast-forward check here); on False the local base is
+        synced to the remote's, on True it follows to ``new_sha``.
         """
         check_object_name(expected_old, "expected_old")
         check_object_name(new_sha, "new_sha")
         if self._ref_sha(new_sha) != new_sha:
             raise GitError(f"commit {new_sha} does not exist in {self.repo}")
         common = self._common_dir()
+        if self.remote is not None:
+            with repo_lock(common, "base"):
+                return self._advance_remote(expected_old, new_sha)
         with repo_lock(common, "base"):
             if self._base_tip() != expected_old:
                 return False
             if new_sha == expected_old:
                 return True
-            ancestor = run_git(
-                ["merge-base", "--is-ancestor", expected_old, new_sha], self.repo, check=False
-            )
-            if ancestor.returncode == 1:
-                raise GitError(
-                    f"refusing to move {self.base_branch} to {new_sha}: it does not descend from "
-                    f"{expected_old}, so commits on {self.base_branch} would be lost"
-                )
-            if ancestor.returncode != 0:
-                raise command_failed(ancestor, self.repo)
+            self._require_fast_forward(expected_old, new_sha)
             holders = worktrees_holding(self.repo, self.base_ref)
             if not holders:
                 cas = run_git(
@@ -294,6 +306,26 @@ class MergeWorkspaces(WorkspaceSet):
 
     # ---------------------------------------------------------------------------- private
 
+    def _advance_remote(self, expected_old: str, new_sha: str) -> bool:
+        assert self.remote is not None
+        if new_sha != expected_old:
+            self._require_fast_forward(expected_old, new_sha)
+        # The remote moves first, and only from expected_old; the local base then follows
+        # whatever the remote holds (new_sha on a win, the winner's commit on a loss).
+        return self.remote.push_cas(self.base_branch, expected_old, new_sha, follow=True)
+
+    def _require_fast_forward(self, expected_old: str, new_sha: str) -> None:
+        ancestor = run_git(
+            ["merge-base", "--is-ancestor", expected_old, new_sha], self.repo, check=False
+        )
+        if ancestor.returncode == 1:
+            raise GitError(
+                f"refusing to move {self.base_branch} to {new_sha}: it does not descend from "
+                f"{expected_old}, so commits on {self.base_branch} would be lost"
+            )
+        if ancestor.returncode != 0:
+            raise command_failed(ancestor, self.repo)
+
     def _git(
         self, path: Path, *args: str, check: bool = True, stdin: str | None = None
     ) -> GitResult:
@@ -310,6 +342,8 @@ class MergeWorkspaces(WorkspaceSet):
 
     def _prepare(self, sid: str, onto: str | None = None) -> Path:
         path = self.root / sid
+        if onto is None:
+            self.sync_base()
         tip = self._base_tip() if onto is None else onto
         common = self._common_dir()
         probe = probe_worktree(path, common)

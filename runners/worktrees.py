@@ -6,12 +6,20 @@ with :func:`domain.ids.validate_story_id` before git or the filesystem is touche
 
 API::
 
-    Worktrees(repo: Path, base_branch: str, root: Path | None = None)
+    Worktrees(repo: Path, base_branch: str, root: Path | None = None,
+              remote: GitRemote | None = None)
         .path_for(story_id: str) -> Path
         .ensure(story_id: str) -> Path
         .ensure_many(story_ids: Iterable[str], parallelism: int) -> dict[str, Path | GitError]
         .remove(story_id: str, delete_branch: bool = False) -> None
         .status(story_id: str) -> WorktreeStatus
+        .adopt(story_id: str) -> None           # the remote's feature branch wins
+        .push(story_id: str) -> str             # feature branch to the remote (lease)
+
+With a ``remote`` (:class:`runners.remote.GitRemote`, scale-out): a story whose feature
+branch is not in this clone starts from the remote's feature branch if there is one (another
+worker coded it), else from the remote's base tip; :meth:`Worktrees.push` pushes the branch
+with a lease (:class:`runners.remote.RemoteMoved` if another worker pushed it since).
 
     WorktreeStatus(dirty: bool, dirty_paths: list[str], commits_ahead: int, head: str)
 
@@ -92,6 +100,10 @@ class Worktrees(WorkspaceSet):
                 problem = probe.problem
             if probe.exists:
                 log.warning("recreating worktree for story %s at %s: %s", sid, path, problem)
+            if self.remote is not None and self._ref_sha(f"refs/heads/{branch}") is None:
+                # A new branch here: from the remote's (another worker coded the story) if it
+                # has one, else from the remote's base tip, not this clone's stale view.
+                self.remote.sync_branches(self.base_branch, branch)
             if self._ref_sha(f"refs/heads/{branch}") is not None:
                 # A previous attempt's branch: its commits are the story's work so far. The
                 # short name (not refs/heads/...) makes git check the branch out instead of
@@ -138,6 +150,35 @@ class Worktrees(WorkspaceSet):
                 purge_worktree(path, common)
             if delete_branch and self._ref_sha(f"refs/heads/{branch}") is not None:
                 run_git(["branch", "-D", branch], self.repo)
+
+    def adopt(self, story_id: str) -> None:
+        """Take over a story another worker (or an earlier run) coded: the worktree is
+        removed (uncommitted changes included) and, with a remote, the local feature branch
+        made the remote's (deleted when the remote has none). Without a remote only the
+        worktree goes."""
+        sid = validate_story_id(story_id)
+        branch = feature_branch(sid)
+        path = self.root / sid
+        with self._story_lock(sid):
+            common = self._common_dir()
+            with repo_lock(common):
+                purge_worktree(path, common)
+            if self.remote is not None:
+                self.remote.adopt_branch(branch)
+
+    def push(self, story_id: str) -> str:
+        """Push the story's feature branch to the remote with a lease on the remote tip this
+        clone last saw; returns the pushed sha (RemoteMoved: another worker pushed since).
+        Without a remote: the local branch tip."""
+        sid = validate_story_id(story_id)
+        branch = feature_branch(sid)
+        with self._story_lock(sid):
+            if self.remote is not None:
+                return self.remote.push_branch(branch)
+            sha = self._ref_sha(f"refs/heads/{branch}")
+            if sha is None:
+                raise GitError(f"branch {branch} does not exist in {self.repo}")
+            return sha
 
     def status(self, story_id: str) -> WorktreeStatus:
         sid = validate_story_id(story_id)
