@@ -6,7 +6,8 @@
 
 Rows: 1 raw INSERT limit, 2 bare eventsourcing app, 3 storyline application layer,
 4 HTTP, 5 projection rebuild vs bare read, 6 runner reaction, 7 scale (100k stories),
-8 the web board in Chromium (10k stories), 9 merge throughput (the speculative queue).
+8 the web board in Chromium (10k stories), 9 merge throughput (the speculative queue),
+10 scale-out (stories per minute with 1, 2 and 3 worker runner processes).
 A row whose code is not there yet is shown as "pending"; a row that fails is shown as
 "error" with the reason, and the run goes on.
 """
@@ -47,6 +48,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "scale": ("bench.scale", "7"),
     "board_render": ("bench.board_render", "8"),
     "merge_throughput": ("bench.merge_throughput", "9"),
+    "scale_out": ("bench.scale_out", "10"),
 }
 # Throughput rows sharing the machine with whatever else runs on it: run in interleaved
 # rounds and keep each row's best round (interference only ever slows a round down).
@@ -193,6 +195,9 @@ def ratios(results: list[Measurement]) -> list[Ratio]:
     ratio("row 9: k=1 / k=4 with batch 3, all pass", "9/postgres/1", "9b/postgres/4", None)
     ratio("row 9f: k=1 / k=4, one failing story", "9f/postgres/1", "9f/postgres/4", 2.0)
     bound("row 9o per landed story, gate time excluded", "9o/postgres/-", "value", 0.5, "s")
+    ratio("row 10: 3 workers / 1 worker, coding part", "10/postgres/3", "10/postgres/1", 2.5)
+    ratio("row 10: 2 workers / 1 worker, coding part", "10/postgres/2", "10/postgres/1", None)
+    ratio("row 10t: 3 workers / 1 worker, end to end", "10t/postgres/3", "10t/postgres/1", None)
     return out
 
 

@@ -173,6 +173,7 @@ class Supervisor:
                 adopt=self.coder.worktrees.adopt,
                 reap=lambda story, why: self.launcher.reap_orphan(story, why=why),
                 on_lost=self._lease_lost,
+                on_free=lambda: self.slot_freed(*(s.value for s in WORKER_STAGES)),
             )
             self.coder.cluster_capacity = self.seat.cluster_capacity
         self._merger_held = scale_out is None
@@ -433,7 +434,10 @@ class Supervisor:
                 # Held by another worker now: this one's attempt must not go on.
                 self.launcher.stop(story.id, "another worker holds the story now")
             return held
-        self.seat.release(story.id)
+        if self.seat.release(story.id):
+            # A slot is free: the stories waiting for one are looked at now, not at the
+            # next sweep (measured: that wait alone halved the scale-out throughput).
+            self.slot_freed(*(s.value for s in WORKER_STAGES))
         if story.stage in (Stage.MERGE, Stage.MERGE_FAILURE) and not self._merger_held:
             return None
         return story

@@ -62,6 +62,7 @@ class WorkerSeat:
         adopt: Callable[[str], None],
         reap: Callable[[Story, str], None],
         on_lost: Callable[[str], None],
+        on_free: Callable[[], None] = lambda: None,
     ) -> None:
         self.app = app
         self.options = options
@@ -72,6 +73,8 @@ class WorkerSeat:
         self._adopt = adopt
         self._reap = reap
         self._on_lost = on_lost
+        self._on_free = on_free
+        self._turned_away = False
         self._held: dict[str, int] = {}
         self._claiming: set[str] = set()
         """Story -> the generation this worker claimed it under (live in the table)."""
@@ -110,15 +113,25 @@ class WorkerSeat:
                 # Steps run on a thread pool: the slot is taken before the database is
                 # asked, or several steps could each see one free slot.
                 if len(self._held) + len(self._claiming) >= self.capacity:
+                    self._turned_away = True
                     return None
                 if story.id in self._claiming:
                     return None
                 self._claiming.add(story.id)
+        held = None
         try:
-            return self._claim(story)
+            held = self._claim(story)
+            return held
         finally:
             with self._lock:
                 self._claiming.discard(story.id)
+                # A claim lost to another worker gives its slot back: the stories turned
+                # away while it was reserved are looked at again now, not at the next sweep.
+                retry = held is None and self._turned_away
+                if retry:
+                    self._turned_away = False
+            if retry:
+                self._on_free()
 
     def _claim(self, story: Story) -> Story | None:
         claim = self.leases.claim(story.id, floor=story.holder_generation + 1)
@@ -169,14 +182,17 @@ class WorkerSeat:
         logger.info("story %s: claimed (generation %d)", story.id, claim.generation)
         return story
 
-    def release(self, story_id: str) -> None:
+    def release(self, story_id: str) -> bool:
+        """Give the story's lease back; True if this worker held it (a slot is free)."""
         with self._lock:
             had = self._held.pop(story_id, None)
-        if had is not None:
-            try:
-                self.leases.release(story_id)
-            except Exception:
-                logger.exception("could not release the lease of story %s", story_id)
+        if had is None:
+            return False
+        try:
+            self.leases.release(story_id)
+        except Exception:
+            logger.exception("could not release the lease of story %s", story_id)
+        return True
 
     # ------------------------------------------------------------------ upkeep
 
