@@ -227,6 +227,7 @@ WorkerId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z
 class ClaimData(_Data):
     worker: WorkerId
     generation: Annotated[int, Field(ge=1, le=2**62)]
+    drop_sessions: bool = False
 
 
 class ProviderBreakerClosedData(_Data):
@@ -370,7 +371,11 @@ COMMANDS: dict[str, tuple[type[_Data], Handler]] = {
     "claim": _spec(
         ClaimData,
         lambda s, a, r, d, p, deps: s.claim(
-            actor=a, reason=r, worker=d.worker, generation=d.generation
+            actor=a,
+            reason=r,
+            worker=d.worker,
+            generation=d.generation,
+            drop_sessions=d.drop_sessions,
         ),
     ),
     "provider_breaker_opened": _spec(

@@ -526,10 +526,15 @@ class WorkerClaimed(_NotAStep):
     generation: int
     previous: str | None = None
     """The worker that held the story before, if any (its lease expired or was released)."""
+    drop_sessions: bool = False
+    """The coder's session stays on the previous worker's machine (no shared session
+    directory): the next attempt starts cold instead of resuming a session it lacks."""
 
     def apply_to(self, story: Story) -> None:
         story.holder = self.worker
         story.holder_generation = self.generation
+        if self.drop_sessions:
+            story.sessions.pop("coder", None)
 
 
 class ProviderBreakerClosed(_NotAStep):

@@ -826,7 +826,15 @@ class Story(BaseAggregate[str]):
             opened_times=opened_times,
         )
 
-    def claim(self, *, actor: str, reason: str | None, worker: str, generation: int) -> None:
+    def claim(
+        self,
+        *,
+        actor: str,
+        reason: str | None,
+        worker: str,
+        generation: int,
+        drop_sessions: bool = False,
+    ) -> None:
         """A worker runner takes the story under a lease of the given generation.
 
         Generations only grow: a claim at or below the recorded one comes from a lease that
@@ -848,6 +856,7 @@ class Story(BaseAggregate[str]):
             worker=worker,
             generation=generation,
             previous=self.holder,
+            drop_sessions=drop_sessions and self.holder not in (None, worker),
         )
 
     def provider_breaker_closed(self, *, actor: str, reason: str | None, provider: str) -> None:

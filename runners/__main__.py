@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=("worker", "merger", "all"), default="all")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--lease-ttl", type=float, default=15.0)
+    parser.add_argument(
+        "--shared-sessions",
+        action="store_true",
+        help="agent sessions live on storage every worker shares: resume across workers",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -108,7 +113,13 @@ def _scale_out(args: argparse.Namespace) -> tuple[ScaleOut, Path]:
         raise ValueError("--lease-ttl must be between 1 and 3600 seconds")
     clone = Path(args.clone_dir) if args.clone_dir else default_clone_dir(args.remote)
     remote = GitRemote.open_clone(args.remote, clone.resolve())
-    options = ScaleOut(worker_id=worker_id, remote=remote, role=args.role, lease_ttl=args.lease_ttl)
+    options = ScaleOut(
+        worker_id=worker_id,
+        remote=remote,
+        role=args.role,
+        lease_ttl=args.lease_ttl,
+        shared_sessions=args.shared_sessions,
+    )
     return options, remote.repo
 
 

@@ -40,6 +40,9 @@ class ScaleOut:
     remote: GitRemote
     role: Role = "all"
     lease_ttl: float = 15.0
+    shared_sessions: bool = False
+    """The agents' session directory is shared by every worker (so a coder may resume a
+    session another worker's attempt started); by default sessions stay on their machine."""
 
     @property
     def works(self) -> bool:
@@ -156,7 +159,11 @@ class WorkerSeat:
                 "claim",
                 actor=f"runner:{self.worker}",
                 reason=why,
-                data={"worker": self.worker, "generation": claim.generation},
+                data={
+                    "worker": self.worker,
+                    "generation": claim.generation,
+                    "drop_sessions": not self.options.shared_sessions,
+                },
             )
         except (VersionConflict, IllegalTransition) as exc:
             logger.info("claim of story %s not recorded: %s", story.id, exc)

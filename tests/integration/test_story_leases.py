@@ -123,6 +123,51 @@ def test_claims_are_recorded_and_fence_stale_workers(app: StorylineApplication) 
     assert history.count("WorkerClaimed") == 2
 
 
+def test_a_taken_over_story_drops_the_coder_session_unless_shared(
+    app: StorylineApplication,
+) -> None:
+    sid = coding_story(app)
+    app.transition(sid, "claim", actor="runner:w1", data={"worker": "w1", "generation": 1})
+    app.transition(
+        sid,
+        "spawn_agent",
+        actor="runner:coder",
+        data={"role": "coder", "agent": "c", "runtime": "cli"},
+    )
+    app.transition(
+        sid,
+        "agent_started",
+        actor="runner:coder",
+        data={"role": "coder", "attempt": 1, "pid": 4242},
+    )
+    app.transition(
+        sid,
+        "agent_exited",
+        actor="runner:coder",
+        data={"role": "coder", "attempt": 1, "outcome": "failed", "session_id": "sess-1"},
+    )
+    assert app.get_story(sid).sessions == {"coder": "sess-1"}
+    # Shared session storage: the next worker may resume it.
+    app.transition(
+        sid,
+        "claim",
+        actor="runner:w2",
+        data={"worker": "w2", "generation": 2, "drop_sessions": False},
+    )
+    assert app.get_story(sid).sessions == {"coder": "sess-1"}
+    # Otherwise the session stayed on w2's machine: w3 starts cold.
+    app.transition(
+        sid,
+        "claim",
+        actor="runner:w3",
+        data={"worker": "w3", "generation": 3, "drop_sessions": True},
+    )
+    story = app.get_story(sid)
+    assert story.sessions == {} and story.holder == "w3"
+    last = app.history(sid)[-1]
+    assert last.data["drop_sessions"] is True and last.data["previous"] == "w2"
+
+
 def test_claim_refused_outside_worker_stages_and_with_bad_ids(
     app: StorylineApplication,
 ) -> None:
