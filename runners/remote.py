@@ -146,7 +146,7 @@ class GitRemote:
         url = _check_url(url)
         name = _check_remote_name(name)
         directory = Path(directory).expanduser().absolute()
-        if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        if directory.exists() and not directory.is_dir():
             raise RemoteError(f"clone directory {directory} exists and is not a directory")
         if directory.is_dir() and any(directory.iterdir()):
             cls._check_existing(url, directory, name)
@@ -228,7 +228,7 @@ class GitRemote:
     def fetch(self, *branches: str) -> None:
         """Bring ``refs/remotes/<name>/<b>`` up to date for each branch; a branch the
         remote lacks is not an error (its remote-tracking ref is deleted)."""
-        names = [_check_branch(b) for b in branches]
+        names = list(dict.fromkeys(_check_branch(b) for b in branches))
         if not names:
             return
         with self._locked():
@@ -242,7 +242,7 @@ class GitRemote:
 
     def sync_branches(self, *branches: str) -> dict[str, str | None]:
         """:meth:`sync_branch` for several branches with one round trip."""
-        names = [_check_branch(b) for b in branches]
+        names = list(dict.fromkeys(_check_branch(b) for b in branches))
         with self._locked():
             self._fetch(names)
             found: dict[str, str | None] = {}
@@ -379,6 +379,8 @@ class GitRemote:
     def _fetch(self, names: Sequence[str]) -> None:
         # ls-remote first: fetching a refspec whose source is missing is an error, and most
         # of the time every branch is already where this clone last saw it (no fetch at all).
+        if not names:
+            return
         res: GitResult | None = None
         for _attempt in range(3):
             present = self._ls_remote(names)
