@@ -23,6 +23,7 @@ from api import (
     routes_health,
     routes_projections,
     routes_stories,
+    routes_workers,
 )
 from api.auth import Authenticator, StaticTokens, load_tokens
 from api.errors import error_body, install_error_handlers
@@ -231,6 +232,7 @@ def create_app(
         routes_projections,
         routes_health,
         routes_gates,
+        routes_workers,
     ):
         app.include_router(module.router)
     # The web board: public page shells, fragments behind the same auth, script and styles.

@@ -35,6 +35,7 @@ from api.cli_gates import app as gates_app
 from api.cli_mcp import mcp
 from api.cli_projections import app as projections_app
 from api.cli_serve import serve
+from api.cli_workers import workers
 from api.client import ClientError
 from service.config_file import CONFIG_NAME, DEFAULT_CONFIG, ConfigError
 from service.settings import SettingsError, project_dir, resolve_database
@@ -421,6 +422,7 @@ def story_reviews(
 
 main_app.command("serve")(serve)
 main_app.command("mcp")(mcp)
+main_app.command("workers")(workers)
 main_app.add_typer(projections_app, name="projections")
 
 

@@ -5,6 +5,11 @@ alive and serves commands and story reads (which never depend on projections), s
 liveness probe must not restart it; monitoring reads ``status``/``caught_up``. Only an
 unreachable database answers 503 (``unavailable``): then nothing works.
 
+Worker runners (scale-out) are listed under ``workers``: alive, stale and each one. A stale
+worker does not make the status degraded (its stories are taken over when its leases
+expire); the block's ``note`` says so, and a registry that cannot be read is an ``error``
+in the block, not a failed check.
+
 The check itself is bounded: a database host that is gone (packets dropped, or a listener
 that never answers) leaves a query waiting for minutes, and a probe that waits with it is
 useless. ``/healthz`` answers within ``health_timeout`` either way, and only one check runs
@@ -22,6 +27,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.routes_common import ApiState, JsonResponse, state_of
+from api.routes_workers import workers_health
 from api.schemas import HealthOut, responses
 
 logger = logging.getLogger(__name__)
@@ -59,6 +65,11 @@ def health(state: ApiState) -> tuple[int, dict[str, Any]]:
         except Exception as exc:
             logger.warning("health check: projection status failed: %s", type(exc).__name__)
             projections_ok = False
+    workers = (
+        workers_health(state.service.app)
+        if database["ok"]
+        else {"alive": 0, "stale": 0, "list": []}
+    )
     runners = list(state.runner_status()) if state.runner_status else []
     breakers = provider_breakers(runners)
     failed = any(p.get("error") for p in projections) or any(
@@ -83,6 +94,7 @@ def health(state: ApiState) -> tuple[int, dict[str, Any]]:
         "projections": projections,
         "runners": runners,
         "breakers": breakers,
+        "workers": workers,
         "caught_up": bool(caught_up),
     }
     return code, body
@@ -163,6 +175,7 @@ def _unanswered(state: ApiState) -> dict[str, Any]:
         "projections": [],
         "runners": [],
         "breakers": [],
+        "workers": {"alive": 0, "stale": 0, "list": []},
         "caught_up": False,
     }
 

@@ -14,6 +14,7 @@ from api.routes_epics import board_rows, epics_of
 from api.routes_gates import gate_metrics
 from api.routes_health import breaker_metrics
 from api.routes_stories import _row
+from api.routes_workers import worker_metrics
 from api.schemas import AgentRunsOut, MergeQueueOut, responses
 from api.schemas_epics import BoardWithEpicsOut, epic_metrics, epic_summaries
 from domain.errors import DomainError
@@ -182,7 +183,8 @@ async def metrics(request: Request, caller: Principal = Depends(principal)) -> R
         runners = state.runner_status() if state.runner_status else []
         epics = epic_metrics(epic_summaries(epics_of(state)))
         gates = gate_metrics(state.service.app)
-        return text + breaker_metrics(list(runners)) + epics + gates
+        workers = worker_metrics(state.service.app)
+        return text + breaker_metrics(list(runners)) + epics + gates + workers
 
     text = await run_in_threadpool(render)
     return Response(text, media_type=PROMETHEUS_TYPE)

@@ -279,6 +279,17 @@ class StoryOut(BaseModel):
     worktree_path: str | None
     feature_branch: str | None
     commits_ahead: int
+    gated_commit: str | None = Field(
+        default=None, description="The commit the story's gates last passed on (``GatesPassed``)."
+    )
+    holder: str | None = Field(
+        default=None,
+        description="Scale-out: the worker runner whose claim (``WorkerClaimed``) the log "
+        "records last; its lease may have expired since (``GET /workers`` lists live leases).",
+    )
+    holder_generation: int = Field(
+        default=0, description="The lease generation of that claim (0: never claimed)."
+    )
     merging: bool
     speculation: dict[str, Any] | None = Field(
         default=None,
@@ -390,6 +401,68 @@ class DatabaseHealth(BaseModel):
     error: str | None = None
 
 
+class WorkerOut(BaseModel):
+    """A worker runner in the registry (scale-out), as its last heartbeat left it."""
+
+    worker_id: str
+    host: str
+    pid: int
+    role: str = Field(description="``worker``, ``merger`` or ``all``.")
+    capacity: int = Field(description="Stories it codes at once (its ``max_coders``).")
+    remote: str | None = Field(description="The git remote it clones and pushes to.")
+    held: int = Field(description="Stories it held at its last heartbeat.")
+    merger: bool = Field(description="Whether it holds the merger lease.")
+    ttl_secs: float = Field(description="Its lease time: silent longer than this, it is stale.")
+    heartbeat_age_secs: float = Field(
+        description="Seconds since its last heartbeat, by the database's clock."
+    )
+    alive: bool = Field(description="Not stopped, and heard from within ``ttl_secs``.")
+    stopped: bool = Field(description="It shut down cleanly (and released its leases).")
+
+
+class LeaseOut(BaseModel):
+    """A live story lease: which worker may record the story's steps now."""
+
+    story_id: str
+    holder: str
+    generation: int = Field(description="The lease generation, recorded in the story's log.")
+    expires_in_secs: float = Field(description="Seconds left unless the holder renews it.")
+
+
+class WorkersOut(BaseModel):
+    """Worker runners and live story leases (both empty on a single machine)."""
+
+    workers: list[WorkerOut] = Field(
+        description="Workers heard from within the last day, by id (stopped ones included)."
+    )
+    leases: list[LeaseOut] = Field(description="Live story leases, by story id.")
+    alive: int = Field(description="Workers alive now.")
+    stale: int = Field(
+        default=0,
+        description="Workers not stopped but silent for longer than their lease time: their "
+        "stories are taken over by others once their leases expire.",
+    )
+    capacity: int = Field(description="Total capacity of the alive workers.")
+    held: int = Field(description="Stories held by the alive workers, in all.")
+
+
+WorkerList = list[WorkerOut]
+"""(A name of its own: the health body's field is called ``list``.)"""
+
+
+class WorkersHealth(BaseModel):
+    alive: int
+    stale: int
+    list: WorkerList = Field(description="As ``GET /workers`` lists them.")
+    note: str | None = Field(
+        default=None,
+        description="Why stale workers do not make the status degraded, when there are any.",
+    )
+    error: str | None = Field(
+        default=None, description="The failure type when the registry could not be read."
+    )
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded", "unavailable"]
     database: DatabaseHealth
@@ -398,6 +471,8 @@ class HealthOut(BaseModel):
     breakers: list[dict[str, Any]] = []
     """Provider circuit breakers of the runners: provider, state (closed, open,
     half_open), open_until, failures."""
+    workers: WorkersHealth | None = None
+    """Worker runners (scale-out): alive, stale, and the list; none on a single machine."""
     caught_up: bool
 
 
