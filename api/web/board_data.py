@@ -128,10 +128,17 @@ def stage_counts(read_models: Any) -> dict[str, int]:
     return {str(stage): int(count) for stage, count in per_stage.items()}
 
 
-def decorate(read_models: Any, cards: list[dict[str, Any]], now: datetime | None = None) -> None:
-    """Adds what a card shows beyond its board row: the running agent's elapsed time."""
+def decorate(
+    read_models: Any,
+    cards: list[dict[str, Any]],
+    now: datetime | None = None,
+    holders: dict[str, str] | None = None,
+) -> None:
+    """Adds what a card shows beyond its board row: the running agent's elapsed time, and
+    the worker holding a live lease on the story (scale-out; ``holders``, story -> worker)."""
     now = now or datetime.now(UTC)
     for card in cards:
+        card["holder"] = (holders or {}).get(str(card["id"]))
         card["agent_since"] = None
         card["agent_elapsed"] = None
         card["epic_link"] = is_epic_id(card["epic"]) if card.get("epic") else False
@@ -155,6 +162,7 @@ def board(
     limit: int,
     offset: int,
     stage: str | None,
+    holders: dict[str, str] | None = None,
 ) -> tuple[list[Column], int]:
     """Every stage's column (``offset`` applies to ``stage``'s, or to all when None), and
     the board projection's position read before the rows (the live stream starts there,
@@ -165,7 +173,7 @@ def board(
     for each in Stage:
         skip = offset if stage is None or stage == each.value else 0
         col = column(read_models, each.value, filters, limit, skip, counts)
-        decorate(read_models, col.cards)
+        decorate(read_models, col.cards, holders=holders)
         columns.append(col)
     return columns, position
 

@@ -22,7 +22,7 @@ from api.routes_common import forbidden, principal, state_of
 from api.routes_epics import EpicIdPath, check_epic_id, epics_of
 from api.routes_projections import BOARD_PAGE, quarantined_gates, with_merge_trust
 from api.schemas_epics import epic_summaries
-from api.web import board_data, charts, epic_data, story_data
+from api.web import board_data, charts, epic_data, story_data, worker_data
 from api.web.board_data import DEFAULT_LIMIT, BoardFilter
 from api.web.render import html, no_content
 from domain.ids import validate_story_id
@@ -46,6 +46,7 @@ NAV = (
     ("runs", "/ui/runs", "Agent runs"),
     ("epics", "/ui/epics", "Epics"),
     ("metrics", "/ui/metrics", "Metrics"),
+    ("workers", "/ui/workers", "Workers"),
 )
 
 
@@ -118,6 +119,17 @@ async def metrics_page() -> Response:
     )
 
 
+@router.get("/ui/workers")
+async def workers_page() -> Response:
+    return _shell(
+        "list_page.html",
+        "workers",
+        "Workers",
+        main_id="workers-page",
+        source="/ui/fragments/workers",
+    )
+
+
 # --------------------------------------------------------------------------- board
 
 
@@ -136,8 +148,9 @@ async def board_fragment(
     filters = BoardFilter.of(text, epic)
 
     def build() -> dict[str, Any]:
+        holders = worker_data.holders(state.service.app)
         columns, position = board_data.board(
-            state.read_models, filters, limit, offset, stage.value if stage else None
+            state.read_models, filters, limit, offset, stage.value if stage else None, holders
         )
         options = board_data.epic_options(epic_summaries(epics_of(state)), columns, filters.epic)
         return {
@@ -184,13 +197,15 @@ async def column_fragment(
     caller: Principal = Depends(principal),
 ) -> Response:
     _reader(caller, "the board")
-    read_models = state_of(request).read_models
+    state = state_of(request)
+    read_models = state.read_models
     filters = BoardFilter.of(text, epic)
 
     def build() -> board_data.Column:
         counts = None if filters.active else board_data.stage_counts(read_models)
         col = board_data.column(read_models, stage.value, filters, limit, offset, counts)
-        board_data.decorate(read_models, col.cards)
+        holders = worker_data.holders(state.service.app)
+        board_data.decorate(read_models, col.cards, holders=holders)
         return col
 
     col = await run_in_threadpool(build)
@@ -224,7 +239,8 @@ async def card_fragment(
             read_models.wait_for(after, ["board"], min(CARD_WAIT_SECONDS, state.wait_timeout))
         row: dict[str, Any] | None = read_models.board_row(story_id)
         if row is not None:
-            board_data.decorate(read_models, [row])
+            holders = worker_data.holders(state.service.app)
+            board_data.decorate(read_models, [row], holders=holders)
         return row
 
     row = await run_in_threadpool(build)
@@ -344,6 +360,13 @@ async def metrics_fragment(request: Request, caller: Principal = Depends(princip
     read_models = state_of(request).read_models
     context = await run_in_threadpool(charts.metrics_page, read_models)
     return html("metrics.html", **context)
+
+
+@router.get("/ui/fragments/workers")
+async def workers_fragment(request: Request, caller: Principal = Depends(principal)) -> Response:
+    _reader(caller, "workers")
+    app = state_of(request).service.app
+    return html("workers.html", **await run_in_threadpool(worker_data.workers_page, app))
 
 
 __all__ = ["router"]

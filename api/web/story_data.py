@@ -17,6 +17,7 @@ from api.auth import Principal, may_transition
 from api.routes_common import ApiState
 from api.routes_stories import parse_as_of
 from api.web.trust_data import merge_trust
+from api.web.worker_data import story_holder
 from domain.ids import is_epic_id
 from domain.stages import AgentRole, Stage
 from domain.story import Story
@@ -167,6 +168,7 @@ def story_page(
         "story": story.snapshot(),
         "shown": snapshot,
         "trust": merge_trust(snapshot, history, as_of_position, quarantined),
+        "holder": story_holder(app, snapshot, as_of_position is not None),
         "target_branch": story.target_branch,
         "epic_link": bool(story.epic) and is_epic_id(story.epic or ""),
         "history": [event.as_json() for event in history],

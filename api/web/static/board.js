@@ -684,8 +684,9 @@
 
   // ------------------------------------------------------------------ other pages
 
-  // A page that is one fragment, re-read (at most every `ms`) when a matching event comes.
-  function simplePage(mainSelector, matches, ms) {
+  // A page that is one fragment, re-read (at most every `ms`) when a matching event comes,
+  // and every `every` ms when given (for what changes without an event: heartbeats).
+  function simplePage(mainSelector, matches, ms, every) {
     let container = null;
     const reload = async () => {
       fill(container, await fragment(container.dataset.src));
@@ -699,6 +700,7 @@
         // Listening first: an event committed while the fragment is read re-reads it.
         if (matches) startStream(null, (event) => { if (matches(event)) soon(); });
         else setLive("a snapshot: reload the page to update");
+        if (every) setInterval(soon, every);
         await reload();
       },
     };
@@ -723,6 +725,7 @@
     epics: () => simplePage("main#epics-page", () => true, 500),
     epic: epicPage,
     metrics: () => simplePage("main#metrics-page", null, 0),
+    workers: () => simplePage("main#workers-page", (e) => e.aggregate === "story", 1000, 5000),
   };
 
   let page = null;
