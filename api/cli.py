@@ -511,11 +511,33 @@ def runner(
             help="URL of the storyline API the spawned agents report to ($STORYLINE_URL).",
         ),
     ] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            "--remote",
+            help="Git URL of the shared repository: run as one of several worker runners "
+            "(needs a shared --database-url; see docs/scale-out.md).",
+        ),
+    ] = None,
+    clone_dir: Annotated[
+        Path | None, typer.Option("--clone-dir", help="This worker's clone of --remote.")
+    ] = None,
+    role: Annotated[
+        str,
+        typer.Option("--role", help="With --remote: worker, merger or all (both; the default)."),
+    ] = "all",
+    worker_id: Annotated[
+        str | None, typer.Option("--worker-id", help="With --remote: this worker's name.")
+    ] = None,
+    lease_ttl: Annotated[
+        float, typer.Option("--lease-ttl", help="With --remote: story lease time, seconds.")
+    ] = 15.0,
 ) -> None:
     """Run the runners without the API: worktrees, coding agents, gates, merges.
 
-    For deployments with several processes on PostgreSQL, beside `serve --no-runners`; a
-    lease in the database lets one runner process act at a time."""
+    For deployments with several processes on PostgreSQL, beside `serve --no-runners`. On
+    one machine a lease in the database lets one runner process act at a time; with
+    --remote, workers on several machines share the stories through per-story leases."""
     from runners.__main__ import main as runner_main
 
     argv: list[str] = []
@@ -525,6 +547,12 @@ def runner(
         argv += ["--database-url", database_url]
     if api_url is not None:
         argv += ["--api-url", api_url]
+    if remote is not None:
+        argv += ["--remote", remote, "--role", role, "--lease-ttl", str(lease_ttl)]
+        if clone_dir is not None:
+            argv += ["--clone-dir", str(clone_dir)]
+        if worker_id is not None:
+            argv += ["--worker-id", worker_id]
     raise typer.Exit(runner_main(argv))
 
 

@@ -358,6 +358,7 @@ _NOT_STEPS = frozenset(
         "GateVerdictRecorded",
         "GateFlakyDetected",
         "SpeculationUpdated",
+        "WorkerClaimed",
     }
 )
 

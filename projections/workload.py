@@ -218,6 +218,14 @@ def next_command(story: Story, rng: random.Random) -> Command | None:
         ]
     elif stage is Stage.DONE:
         options = [(("archive", {}, None), 100)]
+    if stage in (Stage.CODING, Stage.GATES, Stage.REVIEW):
+        # Scale-out: a worker runner claims (or takes over) the story; never a step.
+        claim = {
+            "worker": rng.choice(["host-a:1:aa", "host-b:2:bb"]),
+            "generation": story.holder_generation + 1,
+            "drop_sessions": rng.random() < 0.5,
+        }
+        options.append((("claim", claim, "a worker took the story"), 4))
     if stage is not Stage.ARCHIVED:
         # Now and then a note: legal in every stage, never a step.
         options.append((("add_note", {}, f"a note at {stage.value}"), 2))

@@ -25,6 +25,7 @@ from domain.story import Story
 from runners.git_ops import GitError
 from runners.remote import GitRemote
 from service.application import StorylineApplication
+from service.settings import redact_url
 from service.workers import StoryLeases, Workers
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,8 @@ class WorkerSeat:
             capacity=self.capacity if self.options.works else 0,
             held=len(self.held()),
             merger=merger,
-            remote=self.options.remote.url,
+            # Never a credential in the registry (the API and board show it).
+            remote=redact_url(self.options.remote.url),
             ttl_secs=self.options.lease_ttl,
         )
 
