@@ -77,6 +77,8 @@ def test_drives_every_event_of_the_state_machine(live: LiveServer) -> None:
     )
     assert (opened["stage"], opened["last_event"]) == ("coding", "AgentExited")
     d.send("provider_breaker_closed", provider="coder")
+    claimed = d.send("claim", worker="host-a:7:ab12", generation=1)
+    assert (claimed["holder"], claimed["last_event"]) == ("host-a:7:ab12", "AgentExited")
     d.send("uncommitted_changes_found", paths=["src/app.py"])
     assert d.send("start_gates", commits_ahead=1)["stage"] == "gates"
     gate = {"phase": "gates", "gate": "pytest -q", "tree": "ab12", "fingerprint": "cd34"}
