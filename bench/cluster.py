@@ -85,6 +85,7 @@ class Cluster:
         max_coders: int,
         merge_gate_secs: float = 0.0,
         lease_ttl: float = 3.0,
+        max_merge_slots: int = 1,
     ) -> Cluster:
         """A seed repository (code, gates, ``storyline.toml``) pushed to a bare remote."""
         root.mkdir(parents=True, exist_ok=True)
@@ -117,6 +118,7 @@ class Cluster:
             [
                 'base_branch = "main"',
                 f"max_coders = {max_coders}",
+                f"max_merge_slots = {max_merge_slots}",
                 "max_retries = 2",
                 "abort_respawn_cap = 5",
                 "inactivity_timeout_secs = 60",

@@ -239,3 +239,62 @@ def test_a_worker_that_comes_back_after_its_lease_was_taken_records_nothing(
     )
     assert shown.stdout == "VERSION = 2\n"
     app.close()
+
+
+def test_the_merger_stacks_merges_from_its_own_clone(tmp_path: Path, pg_database: Database) -> None:
+    """The speculative merge queue (max_merge_slots = 3) run by the merger in its clone:
+    every landing is a compare-and-swap push from the commit below it."""
+    stories = story_ids(6)
+    cluster = Cluster.create(
+        tmp_path,
+        pg_database.url,
+        stories,
+        agent_secs=0.5,
+        max_coders=3,
+        merge_gate_secs=1.0,
+        lease_ttl=5.0,
+        max_merge_slots=3,
+    )
+    app = StorylineApplication(pg_database)
+    try:
+        for sid in stories:
+            app.create_story(
+                story_id=sid,
+                name=f"module {sid}",
+                description="d",
+                acceptance_criteria=["ok"],
+                actor="user:test",
+            )
+        cluster.start("m1", role="merger")
+        cluster.start("w1")
+        cluster.start("w2")
+        for sid in stories:
+            app.transition(sid, "start_coding", actor="user:test")
+        wait_until(
+            "every story done",
+            lambda: all(app.get_story(s).stage is Stage.DONE for s in stories),
+            cluster,
+        )
+    finally:
+        cluster.stop_all()
+    histories = {sid: app.history(sid) for sid in stories}
+    stacked = [
+        e for h in histories.values() for e in h if e.type == "MergeStarted" and e.data["ahead"]
+    ]
+    assert stacked, "no merge was stacked on another"
+    log = subprocess.run(
+        ["git", "log", "--format=%T %P", "main"],
+        cwd=cluster.remote,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()[:-1]
+    assert len(log) == len(stories) and all(len(line.split()) == 2 for line in log)
+    passed_trees = {
+        e.data["tree"]
+        for h in histories.values()
+        for e in h
+        if e.type == "GateVerdictRecorded" and e.data["phase"] == "merge_gates" and e.data["passed"]
+    }
+    assert {line.split()[0] for line in log} <= passed_trees
+    app.close()
