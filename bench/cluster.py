@@ -151,7 +151,11 @@ class Cluster:
         return self.remote.as_uri()
 
     def start(
-        self, worker_id: str, role: str = "worker", clone: str | None = None
+        self,
+        worker_id: str,
+        role: str = "worker",
+        clone: str | None = None,
+        api_url: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """A runner process in its own session, with its own clone directory."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("STORYLINE_")}
@@ -176,6 +180,7 @@ class Cluster:
                 self.database_url,
                 "--poll-interval",
                 "0.2",
+                *(["--api-url", api_url] if api_url else []),
             ],
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,

@@ -23,6 +23,7 @@ from domain.story import Story
 from runners.agents import AgentResult
 from runners.breaker import ProviderBreakers
 from runners.coder import CoderReactions
+from runners.epic_git import EpicGit
 from runners.epic_runner import EpicReactions
 from runners.gate_verdicts import GateJudge, VerdictIndex, VerdictMemory
 from runners.launcher import AgentLauncher
@@ -157,14 +158,21 @@ class Supervisor:
             tokens=tokens,
             on_exit=lambda epic_id: self.look_at({epic_id}),
         )
-        self.epic_runner = EpicReactions(self.epics, self.config, service.project, self.planner)
+        # Built with the remote: its landing workspaces are made here, not on first use.
+        epic_git = EpicGit(
+            service.project,
+            self.config.base_branch,
+            remote=scale_out.remote if scale_out is not None else None,
+        )
+        self.epic_runner = EpicReactions(
+            self.epics, self.config, service.project, self.planner, git=epic_git
+        )
         self.launcher.spawn_veto = self.epic_runner.spawn_veto
         self.seat: WorkerSeat | None = None
         if scale_out is not None:
             remote = scale_out.remote
             self.coder.worktrees.remote = remote
             self.merger.workspaces.remote = remote
-            self.epic_runner.git.remote = remote
             self.launcher.extra_env["STORYLINE_WORKER"] = scale_out.worker_id
             self.seat = WorkerSeat(
                 self.app,

@@ -298,3 +298,58 @@ def test_the_merger_stacks_merges_from_its_own_clone(tmp_path: Path, pg_database
     }
     assert {line.split()[0] for line in log} <= passed_trees
     app.close()
+
+
+def test_an_epic_runs_on_the_merger_and_its_stories_on_the_workers(
+    tmp_path: Path, pg_database: Database
+) -> None:
+    """The merger plans the epic (its planner reports through the API), creates the
+    integration branch on the remote; a worker codes the stories from it; the merger merges
+    them into it, gates the union and lands the epic with one CAS push."""
+    from domain.epic_events import EpicStage
+    from service.container import Service
+    from service.epics import EpicService
+    from tests.epics.epic_support import add_epic, epic_config, epic_repo, subtask, write
+    from tests.pipeline_support import api_server, dump_toml, git
+
+    seed = epic_repo(tmp_path / "seed")
+    plan = {"subtasks": [subtask("a", ["a.txt"]), subtask("b", ["b.txt"])]}
+    config = epic_config(
+        tmp_path,
+        {"epic-1.1": write("a.txt"), "epic-1.2": write("b.txt")},
+        {"*": [{"submit_plan": plan}]},
+    )
+    (seed / "storyline.toml").write_text(dump_toml(config))
+    (seed / ".gitignore").write_text(".storyline/\n")
+    git(seed, "add", "-A")
+    git(seed, "commit", "-q", "-m", "configure storyline")
+    base_before = git(seed, "rev-parse", "main")
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(remote)], check=True)
+    cluster = Cluster(tmp_path, pg_database.url, remote, tmp_path / "coder-calls.jsonl", 5.0)
+    app = StorylineApplication(pg_database)
+    service = Service(project=seed, db=pg_database, config=config, app=app)
+    epics = EpicService(app)
+    try:
+        with api_server(service) as url:
+            cluster.start("m1", role="merger", api_url=url)
+            cluster.start("w1", api_url=url)
+            eid = add_epic(epics)
+            wait_until(
+                "the epic to land",
+                lambda: epics.get(eid).stage in (EpicStage.DONE, EpicStage.FAILED),
+                cluster,
+            )
+    finally:
+        cluster.stop_all()
+    epic = epics.get(eid)
+    assert epic.stage is EpicStage.DONE, epic.failed_reason
+    stories = {sid: app.get_story(sid) for sid in epic.stories}
+    assert all(s.stage is Stage.DONE and s.holder == "w1" for s in stories.values())
+    # On the remote: main gained exactly the epic's squash, holding both files; the
+    # stories merged into the integration branch, which the workers branched from.
+    assert git(remote, "rev-parse", "main~1") == base_before
+    assert epic.merge_commit == git(remote, "rev-parse", "main")
+    assert {"a.txt", "b.txt"} <= set(git(remote, "ls-tree", "--name-only", "main").split())
+    assert git(remote, "rev-list", "--count", f"{base_before}..epic/{eid}") == "2"
+    app.close()
