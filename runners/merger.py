@@ -399,9 +399,9 @@ class MergeReactions:
             head = workspaces.head(story.id)
             tip = self._base_tip(story)
         except GitError:
-            return None
+            return self._landed_elsewhere(story)
         if base is None or head == base:
-            return None
+            return self._landed_elsewhere(story)
         check = subprocess.run(
             ["git", "merge-base", "--is-ancestor", head, tip],
             cwd=self.project,
@@ -409,6 +409,36 @@ class MergeReactions:
             check=False,
         )
         return head if check.returncode == 0 else None
+
+    def _landed_elsewhere(self, story: Story) -> str | None:
+        """Scale-out: the merger that started this merge died after its push landed, and
+        this one (another clone) has no workspace to compare with. The remote base says
+        whether the story's squash commit is there: one named for the story, on the base's
+        first-parent line since the commit the merge started from."""
+        if self.workspaces.remote is None:
+            return None
+        started = [e for e in self.app.history(story.id) if e.type == "MergeStarted"]
+        base = started[-1].data.get("base_sha") if started else None
+        if not isinstance(base, str) or not base:
+            return None
+        try:
+            tip = self._base_tip(story)
+        except GitError:
+            return None
+        log = subprocess.run(
+            ["git", "log", "--first-parent", "--format=%H%x09%s", f"{base}..{tip}", "--"],
+            cwd=self.project,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if log.returncode != 0:
+            return None
+        for line in log.stdout.splitlines():
+            sha, _, subject = line.partition("\t")
+            if subject.endswith(f"(story {story.id})"):
+                return sha
+        return None
 
     # ------------------------------------------------------------------ merge failures
 

@@ -353,3 +353,65 @@ def test_an_epic_runs_on_the_merger_and_its_stories_on_the_workers(
     assert {"a.txt", "b.txt"} <= set(git(remote, "ls-tree", "--name-only", "main").split())
     assert git(remote, "rev-list", "--count", f"{base_before}..epic/{eid}") == "2"
     app.close()
+
+
+def test_a_new_merger_records_a_landing_its_dead_predecessor_pushed(
+    tmp_path: Path, pg_database: Database
+) -> None:
+    """The first merger pushed the squash commit and died before recording it; the next
+    merger (another clone, no workspace) finds the commit on the remote and records the
+    success instead of merging the story a second time."""
+    cluster = Cluster.create(tmp_path, pg_database.url, ["t1"], agent_secs=0, max_coders=1)
+    seed = tmp_path / "seed"
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@x", *args],
+            cwd=seed,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    base = git("rev-parse", "main")
+    git("checkout", "-q", "-b", "feature/story-t1")
+    (seed / "mods").mkdir()
+    (seed / "mods" / "t1.py").write_text("NAME = 't1'\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "add t1")
+    feature = git("rev-parse", "HEAD")
+    # What the dead merger did: squash onto main and push it (the CAS push that landed).
+    git("checkout", "-q", "main")
+    git("merge", "-q", "--squash", "feature/story-t1")
+    git("commit", "-q", "-m", "module t1 (story t1)\n\nSquash-merged by storyline.")
+    landed = git("rev-parse", "HEAD")
+    git("push", "-q", str(cluster.remote), "main", "feature/story-t1")
+    app = StorylineApplication(pg_database)
+    app.create_story(
+        story_id="t1", name="module t1", description="d", acceptance_criteria=["ok"], actor="u:t"
+    )
+    for event, data in (
+        ("start_coding", {}),
+        ("worktree_ready", {"path": "/elsewhere/t1", "branch": "feature/story-t1"}),
+        ("spawn_agent", {"role": "coder", "agent": "coder", "runtime": "cli"}),
+        ("agent_started", {"role": "coder", "attempt": 1, "pid": 4242}),
+        ("agent_exited", {"role": "coder", "attempt": 1, "outcome": "completed"}),
+        ("start_gates", {"commits_ahead": 1}),
+        (
+            "gates_passed",
+            {"feature_branch": "feature/story-t1", "commits_ahead": 1, "commit": feature},
+        ),
+        ("start_merge", {"base_sha": base}),
+    ):
+        app.transition("t1", event, actor="runner:merge", data=data)
+    try:
+        cluster.start("m2", role="merger")
+        wait_until("t1 done", lambda: app.get_story("t1").stage is Stage.DONE, cluster)
+    finally:
+        cluster.stop_all()
+    assert app.get_story("t1").merge_commit == landed
+    log = subprocess.run(
+        ["git", "log", "--format=%H", "main"], cwd=cluster.remote, capture_output=True, text=True
+    ).stdout.split()
+    assert log == [landed, base], "the story was merged a second time"
+    app.close()
