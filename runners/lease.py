@@ -15,6 +15,7 @@ import uuid
 
 from service.application import StorylineApplication
 from service.sqlstore import SqlStore
+from service.workers import database_now
 
 TABLE = "storyline_runner_leases"
 
@@ -33,6 +34,7 @@ class Lease:
         ttl_secs: float = 15.0,
     ) -> None:
         self._sql = SqlStore(app)
+        self._now = database_now(self._sql.kind)
         self.name = name
         self.holder = holder or default_holder()
         self.ttl_secs = ttl_secs
@@ -54,23 +56,27 @@ class Lease:
         return self.acquire()
 
     def acquire(self) -> bool:
-        """Take or renew the lease; True while this process holds it."""
-        now = time.time()
-        expires = now + self.ttl_secs
+        """Take or renew the lease; True while this process holds it.
+
+        Expiry is judged by the database's clock (runners on several machines may disagree
+        about the time); this process only counts down its own copy, from when it asked.
+        """
+        asked = time.time()
+        now, ttl = self._now, self.ttl_secs
         rows = self._sql.write(
-            f"UPDATE {TABLE} SET holder = ?, expires_at = ?, "
-            "acquired_at = CASE WHEN holder = ? THEN acquired_at ELSE ? END "
-            "WHERE name = ? AND (holder = ? OR expires_at < ?) RETURNING name",
-            (self.holder, expires, self.holder, now, self.name, self.holder, now),
+            f"UPDATE {TABLE} SET holder = ?, expires_at = {now} + ?, "
+            f"acquired_at = CASE WHEN holder = ? THEN acquired_at ELSE {now} END "
+            f"WHERE name = ? AND (holder = ? OR expires_at < {now}) RETURNING name",
+            (self.holder, ttl, self.holder, self.name, self.holder),
         )
         if not rows:
             rows = self._sql.write(
                 f"INSERT INTO {TABLE} (name, holder, expires_at, acquired_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING name",
-                (self.name, self.holder, expires, now),
+                f"VALUES (?, ?, {now} + ?, {now}) ON CONFLICT (name) DO NOTHING RETURNING name",
+                (self.name, self.holder, ttl),
             )
-        self._held_until = expires - self.ttl_secs / 3 if rows else 0.0
-        self._renew_at = now + self.ttl_secs / 3 if rows else 0.0
+        self._held_until = asked + ttl * 2 / 3 if rows else 0.0
+        self._renew_at = asked + ttl / 3 if rows else 0.0
         return bool(rows)
 
     def release(self) -> None:
@@ -82,8 +88,7 @@ class Lease:
 
     def current_holder(self) -> str | None:
         rows = self._sql.query(
-            f"SELECT holder, expires_at FROM {TABLE} WHERE name = ?", (self.name,)
+            f"SELECT holder FROM {TABLE} WHERE name = ? AND expires_at >= {self._now}",
+            (self.name,),
         )
-        if not rows or float(rows[0]["expires_at"]) < time.time():
-            return None
-        return str(rows[0]["holder"])
+        return str(rows[0]["holder"]) if rows else None

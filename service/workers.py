@@ -34,7 +34,8 @@ def default_worker_id() -> str:
     return f"{host or 'host'}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def _now(kind: str) -> str:
+def database_now(kind: str) -> str:
+    """SQL for the database's clock in epoch seconds (leases expire by it)."""
     if kind == "postgres":
         return "EXTRACT(EPOCH FROM clock_timestamp())::float8"
     return "((julianday('now') - 2440587.5) * 86400.0)"
@@ -59,7 +60,7 @@ class StoryLeases:
         self._sql = SqlStore(app)
         self.worker = worker
         self.ttl_secs = ttl_secs
-        self._now = _now(self._sql.kind)
+        self._now = database_now(self._sql.kind)
 
     def claim(self, story_id: str, *, floor: int = 1) -> Claim | None:
         """Take or keep the story's lease; None while another worker's lease is live.
@@ -172,7 +173,7 @@ class Workers:
 
     def __init__(self, app: StorylineApplication) -> None:
         self._sql = SqlStore(app)
-        self._now = _now(self._sql.kind)
+        self._now = database_now(self._sql.kind)
 
     def heartbeat(
         self,
