@@ -221,7 +221,9 @@ class ProviderBreakerOpenedData(_Data):
     opened_times: Annotated[int, Field(ge=1, le=10_000)]
 
 
-WorkerId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+WorkerId = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")
+]
 
 
 class ClaimData(_Data):

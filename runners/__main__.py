@@ -26,7 +26,7 @@ from service.container import open_service
 from service.settings import DATABASE_URL_ENV, DATABASE_URL_FILE_ENV, SettingsError
 from service.workers import default_worker_id
 
-_WORKER_ID = re.compile(r"^[A-Za-z0-9._:@/-]{1,200}$")
+_WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
 
 
 def default_clone_dir(url: str) -> Path:
@@ -108,7 +108,10 @@ def _scale_out(args: argparse.Namespace) -> tuple[ScaleOut, Path]:
         )
     worker_id = args.worker_id or default_worker_id()
     if not _WORKER_ID.match(worker_id):
-        raise ValueError(f"--worker-id {worker_id!r}: use 1-200 letters, digits and . _ : @ / -")
+        raise ValueError(
+            f"--worker-id {worker_id!r}: use 1-200 letters, digits and . _ : @ / -, "
+            "starting with a letter or digit"
+        )
     if not 1.0 <= args.lease_ttl <= 3600.0:
         raise ValueError("--lease-ttl must be between 1 and 3600 seconds")
     clone = Path(args.clone_dir) if args.clone_dir else default_clone_dir(args.remote)

@@ -30,8 +30,12 @@ WORKERS = "storyline_workers"
 
 def default_worker_id() -> str:
     """host:pid:random. A restarted worker is a new worker: its old leases simply expire."""
-    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
-    return f"{host or 'host'}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    host = "".join(
+        c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in socket.gethostname()
+    )[:100]
+    if not host[:1].isalnum():
+        host = f"host{host}"
+    return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def database_now(kind: str) -> str:
