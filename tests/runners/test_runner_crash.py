@@ -13,8 +13,10 @@ import pytest
 
 from domain.stages import Stage
 from runners.agents import process_alive
+from runners.lease import TABLE as LEASE_TABLE
 from service.application import StorylineApplication
 from service.settings import Database
+from service.sqlstore import SqlStore
 from tests.pipeline_support import calls, dump_toml, make_config, make_repo
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,12 @@ def stop_runner(runner: subprocess.Popen[bytes], log: Path) -> None:
         runner.kill()
         runner.wait()
         raise AssertionError(f"the runner did not stop on SIGTERM:\n{log.read_text()}") from None
+
+
+def expire_dead_runners_lease(app: StorylineApplication) -> None:
+    """The SIGKILLed runner's lease would expire by itself after its TTL (15 s); expiring it
+    now only saves that wait. What is tested is what the next runner does."""
+    SqlStore(app).write(f"UPDATE {LEASE_TABLE} SET expires_at = 0 WHERE name = ?", ("runners",))
 
 
 def wait(app: StorylineApplication, sid: str, predicate, timeout: float = 150.0):  # type: ignore[no-untyped-def]
@@ -100,6 +108,7 @@ def test_runner_killed_mid_agent_recovers_without_double_spawn(
         assert process_alive(agent_pid)
         assert story.coder_attempts == 1
 
+        expire_dead_runners_lease(app)
         runner = start_runner(repo, database, log)
         final = wait(
             app, "s1", lambda s: s.stage in (Stage.MERGE, Stage.DONE) and s.running_agent is None
@@ -158,6 +167,7 @@ def test_runner_killed_mid_merge_lands_the_change_at_most_once(
         assert process_alive(gate_pid)
         runner.send_signal(signal.SIGKILL)
         runner.wait(timeout=10)
+        expire_dead_runners_lease(app)
         runner = start_runner(repo, database, log)
         final = wait(app, "s1", lambda s: s.stage in (Stage.DONE, Stage.MERGE_FAILURE))
     finally:
