@@ -52,6 +52,18 @@ def coder_script(stories: list[str], agent_secs: float) -> dict[str, Any]:
     return script
 
 
+def create_stories(app: Any, stories: list[str], actor: str = "user:bench") -> None:
+    """One story per id, each asking for its own module (as :func:`coder_script` codes it)."""
+    for sid in stories:
+        app.create_story(
+            story_id=sid,
+            name=f"module {sid}",
+            description="add the module",
+            acceptance_criteria=["the module exists"],
+            actor=actor,
+        )
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

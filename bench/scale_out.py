@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from bench.cluster import Cluster, story_ids
+from bench.cluster import Cluster, create_stories, story_ids
 from bench.common import Measurement, Settings, scratch_database
 
 STORIES = 24
@@ -37,14 +37,7 @@ def _scenario(settings: Settings, workers: int, agent_secs: float) -> dict[str, 
         )
         app = StorylineApplication(db)
         try:
-            for sid in stories:
-                app.create_story(
-                    story_id=sid,
-                    name=f"module {sid}",
-                    description="add the module",
-                    acceptance_criteria=["the module exists"],
-                    actor="user:bench",
-                )
+            create_stories(app, stories)
             cluster.start("merger", role="merger")
             for i in range(1, workers + 1):
                 cluster.start(f"worker{i}")

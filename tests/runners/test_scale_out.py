@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cluster import Cluster, story_ids
+from bench.cluster import Cluster, create_stories, story_ids
 from domain.stages import Stage
 from service.application import StorylineApplication
 from service.settings import Database
@@ -44,14 +44,7 @@ def test_workers_share_thirty_stories_and_survive_a_dead_machine(
     )
     app = StorylineApplication(pg_database)
     try:
-        for sid in stories:
-            app.create_story(
-                story_id=sid,
-                name=f"module {sid}",
-                description="add the module",
-                acceptance_criteria=["the module exists"],
-                actor="user:test",
-            )
+        create_stories(app, stories, "user:test")
         cluster.start("m1", role="merger")
         for worker in ("w1", "w2", "w3"):
             cluster.start(worker)
@@ -199,13 +192,7 @@ def test_a_worker_that_comes_back_after_its_lease_was_taken_records_nothing(
     (tmp_path / "coder-script.json").write_text(json.dumps(script))
     app = StorylineApplication(pg_database)
     try:
-        app.create_story(
-            story_id="f1",
-            name="module f1",
-            description="d",
-            acceptance_criteria=["ok"],
-            actor="user:test",
-        )
+        create_stories(app, ["f1"], "user:test")
         cluster.start("m1", role="merger")
         paused = cluster.start("w1")
         app.transition("f1", "start_coding", actor="user:test")
@@ -257,14 +244,7 @@ def test_the_merger_stacks_merges_from_its_own_clone(tmp_path: Path, pg_database
     )
     app = StorylineApplication(pg_database)
     try:
-        for sid in stories:
-            app.create_story(
-                story_id=sid,
-                name=f"module {sid}",
-                description="d",
-                acceptance_criteria=["ok"],
-                actor="user:test",
-            )
+        create_stories(app, stories, "user:test")
         cluster.start("m1", role="merger")
         cluster.start("w1")
         cluster.start("w2")
@@ -387,9 +367,7 @@ def test_a_new_merger_records_a_landing_its_dead_predecessor_pushed(
     landed = git("rev-parse", "HEAD")
     git("push", "-q", str(cluster.remote), "main", "feature/story-t1")
     app = StorylineApplication(pg_database)
-    app.create_story(
-        story_id="t1", name="module t1", description="d", acceptance_criteria=["ok"], actor="u:t"
-    )
+    create_stories(app, ["t1"], "user:test")
     for event, data in (
         ("start_coding", {}),
         ("worktree_ready", {"path": "/elsewhere/t1", "branch": "feature/story-t1"}),
