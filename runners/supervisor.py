@@ -220,6 +220,8 @@ class Supervisor:
         self._listener.start()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self._thread.start()
+        if self.seat is not None:
+            self.seat.start(lambda: self._merger_held)
 
     def stop(self, kill_agents: bool = True) -> None:
         self._stop.set()
@@ -311,7 +313,6 @@ class Supervisor:
         else:
             assert self.scale_out is not None
             self._merger_held = self.scale_out.merges and self.lease.ensure()
-            self.seat.upkeep(merger=self._merger_held)
         touched = self.index.catch_up(self.app)
         for event in self.index.take_breaker_events():
             # Openings and closings in the log (a restart, or another runner before this

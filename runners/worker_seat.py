@@ -84,7 +84,8 @@ class WorkerSeat:
         """Story -> the generation this worker claimed it under (live in the table)."""
         self._lock = threading.Lock()
         self._renewed_at = time.monotonic()
-        self._heartbeat_at = 0.0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
         self._capacity_at = 0.0
         self._cluster_capacity = 0
 
@@ -207,12 +208,19 @@ class WorkerSeat:
     def renew(self) -> None:
         """Extend the live leases; a story whose lease was lost stops here at once."""
         with self._lock:
-            if not self._held:
+            # Only leases claimed before the renewal asked can be missing from its answer
+            # (a claim commits before it is noted here).
+            before = dict(self._held)
+            if not before:
                 self._renewed_at = time.monotonic()
                 return
         still = self.leases.renew()
         with self._lock:
-            lost = sorted(set(self._held) - still)
+            lost = sorted(
+                sid
+                for sid, generation in before.items()
+                if sid not in still and self._held.get(sid) == generation
+            )
             for sid in lost:
                 del self._held[sid]
             self._renewed_at = time.monotonic()
@@ -245,16 +253,29 @@ class WorkerSeat:
             ttl_secs=self.options.lease_ttl,
         )
 
-    def upkeep(self, *, merger: bool) -> None:
-        """Renew and heartbeat on a clock (every third of the lease time)."""
-        now = time.monotonic()
-        if now - self._heartbeat_at < self.options.lease_ttl / 3:
-            return
-        self._heartbeat_at = now
-        self.renew()
-        self.heartbeat(merger=merger)
+    def start(self, merger: Callable[[], bool]) -> None:
+        """Renew the leases and beat the heart every third of the lease time, on a thread
+        of its own: the supervisor's loop may be slow (a catch-up, a loaded machine), and a
+        lease must not lapse because of it."""
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self._beat, args=(merger,), name="worker-heartbeat", daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self, merger: Callable[[], bool]) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.renew()
+                self.heartbeat(merger=merger())
+            except Exception:
+                logger.warning("renewing this worker's leases failed", exc_info=True)
+            self._stopping.wait(self.options.lease_ttl / 3)
 
     def close(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         with self._lock:
             self._held.clear()
         try:
