@@ -16,6 +16,7 @@ import pytest
 
 from bench.cluster import Cluster, create_stories, story_ids
 from domain.stages import Stage
+from runners.agents import process_alive
 from service.application import StorylineApplication
 from service.settings import Database
 
@@ -204,7 +205,9 @@ def test_a_worker_that_comes_back_after_its_lease_was_taken_records_nothing(
             lambda: any(a["env"]["STORYLINE_WORKER"] == "w2" for a in cluster.agents()),
             cluster,
         )
-        time.sleep(4.5)  # w1's own agent has exited by now; w2's still runs
+        first = cluster.agents()[0]
+        assert first["env"]["STORYLINE_WORKER"] == "w1"
+        wait_until("w1's own agent to exit", lambda: not process_alive(first["pid"]), cluster)
         assert app.get_story("f1").stage is Stage.CODING
         os.kill(paused.pid, signal.SIGCONT)
         wait_until(
