@@ -8,6 +8,8 @@ end; under CI (``CI`` or ``STORYLINE_REQUIRE_POSTGRES`` set) an unreachable serv
 from __future__ import annotations
 
 import os
+import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,11 +49,22 @@ def require_postgres() -> None:
     pytest.skip(f"PostgreSQL unreachable ({error})")
 
 
-def create_pg_database() -> Database:
+def create_pg_database(template: str | None = None) -> Database:
+    """A new database: empty, or a copy of ``template`` (one no session is connected to)."""
     require_postgres()
     name = f"sl_test_{uuid.uuid4().hex[:12]}"
+    sql = f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn.execute(sql)
+                break
+            except psycopg.errors.ObjectInUse:
+                # The template's last session (the migration's) may still be ending.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     admin = parse_database_url(PG_ADMIN_URL)
     return Database(
         kind="postgres",
@@ -68,28 +81,54 @@ def drop_pg_database(db: Database) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{db.dbname}" WITH (FORCE)')
 
 
+# Each test's migrated database is a copy of one that Alembic migrated at the start of the
+# session (one per xdist worker): the same schema, without running every migration again for
+# each of some 600 tests. Migrating itself stays tested: the template is a real upgrade, and
+# tests/projections/test_migration.py and the CLI's ``db upgrade`` tests migrate their own.
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("migrated-template") / "storyline.db"
+    migrations.upgrade(Database(kind="sqlite", sqlite_path=path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def migrated_pg_template() -> Iterator[str]:
+    db = create_pg_database()
+    try:
+        migrations.upgrade(db)
+        yield db.dbname
+    finally:
+        drop_pg_database(db)
+
+
+def migrated_pg_database(request: pytest.FixtureRequest) -> Database:
+    require_postgres()  # before the session's template: each test skips (or fails) itself
+    return create_pg_database(template=request.getfixturevalue("migrated_pg_template"))
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """A migrated, empty database of each kind."""
     if request.param == "sqlite":
-        db = Database(kind="sqlite", sqlite_path=tmp_path / "storyline.db")
-        migrations.upgrade(db)
-        yield db
+        path = tmp_path / "storyline.db"
+        shutil.copyfile(request.getfixturevalue("migrated_sqlite_template"), path)
+        yield Database(kind="sqlite", sqlite_path=path)
         return
-    db = create_pg_database()
+    db = migrated_pg_database(request)
     try:
-        migrations.upgrade(db)
         yield db
     finally:
         drop_pg_database(db)
 
 
 @pytest.fixture
-def pg_database() -> Iterator[Database]:
+def pg_database(request: pytest.FixtureRequest) -> Iterator[Database]:
     """A migrated, empty PostgreSQL database (for PostgreSQL-only tests)."""
-    db = create_pg_database()
+    db = migrated_pg_database(request)
     try:
-        migrations.upgrade(db)
         yield db
     finally:
         drop_pg_database(db)
