@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -70,11 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
+    # A list, not an Event: the handler must take no lock (it may interrupt the main
+    # thread inside one), and the main thread polls, since a signal delivered to another
+    # thread wakes no blocking wait here (see runners/__main__.py).
+    stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received signal %d, stopping", signum)
-        stop.set()
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -88,12 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner.start()
     logger.info("following %s for %s", db.display, ", ".join(runner.names))
     try:
-        while not stop.wait(0.5):
+        while not stopping:
+            time.sleep(0.5)
             # Checked against the pid the parent passed: one that died while this process
             # was still importing would otherwise be missed.
             if args.parent_pid is not None and os.getppid() != args.parent_pid:
                 logger.warning("the parent process %d is gone, stopping", args.parent_pid)
                 break
+        if stopping:
+            logger.info("received signal %d, stopping", stopping[0])
     finally:
         runner.close()
     return 0

@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from runners.git_base import GitError
@@ -78,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         full_sweep_interval=5.0,
         scale_out=scale_out,
     )
-    stop = threading.Event()
+    # The handler only appends to a list, and the main thread polls it: a signal the
+    # kernel hands to another thread wakes no blocking wait in the main thread (so a bare
+    # ``Event.wait()`` could sleep through SIGTERM for good; seen in 1 run in 8 under load),
+    # and a handler that takes a lock can deadlock with the code it interrupted.
+    stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     supervisor.start()
     who = "" if scale_out is None else f" as {scale_out.role} {scale_out.worker_id}"
     print(f"runner started{who} on {service.db.display} for {service.project}", flush=True)
-    stop.wait()
+    while not stopping:
+        time.sleep(0.2)
     # A shutdown that hangs is a bug to find, not to wait out: after 20 s every thread's
     # stack goes to stderr (the runner's log), and the shutdown goes on.
     faulthandler.dump_traceback_later(20, exit=False)
