@@ -8,7 +8,6 @@ created from ``epic/<id>`` and a squash merge with a compare-and-swap of that br
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,39 +22,13 @@ from runners.epic_git import LANDING, EpicGit
 from runners.git_base import STORYLINE_EMAIL, GitError
 from runners.merge_workspace import MergeWorkspaces
 from runners.worktrees import Worktrees
+from tests.runners.git_support import (
+    git,
+    no_git_identity,  # noqa: F401 (an autouse fixture)
+    sha,
+)
 
 EPIC = "epic-1"
-AGENT_ENV = {
-    "GIT_AUTHOR_NAME": "Test Agent",
-    "GIT_AUTHOR_EMAIL": "agent@example.com",
-    "GIT_COMMITTER_NAME": "Test Agent",
-    "GIT_COMMITTER_EMAIL": "agent@example.com",
-}
-
-
-@pytest.fixture(autouse=True)
-def _no_git_identity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # storyline's own commits must not depend on a configured identity.
-    empty = tmp_path / "empty-gitconfig"
-    empty.write_text("")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for name in (*AGENT_ENV, "EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **AGENT_ENV, "LC_ALL": "C"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}{proc.stdout}")
-    return proc.stdout
 
 
 def commit(cwd: Path, files: dict[str, str], message: str = "change") -> str:
@@ -65,10 +38,6 @@ def commit(cwd: Path, files: dict[str, str], message: str = "change") -> str:
     git(cwd, "add", "-A")
     git(cwd, "commit", "-q", "-m", message)
     return sha(cwd, "HEAD")
-
-
-def sha(cwd: Path, rev: str) -> str:
-    return git(cwd, "rev-parse", "--verify", rev).strip()
 
 
 def show(repo: Path, rev: str, name: str) -> str | None:

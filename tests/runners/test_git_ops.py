@@ -7,9 +7,7 @@ commits prove they do not depend on a configured identity.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,41 +23,13 @@ from runners.git_ops import (
     SquashResult,
     Worktrees,
 )
-
-AGENT_ENV = {
-    "GIT_AUTHOR_NAME": "Test Agent",
-    "GIT_AUTHOR_EMAIL": "agent@example.com",
-    "GIT_COMMITTER_NAME": "Test Agent",
-    "GIT_COMMITTER_EMAIL": "agent@example.com",
-}
-
+from tests.runners.git_support import (
+    git,
+    no_git_identity,  # noqa: F401 (an autouse fixture)
+    sha,
+)
 
 # ------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True)
-def _no_git_identity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    empty = tmp_path / "empty-gitconfig"
-    empty.write_text("")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for name in (*AGENT_ENV, "EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    """Run git as a person or an agent would (with their own identity)."""
-    proc = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **AGENT_ENV, "LC_ALL": "C"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}{proc.stdout}")
-    return proc.stdout
 
 
 def write(root: Path, files: dict[str, str | None]) -> None:
@@ -77,10 +47,6 @@ def commit(cwd: Path, files: dict[str, str | None], message: str = "change") -> 
     git(cwd, "add", "-A")
     git(cwd, "commit", "-q", "-m", message)
     return sha(cwd, "HEAD")
-
-
-def sha(cwd: Path, rev: str) -> str:
-    return git(cwd, "rev-parse", "--verify", rev).strip()
 
 
 def init_repo(path: Path, files: dict[str, str], branch: str = "main") -> Path:

@@ -23,37 +23,12 @@ from runners.git_base import GitError
 from runners.merge_workspace import MergeWorkspaces
 from runners.remote import GitRemote, RemoteError, RemoteMoved
 from runners.worktrees import Worktrees
-
-AGENT_ENV = {
-    "GIT_AUTHOR_NAME": "Test Agent",
-    "GIT_AUTHOR_EMAIL": "agent@example.com",
-    "GIT_COMMITTER_NAME": "Test Agent",
-    "GIT_COMMITTER_EMAIL": "agent@example.com",
-}
-
-
-@pytest.fixture(autouse=True)
-def _no_git_identity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    empty = tmp_path / "empty-gitconfig"
-    empty.write_text("")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for name in (*AGENT_ENV, "EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **AGENT_ENV, "LC_ALL": "C"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}{proc.stdout}")
-    return proc.stdout
+from tests.runners.git_support import (
+    AGENT_ENV,
+    git,
+    no_git_identity,  # noqa: F401 (an autouse fixture)
+    sha,
+)
 
 
 def commit(cwd: Path, files: dict[str, str], message: str = "change") -> str:
@@ -62,10 +37,6 @@ def commit(cwd: Path, files: dict[str, str], message: str = "change") -> str:
     git(cwd, "add", "-A")
     git(cwd, "commit", "-q", "-m", message)
     return sha(cwd, "HEAD")
-
-
-def sha(cwd: Path, rev: str) -> str:
-    return git(cwd, "rev-parse", "--verify", rev).strip()
 
 
 def side_commit(repo: Path, parent: str, files: dict[str, str], message: str) -> str:
