@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domain.config import StorylineConfig
+from tests.pipeline_support import dump_toml, scripted_agent
+
 ROOT = Path(__file__).resolve().parents[1]
 GIT_ID = ["-c", "user.name=storyline-bench", "-c", "user.email=bench@localhost"]
 
@@ -64,18 +67,6 @@ def create_stories(app: Any, stories: list[str], actor: str = "user:bench") -> N
         )
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(value)
-
-
 @dataclass
 class Cluster:
     root: Path
@@ -113,43 +104,23 @@ class Cluster:
         )
         (seed / "merge_check.py").write_text(merge_check)
         (seed / ".gitignore").write_text(".storyline/\n")
-        agent_args = [
-            "-m",
-            "runners.scripted_agent",
-            "--script",
-            str(script),
-            "--record",
-            str(record),
-            "-p",
-            "{{prompt}}",
-            "--output-format",
-            "stream-json",
-            "--verbose",
-        ]
-        toml = "\n".join(
-            [
-                'base_branch = "main"',
-                f"max_coders = {max_coders}",
-                f"max_merge_slots = {max_merge_slots}",
-                "max_retries = 2",
-                "abort_respawn_cap = 5",
-                "inactivity_timeout_secs = 60",
-                "[gates]",
-                f"commands = {_toml([[sys.executable, 'check.py']])}",
-                "timeout_secs = 60",
-                "[merge_gates]",
-                f"commands = {_toml([[sys.executable, 'merge_check.py']])}",
-                "timeout_secs = 60",
-                "[[agent]]",
-                'name = "coder"',
-                'stage = "coder"',
-                'runtime = "claude-code"',
-                f"command = {_toml(sys.executable)}",
-                f"args = {_toml(agent_args)}",
-                "",
-            ]
+        config = StorylineConfig.model_validate(
+            {
+                "base_branch": "main",
+                "max_coders": max_coders,
+                "max_merge_slots": max_merge_slots,
+                "max_retries": 2,
+                "abort_respawn_cap": 5,
+                "inactivity_timeout_secs": 60,
+                "gates": {"commands": [[sys.executable, "check.py"]], "timeout_secs": 60},
+                "merge_gates": {
+                    "commands": [[sys.executable, "merge_check.py"]],
+                    "timeout_secs": 60,
+                },
+                "agent": [scripted_agent("coder", script, record)],
+            }
         )
-        (seed / "storyline.toml").write_text(toml)
+        (seed / "storyline.toml").write_text(dump_toml(config))
         git(seed, "add", "-A")
         git(seed, "commit", "-q", "-m", "initial")
         remote = root / "remote.git"
