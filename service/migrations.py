@@ -34,10 +34,24 @@ def alembic_config(db: Database) -> Config:
 def upgrade(db: Database, revision: str = "head") -> None:
     from alembic import command
 
-    if db.kind == "sqlite":
-        assert db.sqlite_path is not None
-        db.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+    path = db.sqlite_path if db.kind == "sqlite" else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(db), revision)
+    if path is not None:
+        _use_wal(path)
+
+
+def _use_wal(path: Path) -> None:
+    """Leave the file in WAL mode (it is persistent). The application's connections would
+    switch it themselves, but that switch needs the file to themselves: the first two
+    connections of a new database (the API's and the projections', say) could make each
+    other fail with "database is locked"."""
+    conn = sqlite3.connect(str(path), timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
 
 
 def current_revision(db: Database) -> str | None:
