@@ -358,3 +358,63 @@ def test_a_dropped_stream_catches_up_with_last_event_id(
         assert browsing.navigations[navigations:] == []
     finally:
         server.stop()
+
+
+def test_the_workers_page_follows_the_registry(served: Server, browsing: Browsing) -> None:
+    """Scale-out workers, as the registry and the lease table hold them, on the Workers
+    page and as a holder badge on the card; the page follows changes without a reload."""
+    from service.application import StorylineApplication
+    from service.workers import StoryLeases, Workers
+
+    served.create("Held by a worker", "held")
+    app = StorylineApplication(served.db)
+    try:
+        registry = Workers(app)
+        worker = "build-1:41:ab12"
+        registry.heartbeat(
+            worker,
+            role="worker",
+            capacity=2,
+            held=1,
+            merger=False,
+            remote="file:///r.git",
+            ttl_secs=600,
+        )
+        registry.heartbeat(
+            "merge-1:7:cd34",
+            role="merger",
+            capacity=0,
+            held=0,
+            merger=True,
+            remote=None,
+            ttl_secs=600,
+        )
+        assert StoryLeases(app, worker, ttl_secs=600).claim("held") is not None
+
+        page = browsing.page()
+        page.goto(f"{served.url}/ui/workers")
+        row = page.locator(f'table#workers tr[data-worker-id="{worker}"]')
+        expect(row.locator('[data-col="state"]')).to_have_text("alive")
+        expect(row.locator('[data-col="capacity"]')).to_have_text("2")
+        merger = page.locator('table#workers tr[data-worker-id="merge-1:7:cd34"]')
+        expect(merger.locator('[data-col="merger"]')).to_have_text("yes")
+        lease = page.locator('table#leases tr[data-story-id="held"]')
+        expect(lease.locator('[data-col="holder"]')).to_have_text(worker)
+        screenshot(page, "workers")
+
+        # The worker stops: the open page shows it on its own.
+        page.evaluate("window.__sameDocument = 'yes'")
+        StoryLeases(app, worker).release_all()
+        registry.stopped(worker)
+        expect(row.locator('[data-col="state"]')).to_have_text("stopped", timeout=20_000)
+        expect(lease).to_have_count(0)
+        assert page.evaluate("window.__sameDocument") == "yes", "the page was reloaded"
+
+        # A live lease shows on the story's card as a holder badge.
+        assert StoryLeases(app, "build-2:9:ef56", ttl_secs=600).claim("held") is not None
+        open_board(page, served)
+        badge = card(page, "held").locator('[data-field="holder"]')
+        expect(badge).to_have_text("build-2:9:ef56")
+    finally:
+        app.close()
+    assert browsing.errors == []
