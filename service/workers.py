@@ -111,16 +111,14 @@ class StoryLeases:
         return {str(r["story_id"]) for r in rows}
 
     def release(self, story_id: str) -> None:
+        """Give the lease up: the row goes (the table holds live and expired leases only;
+        the next claim's generation comes from the story's log, as ``floor``)."""
         self._sql.write(
-            f"UPDATE {LEASES} SET expires_at = 0, holder = NULL WHERE story_id = ? AND holder = ?",
-            (story_id, self.worker),
+            f"DELETE FROM {LEASES} WHERE story_id = ? AND holder = ?", (story_id, self.worker)
         )
 
     def release_all(self) -> None:
-        self._sql.write(
-            f"UPDATE {LEASES} SET expires_at = 0, holder = NULL WHERE holder = ?",
-            (self.worker,),
-        )
+        self._sql.write(f"DELETE FROM {LEASES} WHERE holder = ?", (self.worker,))
 
 
 @dataclass(frozen=True)

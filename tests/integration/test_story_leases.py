@@ -38,7 +38,10 @@ def test_one_claim_wins_and_generations_grow(app: StorylineApplication) -> None:
     assert taken is not None and taken.generation == 2 and taken.holder == "host-b:2:bb"
     assert a.claim("7") is None
     b.release("7")
-    again = a.claim("7")
+    # A released lease leaves no row: the next claim's generation comes from the log (the
+    # floor a worker passes is the story's recorded generation + 1).
+    assert Workers(app).leases() == []
+    again = a.claim("7", floor=taken.generation + 1)
     assert again is not None and again.generation == 3
     # A floor from the log wins over a table that was wiped or restored from an old backup.
     a.release("8")
