@@ -17,6 +17,7 @@ class Relay:
         self.alive = threading.Event()
         self.alive.set()
         self.interrupted = False
+        self.refused = False
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -31,11 +32,22 @@ class Relay:
                 client.close()
                 continue
             with self.lock:
+                if self.refused:
+                    client.close()
+                    return
                 self.sockets.append(client)
             if not self.alive.is_set():
                 continue  # a dead host: the connection is open and nothing ever answers
             server = socket.create_connection(self.upstream)
             with self.lock:
+                # refuse() may have run while this connection was being made: it must not
+                # survive it (a pooled connection that did kept a pass working for good).
+                if self.refused:
+                    for sock in (client, server):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                        sock.close()
+                    return
                 self.sockets.append(server)
             for source, target in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
@@ -78,6 +90,7 @@ class Relay:
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         with self.lock:
+            self.refused = True
             for sock in self.sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
