@@ -9,7 +9,6 @@ runners, both are empty and so is every list here.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -29,24 +28,10 @@ STALE_NOTE = (
 )
 
 
-def public_remote(url: str | None) -> str | None:
-    """The remote's URL without any user or password in it (an ``https://user:token@...``
-    URL must not reach every reader of the API)."""
-    if not url or "@" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(hidden)"
-    if parts.scheme and parts.netloc:
-        host = parts.netloc.rsplit("@", 1)[-1]
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return url  # scp-like user@host:path: a login name, no secret
-
-
 def worker_json(row: WorkerRow) -> dict[str, Any]:
-    """A registry row as the API shows it (``WorkerOut``)."""
-    return {**row.as_json(), "remote": public_remote(row.remote)}
+    """A registry row as the API shows it (``WorkerOut``; the registry holds no
+    credentials: ``Workers.heartbeat`` strips them from the remote's URL)."""
+    return row.as_json()
 
 
 def state_of_worker(row: WorkerRow) -> str:
@@ -159,7 +144,6 @@ async def workers(request: Request, caller: Principal = Depends(principal)) -> R
 
 __all__ = [
     "STALE_NOTE",
-    "public_remote",
     "render_metrics",
     "router",
     "state_of_worker",

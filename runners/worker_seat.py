@@ -25,7 +25,6 @@ from domain.story import Story
 from runners.git_ops import GitError
 from runners.remote import GitRemote
 from service.application import StorylineApplication
-from service.settings import redact_url
 from service.workers import StoryLeases, Workers
 
 logger = logging.getLogger(__name__)
@@ -248,8 +247,7 @@ class WorkerSeat:
             capacity=self.capacity if self.options.works else 0,
             held=len(self.held()),
             merger=merger,
-            # Never a credential in the registry (the API and board show it).
-            remote=redact_url(self.options.remote.url),
+            remote=self.options.remote.url,
             ttl_secs=self.options.lease_ttl,
         )
 

@@ -18,6 +18,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from service.sqlstore import SqlStore
 
@@ -36,6 +37,21 @@ def default_worker_id() -> str:
     if not host[:1].isalnum():
         host = f"host{host}"
     return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def without_credentials(url: str | None) -> str | None:
+    """The remote's URL without a user or password (an ``https://user:token@...`` URL must
+    not reach the registry, which every reader of the API and the board sees)."""
+    if not url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(hidden)"
+    if parts.scheme and parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url  # scp-like user@host:path: a login name, no secret
 
 
 def database_now(kind: str) -> str:
@@ -202,7 +218,7 @@ class Workers:
                 os.getpid(),
                 role,
                 capacity,
-                remote,
+                without_credentials(remote),
                 held,
                 merger,
                 ttl_secs,
