@@ -137,20 +137,11 @@ class MergeReactions:
         return f"target branch {story.target_branch} does not exist"
 
     def _base_tip(self, story: Story) -> str:
-        remote = self.workspaces.remote
-        if remote is not None:
-            # Scale-out: the remote's base is the truth; this clone's may lag behind it.
-            remote.sync_branch(self._target(story))
-        out = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{self._target(story)}"],
-            cwd=self.project,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode != 0:
+        # Scale-out: synced from the remote first (this clone's base may lag behind it).
+        tip = self._workspaces(story).sync_base()
+        if tip is None:
             raise GitError(self._missing(story))
-        return out.stdout.strip()
+        return tip
 
     def _merge(self, story: Story) -> None:
         try:
