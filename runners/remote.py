@@ -270,13 +270,6 @@ class GitRemote:
                 self._move_local(name, sha)
             return sha
 
-    def move_local_branch(self, branch: str, sha: str) -> None:
-        """Set the local ``branch`` to ``sha`` the way the sync does (no network)."""
-        name = _check_branch(branch)
-        check_object_name(sha, "sha")
-        with self._locked():
-            self._move_local(name, sha)
-
     # ------------------------------------------------------------------------- pushing
 
     def push_branch(self, branch: str) -> str:

@@ -181,7 +181,7 @@ class Supervisor:
                 adopt=self.coder.worktrees.adopt,
                 reap=lambda story, why: self.launcher.reap_orphan(story, why=why),
                 on_lost=self._lease_lost,
-                on_free=lambda: self.slot_freed(*(s.value for s in WORKER_STAGES)),
+                on_free=self._worker_slot_freed,
             )
             self.coder.cluster_capacity = self.seat.cluster_capacity
         self._merger_held = scale_out is None
@@ -392,15 +392,14 @@ class Supervisor:
                 return False  # epics are the merger's (their git lives in its clone)
             return self._step_epic(story_id)
         try:
-            loaded: Story | None = self.app.get_story(story_id)
+            story = self.app.get_story(story_id)
         except StoryNotFound:
             return False
-        assert loaded is not None
         if self.seat is not None:
-            loaded = self._seat_story(loaded)
-            if loaded is None:
+            seated = self._seat_story(story)
+            if seated is None:
                 return False
-        story = loaded
+            story = seated
         stage = story.stage
         if stage is Stage.BACKLOG:
             self.coder.schedule(story)
@@ -444,12 +443,15 @@ class Supervisor:
                 self.launcher.stop(story.id, "another worker holds the story now")
             return held
         if self.seat.release(story.id):
-            # A slot is free: the stories waiting for one are looked at now, not at the
-            # next sweep (measured: that wait alone halved the scale-out throughput).
-            self.slot_freed(*(s.value for s in WORKER_STAGES))
+            self._worker_slot_freed()
         if story.stage in (Stage.MERGE, Stage.MERGE_FAILURE) and not self._merger_held:
             return None
         return story
+
+    def _worker_slot_freed(self) -> None:
+        # The stories waiting for a slot are looked at now, not at the next sweep
+        # (measured: that wait alone halved the scale-out throughput).
+        self.slot_freed(*(s.value for s in WORKER_STAGES))
 
     def _may_reap(self, story: Story) -> bool:
         """Whose job it is to record a finished story's leftover attempt as lost: the

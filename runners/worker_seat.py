@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from domain.errors import DomainError, IllegalTransition, VersionConflict
+from domain.errors import IllegalTransition, VersionConflict
 from domain.stages import WORKER_STAGES
 from domain.story import Story
 from runners.git_ops import GitError
@@ -93,10 +93,6 @@ class WorkerSeat:
     def held(self) -> list[str]:
         with self._lock:
             return sorted(self._held)
-
-    def holds(self, story_id: str) -> bool:
-        with self._lock:
-            return story_id in self._held and self._fresh()
 
     def _fresh(self) -> bool:
         # Renewals happen every third of the lease time; past two thirds without one, the
@@ -279,7 +275,5 @@ class WorkerSeat:
         try:
             self.leases.release_all()
             self.registry.stopped(self.worker)
-        except DomainError:
-            raise
         except Exception:
             logger.exception("could not release this worker's leases")
